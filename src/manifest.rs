@@ -1,0 +1,455 @@
+//! `mcpay.toml`: the single source of truth for what a generated gateway sells.
+//!
+//! Reading goes through serde (every problem is reported at once, with the fix); writing goes
+//! through toml_edit so that a user's comments and ordering survive `add-endpoint`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+use toml_edit::{DocumentMut, Item, Table, value};
+
+use crate::names;
+
+pub const FILE_NAME: &str = "mcpay.toml";
+
+/// Largest price of one call: 100,000,000 mcents = $1,000.
+pub const MAX_PRICE_MCENTS: u64 = 100_000_000;
+/// Largest integer every target (JavaScript numbers included) represents exactly.
+pub const MAX_SAFE_INTEGER: u64 = 9_007_199_254_740_991;
+
+pub const FIELD_TYPES: &[&str] = &["string", "number", "integer", "boolean", "object", "array"];
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub project: Project,
+    #[serde(default)]
+    pub gateway: Gateway,
+    #[serde(default)]
+    pub signup: Signup,
+    #[serde(default)]
+    pub endpoints: IndexMap<String, Endpoint>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Project {
+    pub name: String,
+    pub target: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Gateway {
+    pub key_prefix: String,
+    pub max_body_bytes: u64,
+    pub max_mint_mcents: u64,
+    pub mints_per_hour: u64,
+    pub refunds_per_key_per_hour: u64,
+    pub default_rate_limit_per_minute: u64,
+    pub leaderboard_size: u64,
+}
+
+impl Default for Gateway {
+    fn default() -> Self {
+        Gateway {
+            key_prefix: "mcp_".into(),
+            max_body_bytes: 16_384,
+            max_mint_mcents: 100_000_000,
+            mints_per_hour: 60,
+            refunds_per_key_per_hour: 5,
+            default_rate_limit_per_minute: 60,
+            leaderboard_size: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Signup {
+    pub enabled: bool,
+    pub price_mcents: u64,
+    pub balance_mcents: u64,
+    pub scopes: Vec<String>,
+    pub signups_per_hour: u64,
+}
+
+impl Default for Signup {
+    fn default() -> Self {
+        Signup { enabled: false, price_mcents: 100_000, balance_mcents: 100_000, scopes: vec![], signups_per_hour: 100 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    pub price_mcents: u64,
+    pub xp: Option<u64>,
+    pub scope: Option<String>,
+    pub description: Option<String>,
+    pub rate_limit_per_minute: Option<u64>,
+    #[serde(default)]
+    pub input: IndexMap<String, String>,
+}
+
+/// One input field of an endpoint, parsed from `name = "type"` / `name = "type?"`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Field {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub required: bool,
+}
+
+pub fn parse_field_type(raw: &str) -> Option<(String, bool)> {
+    let (ty, required) = match raw.strip_suffix('?') {
+        Some(t) => (t, false),
+        None => (raw, true),
+    };
+    FIELD_TYPES.contains(&ty).then(|| (ty.to_string(), required))
+}
+
+/// The default XP award of an endpoint: a tenth of its price, at least 1.
+pub fn default_xp(price_mcents: u64) -> u64 {
+    (price_mcents / 10).max(1)
+}
+
+/// Reads and parses a manifest, without validating it.
+pub fn parse(text: &str, origin: &Path) -> Result<(DocumentMut, Manifest)> {
+    let doc: DocumentMut = text
+        .parse()
+        .with_context(|| format!("{} is not valid TOML", origin.display()))?;
+    let manifest: Manifest = toml_edit::de::from_document(doc.clone()).map_err(|e| {
+        anyhow::anyhow!("{}: {}", origin.display(), e.to_string().trim_end())
+    })?;
+    Ok((doc, manifest))
+}
+
+impl Manifest {
+    /// Every problem with the manifest, each naming the key and the fix. Empty when valid.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Err(e) = names::check_project_name(&self.project.name) {
+            out.push(format!("project.name: {e}"));
+        }
+        if !["worker", "axum", "mpp"].contains(&self.project.target.as_str()) {
+            out.push(format!(
+                "project.target: unknown target {:?}; use \"worker\", \"axum\" or \"mpp\"",
+                self.project.target
+            ));
+        }
+        if self.project.description.len() > 200 {
+            out.push("project.description: at most 200 characters".into());
+        }
+        let g = &self.gateway;
+        let prefix_ok = (2..=16).contains(&g.key_prefix.len())
+            && g.key_prefix.ends_with('_')
+            && g.key_prefix.starts_with(|c: char| c.is_ascii_lowercase())
+            && g.key_prefix[..g.key_prefix.len() - 1].chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        if !prefix_ok {
+            out.push(format!(
+                "gateway.key_prefix: {:?} must be 1 to 15 lowercase letters or digits followed by '_' (e.g. \"mcp_\")",
+                g.key_prefix
+            ));
+        }
+        range(&mut out, "gateway.max_body_bytes", g.max_body_bytes, 256, 10 * 1024 * 1024);
+        range(&mut out, "gateway.max_mint_mcents", g.max_mint_mcents, 1, MAX_SAFE_INTEGER);
+        range(&mut out, "gateway.mints_per_hour", g.mints_per_hour, 1, 1_000_000);
+        range(&mut out, "gateway.refunds_per_key_per_hour", g.refunds_per_key_per_hour, 0, 1_000_000);
+        range(&mut out, "gateway.default_rate_limit_per_minute", g.default_rate_limit_per_minute, 1, 1_000_000);
+        range(&mut out, "gateway.leaderboard_size", g.leaderboard_size, 1, 1000);
+
+        if self.endpoints.is_empty() {
+            out.push("endpoints: a gateway needs at least one paid endpoint; add one with `create-mcpay add-endpoint NAME --price MCENTS` or an [endpoints.NAME] table".into());
+        }
+        for (name, ep) in &self.endpoints {
+            let at = format!("endpoints.{name}");
+            if let Err(e) = names::check_endpoint_name(name) {
+                out.push(format!("{at}: {e}"));
+            }
+            self.endpoint_problems(&at, ep, &mut out);
+        }
+        let scopes = self.scopes();
+        let s = &self.signup;
+        range(&mut out, "signup.price_mcents", s.price_mcents, 1, MAX_SAFE_INTEGER);
+        range(&mut out, "signup.balance_mcents", s.balance_mcents, 1, g.max_mint_mcents.max(1));
+        range(&mut out, "signup.signups_per_hour", s.signups_per_hour, 1, 1_000_000);
+        for scope in &s.scopes {
+            if !scopes.contains(scope) {
+                out.push(format!(
+                    "signup.scopes: {scope:?} is not the scope of any endpoint; known scopes: {}",
+                    scopes.join(", ")
+                ));
+            }
+        }
+        if s.enabled && s.scopes.is_empty() {
+            out.push("signup.scopes: a signup key needs at least one scope (default deny)".into());
+        }
+        out
+    }
+
+    fn endpoint_problems(&self, at: &str, ep: &Endpoint, out: &mut Vec<String>) {
+        if !(1..=MAX_PRICE_MCENTS).contains(&ep.price_mcents) {
+            out.push(format!(
+                "{at}.price_mcents: {} is out of range; a price is 1 to {MAX_PRICE_MCENTS} mcents (1 mcent = 1/1000 cent)",
+                ep.price_mcents
+            ));
+        }
+        if let Some(xp) = ep.xp {
+            range(out, &format!("{at}.xp"), xp, 0, 1_000_000);
+        }
+        if let Some(scope) = &ep.scope {
+            if let Err(e) = names::check_scope(scope) {
+                out.push(format!("{at}.scope: {e}"));
+            }
+        }
+        if let Some(d) = &ep.description {
+            if d.len() > 200 || d.contains('\n') {
+                out.push(format!("{at}.description: one line of at most 200 characters"));
+            }
+        }
+        if let Some(r) = ep.rate_limit_per_minute {
+            range(out, &format!("{at}.rate_limit_per_minute"), r, 1, 1_000_000);
+        }
+        if ep.input.len() > 64 {
+            out.push(format!("{at}.input: at most 64 fields"));
+        }
+        for (field, ty) in &ep.input {
+            if let Err(e) = names::check_field_name(field) {
+                out.push(format!("{at}.input: {e}"));
+            }
+            if parse_field_type(ty).is_none() {
+                out.push(format!(
+                    "{at}.input.{field}: unknown type {ty:?}; use one of {} (add '?' for optional)",
+                    FIELD_TYPES.join(", ")
+                ));
+            }
+        }
+    }
+
+    /// Fails with every problem listed when the manifest is not valid.
+    pub fn validate(&self, origin: &Path) -> Result<()> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            return Ok(());
+        }
+        let mut msg = format!("{} is not valid:", origin.display());
+        for p in problems {
+            msg.push_str("\n  - ");
+            msg.push_str(&p);
+        }
+        bail!(msg)
+    }
+
+    /// The scope an endpoint needs (default: its own name).
+    pub fn scope_of(name: &str, ep: &Endpoint) -> String {
+        ep.scope.clone().unwrap_or_else(|| name.to_string())
+    }
+
+    /// Every scope in use, in endpoint order, without repeats.
+    pub fn scopes(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for (name, ep) in &self.endpoints {
+            let s = Self::scope_of(name, ep);
+            if !out.contains(&s) {
+                out.push(s);
+            }
+        }
+        out
+    }
+}
+
+fn range(out: &mut Vec<String>, key: &str, v: u64, lo: u64, hi: u64) {
+    if !(lo..=hi).contains(&v) {
+        out.push(format!("{key}: {v} is out of range; use {lo} to {hi}"));
+    }
+}
+
+/// Finds mcpay.toml in `start` or the nearest directory above it.
+pub fn find_upward(start: &Path) -> Result<PathBuf> {
+    let start = start
+        .canonicalize()
+        .with_context(|| format!("cannot read directory {}", start.display()))?;
+    for dir in start.ancestors() {
+        let candidate = dir.join(FILE_NAME);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "no {FILE_NAME} found in {} or any directory above it; run this inside a project made by create-mcpay (or pass --project DIR)",
+        start.display()
+    )
+}
+
+/// Sets `dotted.key = value` in the document, parsing `raw` as a TOML value when it is one
+/// (numbers, booleans, arrays, quoted strings) and as a plain string otherwise.
+pub fn set_dotted(doc: &mut DocumentMut, key: &str, raw: &str) -> Result<()> {
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("-d {key}=…: the key must be a dotted path such as gateway.key_prefix");
+    }
+    let parsed: toml_edit::Value = raw
+        .parse::<toml_edit::Value>()
+        .unwrap_or_else(|_| toml_edit::Value::from(raw));
+    let mut table: &mut Table = doc.as_table_mut();
+    for part in &parts[..parts.len() - 1] {
+        let entry = table.entry(part).or_insert_with(|| {
+            let mut t = Table::new();
+            t.set_implicit(true);
+            Item::Table(t)
+        });
+        table = entry
+            .as_table_mut()
+            .with_context(|| format!("-d {key}=…: {part} is not a table in mcpay.toml"))?;
+    }
+    let last = parts[parts.len() - 1];
+    match table.get_mut(last) {
+        Some(item) if item.is_value() => {
+            // Keep the key's comments and spacing.
+            let decor = item.as_value().map(|v| v.decor().clone());
+            let mut v = parsed;
+            if let Some(d) = decor {
+                *v.decor_mut() = d;
+            }
+            *item = Item::Value(v);
+        }
+        Some(_) => bail!("-d {key}=…: {key} is a table; set one of its keys instead"),
+        None => {
+            table.insert(last, Item::Value(parsed));
+        }
+    }
+    Ok(())
+}
+
+/// Inserts `[endpoints.NAME]` at the end of the endpoints, leaving everything else as it was.
+pub fn insert_endpoint(doc: &mut DocumentMut, name: &str, ep: &Endpoint) {
+    let endpoints = doc
+        .as_table_mut()
+        .entry("endpoints")
+        .or_insert_with(|| {
+            let mut t = Table::new();
+            t.set_implicit(true);
+            Item::Table(t)
+        })
+        .as_table_mut()
+        .expect("endpoints is a table (checked by parsing)");
+    let mut t = Table::new();
+    t.insert("price_mcents", value(ep.price_mcents as i64));
+    if let Some(xp) = ep.xp {
+        t.insert("xp", value(xp as i64));
+    }
+    if let Some(scope) = &ep.scope {
+        t.insert("scope", value(scope.as_str()));
+    }
+    if let Some(d) = &ep.description {
+        t.insert("description", value(d.as_str()));
+    }
+    if let Some(r) = ep.rate_limit_per_minute {
+        t.insert("rate_limit_per_minute", value(r as i64));
+    }
+    let mut input = toml_edit::InlineTable::new();
+    for (k, v) in &ep.input {
+        input.insert(k, v.as_str().into());
+    }
+    t.insert("input", value(input));
+    endpoints.insert(name, Item::Table(t));
+}
+
+/// Removes every `[endpoints.*]` table (used when `--endpoint` replaces the default example).
+pub fn clear_endpoints(doc: &mut DocumentMut) {
+    if let Some(t) = doc.get_mut("endpoints").and_then(Item::as_table_mut) {
+        t.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = include_str!("../templates/shared/mcpay.toml");
+
+    fn load(text: &str) -> (DocumentMut, Manifest) {
+        parse(text, Path::new("mcpay.toml")).unwrap()
+    }
+
+    #[test]
+    fn the_default_manifest_is_valid() {
+        let (_, m) = load(BASE);
+        assert_eq!(m.problems(), Vec::<String>::new());
+        assert_eq!(m.endpoints.len(), 1);
+    }
+
+    #[test]
+    fn every_example_manifest_is_valid() {
+        for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/examples")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let (_, m) = parse(&std::fs::read_to_string(&path).unwrap(), &path).unwrap();
+                assert_eq!(m.problems(), Vec::<String>::new(), "{}", path.display());
+            }
+        }
+    }
+
+    #[test]
+    fn all_problems_are_reported_with_fixes() {
+        let text = BASE
+            .replace("price_mcents = 100\n", "price_mcents = 0\n")
+            .replace("key_prefix = \"mcp_\"", "key_prefix = \"MCP\"");
+        let (_, m) = load(&text);
+        let p = m.problems().join("\n");
+        assert!(p.contains("gateway.key_prefix"), "{p}");
+        assert!(p.contains("price_mcents: 0 is out of range"), "{p}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let text = BASE.replace("[gateway]", "[gateway]\nkey_prefx = \"x_\"");
+        let err = parse(&text, Path::new("mcpay.toml")).unwrap_err().to_string();
+        assert!(err.contains("key_prefx"), "{err}");
+    }
+
+    #[test]
+    fn insert_endpoint_keeps_comments_and_order() {
+        let (mut doc, _) = load(BASE);
+        let ep = Endpoint {
+            price_mcents: 250,
+            xp: None,
+            scope: None,
+            description: Some("My tool".into()),
+            rate_limit_per_minute: None,
+            input: [("query".to_string(), "string".to_string())].into_iter().collect(),
+        };
+        insert_endpoint(&mut doc, "mytool", &ep);
+        let out = doc.to_string();
+        assert!(out.starts_with(BASE.trim_end()), "existing text changed:\n{out}");
+        let (_, m) = load(&out);
+        assert_eq!(m.endpoints.keys().collect::<Vec<_>>(), ["example", "mytool"]);
+        assert_eq!(m.endpoints["mytool"], ep);
+    }
+
+    #[test]
+    fn set_dotted_parses_values_and_keeps_comments() {
+        let (mut doc, _) = load(BASE);
+        set_dotted(&mut doc, "gateway.key_prefix", "acme_").unwrap();
+        set_dotted(&mut doc, "gateway.max_body_bytes", "4096").unwrap();
+        set_dotted(&mut doc, "project.description", "Search for agents").unwrap();
+        let (_, m) = load(&doc.to_string());
+        assert_eq!(m.gateway.key_prefix, "acme_");
+        assert_eq!(m.gateway.max_body_bytes, 4096);
+        assert_eq!(m.project.description, "Search for agents");
+        assert!(doc.to_string().contains("# Prefix of every API key"));
+        assert!(set_dotted(&mut doc, "endpoints", "1").is_err());
+    }
+
+    #[test]
+    fn field_types() {
+        assert_eq!(parse_field_type("string"), Some(("string".into(), true)));
+        assert_eq!(parse_field_type("integer?"), Some(("integer".into(), false)));
+        assert_eq!(parse_field_type("str"), None);
+    }
+}

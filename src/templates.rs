@@ -1,0 +1,235 @@
+//! The embedded templates and how a spec becomes a plan of files.
+//!
+//! `templates/shared/` is rendered into every target; `templates/<target>/` mirrors the tree it
+//! generates and wins over a shared file at the same path. Naming rules:
+//! - `NAME.tera` is rendered with Tera (the spec is the context); every other file is copied as is;
+//! - a path part `__endpoint__` is rendered once per endpoint (the endpoint is `endpoint` in the
+//!   context) and makes a handler: the user's file, created once, never overwritten;
+//! - a path under a `generated/` folder is generated: regenerated whole by `sync`;
+//! - a file name starting with one `_` is output with a `.` (`_gitignore` → `.gitignore`), so that
+//!   packaging keeps it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, anyhow};
+use include_dir::{Dir, File, include_dir};
+use tera::{Context, Kwargs, State, Tera, TeraResult, Value};
+
+use crate::plan::{FileKind, Plan, PlannedFile};
+use crate::spec::{GENERATED_HEADER, Spec};
+
+static TEMPLATES: Dir<'static> = include_dir!("$CARGO_MANIFEST_DIR/templates");
+
+const ENDPOINT_PART: &str = "__endpoint__";
+const TERA_SUFFIX: &str = ".tera";
+/// The manifest is written from the edited TOML document, not rendered.
+const MANIFEST_TEMPLATE: &str = "shared/mcpay.toml";
+
+/// The default manifest every new project starts from (unless --from names another).
+pub fn default_manifest() -> &'static str {
+    TEMPLATES
+        .get_file(MANIFEST_TEMPLATE)
+        .and_then(File::contents_utf8)
+        .expect("templates/shared/mcpay.toml is embedded")
+}
+
+/// Targets that have templates.
+pub fn available_targets() -> Vec<&'static str> {
+    TEMPLATES
+        .dirs()
+        .filter_map(|d| d.path().to_str())
+        .filter(|name| *name != "shared")
+        .collect()
+}
+
+fn all_files<'a>(dir: &'a Dir<'a>, out: &mut Vec<&'a File<'a>>) {
+    for f in dir.files() {
+        out.push(f);
+    }
+    for d in dir.dirs() {
+        all_files(d, out);
+    }
+}
+
+/// The template files of a target: (path inside the target's tree, file), target files overriding
+/// shared ones.
+fn target_files(target: &str) -> Result<Vec<(String, &'static File<'static>)>> {
+    let root = TEMPLATES
+        .get_dir(target)
+        .ok_or_else(|| anyhow!("no templates for target {target:?}"))?;
+    let mut files: Vec<(String, &'static File<'static>)> = Vec::new();
+    for base in [TEMPLATES.get_dir("shared").expect("shared templates"), root] {
+        let mut found = Vec::new();
+        all_files(base, &mut found);
+        for f in found {
+            let full = f.path().to_str().expect("template paths are UTF-8");
+            if full == MANIFEST_TEMPLATE {
+                continue;
+            }
+            let rel = full.strip_prefix(base.path().to_str().unwrap()).unwrap().trim_start_matches('/');
+            if rel.starts_with("_samples/") {
+                continue;
+            }
+            files.retain(|(p, _)| p != rel);
+            files.push((rel.to_string(), f));
+        }
+    }
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(files)
+}
+
+fn json_filter(v: Value, _: Kwargs, _: &State) -> TeraResult<String> {
+    serde_json::to_string(&v).map_err(|e| tera::Error::message(e.to_string()))
+}
+
+/// A Tera instance holding every `.tera` template (of all targets), autoescape off.
+pub fn engine() -> Result<Tera> {
+    let mut tera = Tera::new();
+    tera.autoescape_on(Vec::<&str>::new());
+    tera.register_filter("json", json_filter);
+    let mut files = Vec::new();
+    all_files(&TEMPLATES, &mut files);
+    for f in files {
+        let name = f.path().to_str().expect("template paths are UTF-8");
+        if name.ends_with(TERA_SUFFIX) {
+            let text = f.contents_utf8().with_context(|| format!("template {name} is not UTF-8"))?;
+            tera.add_raw_template(name, text)
+                .map_err(|e| anyhow!("template {name} does not parse: {e}"))?;
+        }
+    }
+    Ok(tera)
+}
+
+/// Output path of a template path (without endpoint substitution).
+fn output_path(rel: &str) -> String {
+    let rel = rel.strip_suffix(TERA_SUFFIX).unwrap_or(rel);
+    let mut parts: Vec<String> = rel.split('/').map(str::to_string).collect();
+    if let Some(last) = parts.last_mut() {
+        if last.starts_with('_') && !last.starts_with("__") {
+            *last = format!(".{}", &last[1..]);
+        }
+    }
+    parts.join("/")
+}
+
+fn kind_of(rel: &str) -> FileKind {
+    if rel.contains(ENDPOINT_PART) {
+        FileKind::Handler
+    } else if rel.split('/').any(|p| p == "generated") {
+        FileKind::Generated
+    } else {
+        FileKind::Scaffold
+    }
+}
+
+fn render_one(tera: &Tera, file: &File, ctx: &Context) -> Result<Vec<u8>> {
+    let name = file.path().to_str().unwrap();
+    if name.ends_with(TERA_SUFFIX) {
+        let out = tera
+            .render(name, ctx)
+            .map_err(|e| anyhow!("rendering {name} failed: {e}"))?;
+        Ok(out.into_bytes())
+    } else {
+        Ok(file.contents().to_vec())
+    }
+}
+
+/// Renders the whole project of `spec`, plus `mcpay.toml` with the given text.
+pub fn render(spec: &Spec, manifest_text: &str) -> Result<Plan> {
+    let tera = engine()?;
+    let base = Context::from_serialize(spec).map_err(|e| anyhow!("template context: {e}"))?;
+    let mut files = vec![PlannedFile {
+        path: PathBuf::from(crate::manifest::FILE_NAME),
+        contents: manifest_text.as_bytes().to_vec(),
+        kind: FileKind::Manifest,
+    }];
+    for (rel, file) in target_files(&spec.project.target)? {
+        let kind = kind_of(&rel);
+        let out = output_path(&rel);
+        if kind == FileKind::Handler {
+            for ep in &spec.endpoints {
+                let mut ctx = base.clone();
+                ctx.insert("endpoint", ep);
+                files.push(PlannedFile {
+                    path: PathBuf::from(out.replace(ENDPOINT_PART, &ep.name)),
+                    contents: render_one(&tera, file, &ctx)?,
+                    kind,
+                });
+            }
+        } else {
+            let contents = render_one(&tera, file, &base)?;
+            if kind == FileKind::Generated && !String::from_utf8_lossy(&contents).contains(GENERATED_HEADER) {
+                return Err(anyhow!("template {rel} is generated but its output lacks the @generated header"));
+            }
+            files.push(PlannedFile { path: PathBuf::from(out), contents, kind });
+        }
+    }
+    Ok(Plan { files })
+}
+
+/// Where the handlers of a target live and their file extension, for spotting orphaned handlers.
+pub fn handler_location(target: &str) -> Option<(PathBuf, String)> {
+    let files = target_files(target).ok()?;
+    let (rel, _) = files.iter().find(|(rel, _)| rel.contains(ENDPOINT_PART))?;
+    let out = output_path(rel);
+    let path = Path::new(&out);
+    let file_name = path.file_name()?.to_str()?;
+    let ext = file_name.strip_prefix(ENDPOINT_PART)?.to_string();
+    Some((path.parent()?.to_path_buf(), ext))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest;
+
+    #[test]
+    fn every_template_parses() {
+        engine().unwrap();
+    }
+
+    fn example_manifests() -> Vec<(PathBuf, String)> {
+        let mut out = vec![(PathBuf::from("templates/shared/mcpay.toml"), default_manifest().to_string())];
+        for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/examples")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                out.push((path.clone(), std::fs::read_to_string(&path).unwrap()));
+            }
+        }
+        out
+    }
+
+    /// Every template of every available target renders against every example manifest.
+    #[test]
+    fn every_template_renders_against_every_example() {
+        for (path, text) in example_manifests() {
+            for target in available_targets() {
+                let mut doc: toml_edit::DocumentMut = text.parse().unwrap();
+                manifest::set_dotted(&mut doc, "project.target", target).unwrap();
+                let (_, m) = manifest::parse(&doc.to_string(), &path).unwrap();
+                m.validate(&path).unwrap();
+                let spec = Spec::from_manifest(&m);
+                let plan = render(&spec, &doc.to_string())
+                    .unwrap_or_else(|e| panic!("{} with target {target}: {e:#}", path.display()));
+                let handlers = plan.files.iter().filter(|f| f.kind == FileKind::Handler).count();
+                assert_eq!(handlers, m.endpoints.len(), "one handler per endpoint");
+                for f in &plan.files {
+                    let text = String::from_utf8_lossy(&f.contents);
+                    assert!(!text.contains("{{") || !f.path.to_string_lossy().ends_with(".ts") || f.kind == FileKind::Scaffold,
+                        "{} looks unrendered", f.path.display());
+                    assert!(!text.contains(ENDPOINT_PART), "{} mentions {ENDPOINT_PART}", f.path.display());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn output_names() {
+        assert_eq!(output_path("_gitignore"), ".gitignore");
+        assert_eq!(output_path("src/__endpoint__.ts.tera"), "src/__endpoint__.ts");
+        assert_eq!(output_path("Cargo.toml.tera"), "Cargo.toml");
+        assert_eq!(kind_of("src/generated/manifest.ts.tera"), FileKind::Generated);
+        assert_eq!(kind_of("src/handlers/__endpoint__.ts.tera"), FileKind::Handler);
+        assert_eq!(kind_of("src/index.ts"), FileKind::Scaffold);
+    }
+}
