@@ -36,6 +36,8 @@ pub enum Command {
     Sync(ProjectArgs),
     /// Exit non-zero, naming the files, when generated files differ from what mcpay.toml gives.
     Check(ProjectArgs),
+    /// Run the attack suite against a running gateway that speaks docs/contract.md.
+    Audit(AuditArgs),
     /// Print a shell completion script.
     Completions {
         /// The shell to complete for.
@@ -133,6 +135,37 @@ pub struct AddEndpointArgs {
 
     #[command(flatten)]
     pub project: ProjectArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// The gateway's base URL, e.g. http://127.0.0.1:8787 or https://my-api.example.workers.dev.
+    #[arg(required_unless_present = "list")]
+    pub url: Option<String>,
+
+    /// The gateway's ADMIN_KEY (scenarios mint the keys they need with it).
+    #[arg(long, env = "MCPAY_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+
+    /// Print the scenarios and exit.
+    #[arg(long)]
+    pub list: bool,
+
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Run only the scenarios whose name contains PATTERN (`*` is a wildcard), e.g. --only 'admin.*'.
+    #[arg(long, value_name = "PATTERN")]
+    pub only: Option<String>,
+
+    /// ENDPOINT=JSON: a call the gateway's handler fails on (for the refund scenarios).
+    #[arg(long, value_name = "ENDPOINT=JSON")]
+    pub failing_call: Option<String>,
+
+    /// A deployment of the same gateway with no ADMIN_KEY set (for the 503 scenario).
+    #[arg(long, value_name = "URL")]
+    pub unconfigured_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

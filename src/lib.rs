@@ -3,6 +3,7 @@
 //! The pipeline: arguments (+ prompts) → a validated manifest and [`spec::Spec`] → a
 //! [`plan::Plan`] of files → written atomically (or printed with --dry-run).
 
+pub mod audit;
 pub mod cli;
 pub mod commands;
 pub mod manifest;
@@ -27,6 +28,7 @@ pub fn run() -> ExitCode {
         Some(Command::AddEndpoint(args)) => commands::add_endpoint::run(args, &ui),
         Some(Command::Sync(args)) => commands::sync::run(args, &ui),
         Some(Command::Check(args)) => commands::check::run(args, &ui),
+        Some(Command::Audit(args)) => audit::run(args),
         Some(Command::Completions { shell }) => {
             clap_complete::generate(*shell, &mut Cli::command(), "create-mcpay", &mut std::io::stdout());
             Ok(())

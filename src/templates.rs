@@ -82,11 +82,20 @@ fn json_filter(v: Value, _: Kwargs, _: &State) -> TeraResult<String> {
     serde_json::to_string(&v).map_err(|e| tera::Error::message(e.to_string()))
 }
 
+/// A Rust string literal (Debug formatting escapes exactly as Rust source needs).
+fn rust_filter(v: Value, _: Kwargs, _: &State) -> TeraResult<String> {
+    match v.as_str() {
+        Some(s) => Ok(format!("{s:?}")),
+        None => Err(tera::Error::message(format!("the rust filter takes a string, not {}", v.name()))),
+    }
+}
+
 /// A Tera instance holding every `.tera` template (of all targets), autoescape off.
 pub fn engine() -> Result<Tera> {
     let mut tera = Tera::new();
     tera.autoescape_on(Vec::<&str>::new());
     tera.register_filter("json", json_filter);
+    tera.register_filter("rust", rust_filter);
     let mut files = Vec::new();
     all_files(&TEMPLATES, &mut files);
     for f in files {

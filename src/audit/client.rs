@@ -1,0 +1,271 @@
+//! The audit's view of a gateway: plain HTTP calls, key minting and the helpers scenarios share.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use serde_json::{Value, json};
+use ureq::Agent;
+use ureq::http::{self, Method};
+
+/// One HTTP exchange, as the scenarios see it.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+    }
+    pub fn code(&self) -> String {
+        self.json()["error"]["code"].as_str().unwrap_or("").to_string()
+    }
+    /// `401 invalid_key` — short evidence for a report line.
+    pub fn brief(&self) -> String {
+        let code = self.code();
+        let mut body: String = self.body.chars().take(160).collect();
+        if self.body.len() > 160 {
+            body.push('…');
+        }
+        if code.is_empty() { format!("{} {body}", self.status) } else { format!("{} {code}", self.status) }
+    }
+}
+
+/// A paid endpoint as /v1/pricing describes it.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub name: String,
+    pub price: u64,
+    pub xp: u64,
+    pub scope: String,
+    pub rate_limit: u64,
+    pub input: Vec<(String, String, bool)>,
+}
+
+impl Endpoint {
+    pub fn path(&self) -> String {
+        format!("/v1/{}", self.name)
+    }
+    /// A body that passes the input shape.
+    pub fn sample(&self) -> Value {
+        let mut m = serde_json::Map::new();
+        for (name, ty, required) in &self.input {
+            if *required {
+                m.insert(name.clone(), sample_of(ty));
+            }
+        }
+        Value::Object(m)
+    }
+}
+
+pub fn sample_of(ty: &str) -> Value {
+    match ty {
+        "string" => json!("audit"),
+        "number" => json!(1.5),
+        "integer" => json!(1),
+        "boolean" => json!(true),
+        "object" => json!({}),
+        _ => json!([]),
+    }
+}
+
+/// A minted key with what the audit knows of it.
+#[derive(Debug, Clone)]
+pub struct Key {
+    pub key: String,
+    pub key_id: String,
+}
+
+impl Key {
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", self.key)
+    }
+}
+
+pub struct Client {
+    pub base: String,
+    pub admin_key: Option<String>,
+    pub agent: Agent,
+    pub endpoints: Vec<Endpoint>,
+    pub key_prefix: Option<String>,
+    pub mints: u64,
+}
+
+impl Client {
+    pub fn connect(base: &str, admin_key: Option<String>) -> Result<Client> {
+        let agent: Agent = Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .max_idle_connections_per_host(64)
+            .build()
+            .into();
+        let mut c = Client {
+            base: base.trim_end_matches('/').to_string(),
+            admin_key,
+            agent,
+            endpoints: Vec::new(),
+            key_prefix: None,
+            mints: 0,
+        };
+        let pricing = c.get("/v1/pricing", &[]);
+        if pricing.status != 200 {
+            bail!("{}/v1/pricing answered {}; is this a gateway that speaks docs/contract.md?", c.base, pricing.brief());
+        }
+        let v = pricing.json();
+        let list = v["endpoints"].as_array().context("/v1/pricing has no endpoints array")?;
+        for e in list {
+            let input = e["input"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, f)| {
+                            (k.clone(), f["type"].as_str().unwrap_or("string").to_string(), f["required"].as_bool().unwrap_or(true))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            c.endpoints.push(Endpoint {
+                name: e["name"].as_str().context("endpoint without a name")?.to_string(),
+                price: e["price_mcents"].as_u64().context("endpoint without an integer price_mcents")?,
+                xp: e["xp"].as_u64().unwrap_or(0),
+                scope: e["scope"].as_str().unwrap_or("").to_string(),
+                rate_limit: e["rate_limit_per_minute"].as_u64().unwrap_or(60),
+                input,
+            });
+        }
+        if c.endpoints.is_empty() {
+            bail!("{}/v1/pricing lists no paid endpoints", c.base);
+        }
+        Ok(c)
+    }
+
+    pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Reply {
+        let method = Method::from_bytes(method.as_bytes()).expect("valid method");
+        let mut b = http::Request::builder().method(method).uri(format!("{}{}", self.base, path));
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let result = match body {
+            Some(bytes) => self.agent.run(b.body(bytes.to_vec()).expect("request")),
+            None => self.agent.run(b.body(()).expect("request")),
+        };
+        to_reply(result)
+    }
+
+    pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        self.request("GET", path, headers, None)
+    }
+
+    /// POST with a JSON content type.
+    pub fn post(&self, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+        let mut h: Vec<(&str, &str)> = vec![("Content-Type", "application/json")];
+        h.extend_from_slice(headers);
+        self.request("POST", path, &h, Some(body.as_bytes()))
+    }
+
+    /// POST a body with no Content-Length (chunked transfer encoding).
+    pub fn post_chunked(&self, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Reply {
+        let mut b = http::Request::builder().method(Method::POST).uri(format!("{}{}", self.base, path));
+        b = b.header("Content-Type", "application/json");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let mut reader = std::io::Cursor::new(body);
+        let send = ureq::SendBody::from_reader(&mut reader);
+        to_reply(self.agent.run(b.body(send).expect("request")))
+    }
+
+    pub fn mint_raw(&mut self, body: &str) -> Reply {
+        let admin = self.admin_key.clone().unwrap_or_default();
+        self.mints += 1;
+        self.post("/v1/admin/mint", &[("X-Admin-Key", &admin)], body)
+    }
+
+    /// Mints a key or fails with the gateway's answer.
+    pub fn mint(&mut self, balance: u64, scopes: &[&str]) -> Result<Key> {
+        if self.admin_key.is_none() {
+            bail!("needs --admin-key to mint keys");
+        }
+        let r = self.mint_raw(&json!({"balance_mcents": balance, "scopes": scopes, "name": "audit"}).to_string());
+        if r.status != 201 {
+            bail!("mint answered {}", r.brief());
+        }
+        let v = r.json();
+        let key = v["key"].as_str().ok_or_else(|| anyhow!("mint answer has no key"))?.to_string();
+        if self.key_prefix.is_none() {
+            self.key_prefix = key.find('_').map(|i| key[..=i].to_string());
+        }
+        Ok(Key { key, key_id: v["key_id"].as_str().unwrap_or("").to_string() })
+    }
+
+    /// Mints a key for `ep` with room for `calls` calls.
+    pub fn key_for(&mut self, ep: &Endpoint, calls: u64) -> Result<Key> {
+        self.mint(ep.price * calls, &[ep.scope.as_str()])
+    }
+
+    pub fn call(&self, ep: &Endpoint, key: &Key, body: &str) -> Reply {
+        self.post(&ep.path(), &[("Authorization", &key.bearer())], body)
+    }
+
+    pub fn call_sample(&self, ep: &Endpoint, key: &Key) -> Reply {
+        self.call(ep, key, &ep.sample().to_string())
+    }
+
+    pub fn me(&self, key: &Key) -> Value {
+        self.get("/v1/me", &[("Authorization", &key.bearer())]).json()
+    }
+
+    pub fn balance(&self, key: &Key) -> Result<u64> {
+        let me = self.me(key);
+        me["balance_mcents"].as_u64().ok_or_else(|| anyhow!("/v1/me gave no balance_mcents: {me}"))
+    }
+
+    pub fn ledger(&self, key: &Key) -> Value {
+        self.get("/v1/me/ledger?limit=500", &[("Authorization", &key.bearer())]).json()
+    }
+
+    pub fn first(&self) -> Endpoint {
+        self.endpoints[0].clone()
+    }
+
+    /// An endpoint whose scope differs from `ep`'s, if the gateway has one.
+    pub fn other_scope(&self, ep: &Endpoint) -> Option<Endpoint> {
+        self.endpoints.iter().find(|e| e.scope != ep.scope).cloned()
+    }
+
+    pub fn prefix(&self) -> String {
+        self.key_prefix.clone().unwrap_or_else(|| "mcp_".into())
+    }
+}
+
+fn to_reply(result: Result<http::Response<ureq::Body>, ureq::Error>) -> Reply {
+    match result {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let body = resp.into_body().with_config().limit(16 * 1024 * 1024).read_to_string().unwrap_or_default();
+            Reply { status, headers, body }
+        }
+        // The connection was refused or cut: report it as status 0 so scenarios can tell.
+        Err(e) => Reply { status: 0, headers: http::HeaderMap::new(), body: format!("transport error: {e}") },
+    }
+}
+
+/// 64 random lowercase hex characters (for well-formed keys nobody minted).
+pub fn random_hex64() -> String {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = String::new();
+    while out.len() < 64 {
+        let mut h = RandomState::new().build_hasher();
+        h.write_usize(out.len());
+        out.push_str(&format!("{:016x}", h.finish()));
+    }
+    out.truncate(64);
+    out
+}

@@ -1,0 +1,120 @@
+//! `create-mcpay audit URL`: the attack suite any gateway speaking docs/contract.md is checked against.
+
+mod client;
+mod scenarios;
+
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use console::style;
+use serde_json::json;
+
+use crate::cli::AuditArgs;
+pub use scenarios::{Outcome, Options, Scenario, all};
+
+pub fn run(args: &AuditArgs) -> Result<()> {
+    let selected: Vec<Scenario> = all()
+        .into_iter()
+        .filter(|s| args.only.as_deref().is_none_or(|p| matches(p, s.name)))
+        .collect();
+    if args.list {
+        for s in &selected {
+            println!("{:<32} {}", s.name, s.expect);
+        }
+        if !args.json {
+            println!("{} scenarios", selected.len());
+        }
+        return Ok(());
+    }
+    let Some(url) = &args.url else { bail!("audit needs the gateway's URL, e.g. `create-mcpay audit http://127.0.0.1:8787 --admin-key $ADMIN_KEY`") };
+    if selected.is_empty() {
+        bail!("--only {:?} matches no scenario; see `create-mcpay audit --list`", args.only.as_deref().unwrap_or(""));
+    }
+    let failing_call = match &args.failing_call {
+        None => None,
+        Some(raw) => {
+            let Some((ep, body)) = raw.split_once('=') else { bail!("--failing-call {raw:?}: expected ENDPOINT=JSON") };
+            Some((ep.to_string(), body.to_string()))
+        }
+    };
+    let opts = Options { failing_call, unconfigured_url: args.unconfigured_url.clone() };
+    let mut client = client::Client::connect(url, args.admin_key.clone())?;
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    let mut results = Vec::new();
+    let started = Instant::now();
+    for s in &selected {
+        let t = Instant::now();
+        let (status, evidence) = match (s.run)(&mut client, &opts) {
+            Ok(Outcome::Pass(e)) => { passed += 1; ("pass", e) }
+            Ok(Outcome::NotApplicable(e)) => { skipped += 1; ("n/a", e) }
+            Err(e) => { failed += 1; ("FAIL", format!("{e:#}")) }
+        };
+        let ms = t.elapsed().as_millis();
+        if args.json {
+            results.push(json!({"name": s.name, "expect": s.expect, "status": status, "evidence": evidence, "ms": ms}));
+        } else {
+            let tag = match status {
+                "pass" => style("pass").green(),
+                "n/a" => style("n/a ").yellow(),
+                _ => style("FAIL").red().bold(),
+            };
+            println!("{tag} {:<32} {}  — {evidence}", s.name, s.expect);
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&json!({
+            "url": url, "passed": passed, "failed": failed, "not_applicable": skipped,
+            "mints": client.mints, "seconds": started.elapsed().as_secs_f64(), "scenarios": results,
+        }))?);
+    } else {
+        println!("audit: {passed} passed, {failed} failed, {skipped} not applicable ({} keys minted, {:.1}s)", client.mints, started.elapsed().as_secs_f64());
+    }
+    if failed > 0 {
+        bail!("{failed} scenario(s) failed against {url}");
+    }
+    Ok(())
+}
+
+/// `--only` patterns: a substring, or a glob with `*`.
+fn matches(pattern: &str, name: &str) -> bool {
+    if !pattern.contains('*') {
+        return name.contains(pattern);
+    }
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let mut rest = name;
+    for (i, part) in parts.iter().enumerate() {
+        if part.is_empty() {
+            continue;
+        }
+        match rest.find(part) {
+            Some(pos) if i > 0 || pos == 0 => rest = &rest[pos + part.len()..],
+            _ => return false,
+        }
+    }
+    parts.last().is_some_and(|l| l.is_empty()) || rest.is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_least_sixty_uniquely_named_scenarios() {
+        let s = all();
+        assert!(s.len() >= 60, "{}", s.len());
+        let mut names: Vec<_> = s.iter().map(|s| s.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), s.len(), "duplicate scenario names");
+        assert_eq!(s.last().unwrap().name, "admin.hourly_limit", "the mint-exhausting scenario runs last");
+    }
+
+    #[test]
+    fn only_patterns() {
+        assert!(matches("auth", "auth.missing"));
+        assert!(matches("auth.*", "auth.missing"));
+        assert!(matches("*.missing", "auth.missing"));
+        assert!(!matches("admin.*", "auth.missing"));
+        assert!(matches("charge", "charge.exact_price"));
+    }
+}
