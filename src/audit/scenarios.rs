@@ -50,10 +50,10 @@ fn refused_uncharged(c: &Client, r: &Reply, status: u16, code: &str, key: &Key, 
     pass(format!("{} {}, balance still {balance}", r.status, r.code()))
 }
 
-fn setup(c: &mut Client, calls: u64) -> Result<(Endpoint, Key, u64)> {
+/// The first endpoint, its shared key and that key's balance now.
+fn setup(c: &mut Client) -> Result<(Endpoint, Key, u64)> {
     let ep = c.first();
-    let key = c.key_for(&ep, calls)?;
-    let bal = ep.price * calls;
+    let (key, bal) = c.shared_key(&ep)?;
     Ok((ep, key, bal))
 }
 
@@ -145,14 +145,14 @@ pub fn all() -> Vec<Scenario> {
             pass(r.brief())
         }),
         scenario!("route.unknown_v1", "POST /v1/<unknown> → 404 not_found, nothing charged", |c, _| {
-            let (_, key, bal) = setup(c, 2)?;
+            let (_, key, bal) = setup(c)?;
             let r = c.post("/v1/no_such_endpoint_x", &[("Authorization", &key.bearer())], "{}");
             expect(&r, 404, "not_found")?;
             ensure!(c.balance(&key)? == bal, "balance moved");
             pass(r.brief())
         }),
         scenario!("route.trailing_slash", "POST /v1/<endpoint>/ is not the endpoint → 404, nothing charged", |c, _| {
-            let (ep, key, bal) = setup(c, 2)?;
+            let (ep, key, bal) = setup(c)?;
             let r = c.post(&format!("{}/", ep.path()), &[("Authorization", &key.bearer())], &ep.sample().to_string());
             expect(&r, 404, "")?;
             ensure!(c.balance(&key)? == bal, "balance moved");
@@ -211,13 +211,13 @@ pub fn all() -> Vec<Scenario> {
             pass(r.brief())
         }),
         scenario!("auth.lowercase_scheme", "\"bearer KEY\" (scheme is case-insensitive) → accepted", |c, _| {
-            let (ep, key, _) = setup(c, 1)?;
+            let (ep, key, _) = setup(c)?;
             let r = c.post(&ep.path(), &[("Authorization", &format!("bearer {}", key.key))], &ep.sample().to_string());
             expect(&r, 200, "")?;
             pass(r.brief())
         }),
         scenario!("auth.uppercase_key", "the key's hex upper-cased is a different key → 401", |c, _| {
-            let (ep, key, bal) = setup(c, 1)?;
+            let (ep, key, bal) = setup(c)?;
             let p = c.prefix();
             let upper = format!("Bearer {p}{}", key.key[p.len()..].to_ascii_uppercase());
             let r = c.post(&ep.path(), &[("Authorization", &upper)], &ep.sample().to_string());
@@ -226,13 +226,13 @@ pub fn all() -> Vec<Scenario> {
             pass(r.brief())
         }),
         scenario!("auth.trailing_garbage", "\"Bearer KEY extra\" → 401", |c, _| {
-            let (ep, key, _) = setup(c, 1)?;
+            let (ep, key, _) = setup(c)?;
             let r = c.post(&ep.path(), &[("Authorization", &format!("Bearer {} extra", key.key))], &ep.sample().to_string());
             expect(&r, 401, "")?;
             pass(r.brief())
         }),
         scenario!("auth.query_string", "a key in the query string (no header) → 401, nothing charged", |c, _| {
-            let (ep, key, bal) = setup(c, 1)?;
+            let (ep, key, bal) = setup(c)?;
             for q in ["key", "api_key", "token", "access_token"] {
                 let r = c.post(&format!("{}?{q}={}", ep.path(), key.key), &[], &ep.sample().to_string());
                 ensure!(r.status == 401, "?{q}= got {}", r.brief());
@@ -338,7 +338,7 @@ pub fn all() -> Vec<Scenario> {
         }),
         // ---- scopes
         scenario!("scope.allowed", "a key with the endpoint's scope → 200", |c, _| {
-            let (ep, key, _) = setup(c, 1)?;
+            let (ep, key, _) = setup(c)?;
             expect(&c.call_sample(&ep, &key), 200, "")?;
             pass("200")
         }),
@@ -369,22 +369,22 @@ pub fn all() -> Vec<Scenario> {
         }),
         // ---- validate before charge
         scenario!("validate.invalid_json", "a body that is not JSON → 400 invalid_json, no charge", |c, _| {
-            let (ep, key, bal) = setup(c, 2)?;
+            let (ep, key, bal) = setup(c)?;
             let r = c.call(&ep, &key, "{\"oops\":");
             refused_uncharged(c, &r, 400, "invalid_json", &key, bal)
         }),
         scenario!("validate.empty_body", "an empty body → 400, no charge", |c, _| {
-            let (ep, key, bal) = setup(c, 2)?;
+            let (ep, key, bal) = setup(c)?;
             let r = c.call(&ep, &key, "");
             refused_uncharged(c, &r, 400, "", &key, bal)
         }),
         scenario!("validate.not_object", "a JSON array body → 400 invalid_input, no charge", |c, _| {
-            let (ep, key, bal) = setup(c, 2)?;
+            let (ep, key, bal) = setup(c)?;
             let r = c.call(&ep, &key, "[1,2,3]");
             refused_uncharged(c, &r, 400, "invalid_input", &key, bal)
         }),
         scenario!("validate.wrong_type", "a required field of the wrong type → 400 invalid_input, no charge", |c, _| {
-            let (ep, key, bal) = setup(c, 2)?;
+            let (ep, key, bal) = setup(c)?;
             let Some((field, ty, _)) = ep.input.iter().find(|f| f.2).cloned() else {
                 return Ok(Outcome::NotApplicable(format!("{} has no required field", ep.name)));
             };
@@ -394,7 +394,7 @@ pub fn all() -> Vec<Scenario> {
             refused_uncharged(c, &r, 400, "invalid_input", &key, bal)
         }),
         scenario!("validate.missing_field", "a required field missing → 400 invalid_input, no charge", |c, _| {
-            let (ep, key, bal) = setup(c, 2)?;
+            let (ep, key, bal) = setup(c)?;
             if !ep.input.iter().any(|f| f.2) {
                 return Ok(Outcome::NotApplicable(format!("{} has no required field", ep.name)));
             }
@@ -402,44 +402,44 @@ pub fn all() -> Vec<Scenario> {
             refused_uncharged(c, &r, 400, "invalid_input", &key, bal)
         }),
         scenario!("validate.unknown_field", "an unknown field → 400 invalid_input, no charge", |c, _| {
-            let (ep, key, bal) = setup(c, 2)?;
+            let (ep, key, bal) = setup(c)?;
             let mut body = ep.sample();
             body["__audit_unknown"] = json!(1);
             let r = c.call(&ep, &key, &body.to_string());
             refused_uncharged(c, &r, 400, "invalid_input", &key, bal)
         }),
         scenario!("validate.proto_pollution", "a __proto__ field → 400, no charge, no crash", |c, _| {
-            let (ep, key, bal) = setup(c, 2)?;
+            let (ep, key, bal) = setup(c)?;
             let body = ep.sample().to_string();
             let polluted = format!("{{\"__proto__\":{{\"admin\":true}},{}", &body[1..]);
             let r = c.call(&ep, &key, &polluted);
             refused_uncharged(c, &r, 400, "invalid_input", &key, bal)
         }),
         scenario!("validate.deep_nesting", "1000 nested arrays → 400, no charge, no 5xx", |c, _| {
-            let (ep, key, bal) = setup(c, 2)?;
+            let (ep, key, bal) = setup(c)?;
             let deep = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
             let r = c.call(&ep, &key, &format!("{{\"x\":{deep}}}"));
             refused_uncharged(c, &r, 400, "", &key, bal)
         }),
         scenario!("validate.wrong_content_type", "Content-Type text/plain → 415, no charge", |c, _| {
-            let (ep, key, bal) = setup(c, 2)?;
+            let (ep, key, bal) = setup(c)?;
             let r = c.request("POST", &ep.path(), &[("Authorization", &key.bearer()), ("Content-Type", "text/plain")], Some(ep.sample().to_string().as_bytes()));
             refused_uncharged(c, &r, 415, "unsupported_media_type", &key, bal)
         }),
         scenario!("validate.no_content_type", "no Content-Type → 415, no charge", |c, _| {
-            let (ep, key, bal) = setup(c, 2)?;
+            let (ep, key, bal) = setup(c)?;
             let r = c.request("POST", &ep.path(), &[("Authorization", &key.bearer())], Some(ep.sample().to_string().as_bytes()));
             refused_uncharged(c, &r, 415, "unsupported_media_type", &key, bal)
         }),
         // ---- bodies
         scenario!("body.oversized", "a 2 MiB body with Content-Length → 413 body_too_large, no charge", |c, _| {
-            let (ep, key, bal) = setup(c, 2)?;
+            let (ep, key, bal) = setup(c)?;
             let big = format!("{{\"pad\":\"{}\"}}", "a".repeat(2 * 1024 * 1024));
             let r = c.call(&ep, &key, &big);
             refused_uncharged(c, &r, 413, "body_too_large", &key, bal)
         }),
-        scenario!("body.oversized_chunked", "a 2 MiB chunked body (no Content-Length) → 413, no charge", |c, _| {
-            let (ep, key, bal) = setup(c, 2)?;
+        scenario!("body.oversized_chunked", "a 2 MiB chunked body (no Content-Length) → 413 (or the upload cut short), no charge", |c, _| {
+            let (ep, key, bal) = setup(c)?;
             let big = format!("{{\"pad\":\"{}\"}}", "a".repeat(2 * 1024 * 1024)).into_bytes();
             let r = c.post_chunked(&ep.path(), &[("Authorization", &key.bearer())], big);
             if r.status == 0 {
@@ -451,7 +451,7 @@ pub fn all() -> Vec<Scenario> {
             refused_uncharged(c, &r, 413, "body_too_large", &key, bal)
         }),
         scenario!("body.chunked_small", "a small valid chunked body → served and charged normally", |c, _| {
-            let (ep, key, bal) = setup(c, 2)?;
+            let (ep, key, bal) = setup(c)?;
             let r = c.post_chunked(&ep.path(), &[("Authorization", &key.bearer())], ep.sample().to_string().into_bytes());
             expect(&r, 200, "")?;
             ensure!(c.balance(&key)? == bal - ep.price, "charged wrong");
@@ -459,7 +459,7 @@ pub fn all() -> Vec<Scenario> {
         }),
         // ---- charging
         scenario!("charge.exact_price", "a paid call is charged exactly the listed price, shown in headers and body", |c, _| {
-            let (ep, key, bal) = setup(c, 3)?;
+            let (ep, key, bal) = setup(c)?;
             let r = c.call_sample(&ep, &key);
             expect(&r, 200, "")?;
             ensure!(r.header("x-charged-mcents") == Some(ep.price.to_string()), "X-Charged-Mcents {:?}", r.header("x-charged-mcents"));
@@ -491,7 +491,8 @@ pub fn all() -> Vec<Scenario> {
             pass(r.brief())
         }),
         scenario!("charge.exact_balance", "a balance of exactly one price → one 200, then 402, final balance 0", |c, _| {
-            let (ep, key, _) = setup(c, 1)?;
+            let ep = c.first();
+            let key = c.key_for(&ep, 1)?;
             expect(&c.call_sample(&ep, &key), 200, "")?;
             expect(&c.call_sample(&ep, &key), 402, "insufficient_balance")?;
             ensure!(c.balance(&key)? == 0, "balance not 0");
@@ -507,26 +508,29 @@ pub fn all() -> Vec<Scenario> {
             burst(c, &ep, n, 3 * n as usize)
         }),
         scenario!("charge.ledger_matches", "the ledger's entries sum to the balance change", |c, _| {
-            let (ep, key, bal) = setup(c, 5)?;
+            let ep = c.first();
+            let minted = ep.price * 5;
+            let key = c.key_for(&ep, 5)?;
             for _ in 0..3 {
                 expect(&c.call_sample(&ep, &key), 200, "")?;
             }
             let _ = c.call(&ep, &key, "not json");
             let now = c.balance(&key)?;
             let (sum, _) = ledger_sum(c, &key)?;
-            ensure!(bal as i64 + sum == now as i64, "minted {bal}, ledger sums to {sum}, balance {now}");
-            ensure!(now == bal - 3 * ep.price, "balance {now}");
-            pass(format!("{bal} {sum:+} = {now}"))
+            ensure!(minted as i64 + sum == now as i64, "minted {minted}, ledger sums to {sum}, balance {now}");
+            ensure!(now == minted - 3 * ep.price, "balance {now}");
+            pass(format!("{minted} {sum:+} = {now}"))
         }),
         scenario!("charge.keys_independent", "charges on one key never touch another", |c, _| {
-            let (ep, a, bal) = setup(c, 3)?;
+            let (ep, a, _) = setup(c)?;
             let b = c.key_for(&ep, 3)?;
+            let bal = ep.price * 3;
             expect(&c.call_sample(&ep, &a), 200, "")?;
             ensure!(c.balance(&b)? == bal, "the other key moved");
             pass("unchanged")
         }),
         scenario!("charge.xp_awarded", "a paid call awards the listed XP and counts one call", |c, _| {
-            let (ep, key, _) = setup(c, 2)?;
+            let (ep, key, _) = setup(c)?;
             let before = c.me(&key);
             expect(&c.call_sample(&ep, &key), 200, "")?;
             let after = c.me(&key);
@@ -597,7 +601,7 @@ pub fn all() -> Vec<Scenario> {
         }),
         // ---- leaks
         scenario!("leak.me", "/v1/me shows no key material", |c, _| {
-            let (ep, key, _) = setup(c, 2)?;
+            let (ep, key, _) = setup(c)?;
             expect(&c.call_sample(&ep, &key), 200, "")?;
             let r = c.get("/v1/me", &[("Authorization", &key.bearer())]);
             expect(&r, 200, "")?;
@@ -605,7 +609,7 @@ pub fn all() -> Vec<Scenario> {
             pass("no key, no hash")
         }),
         scenario!("leak.ledger", "/v1/me/ledger shows no key material", |c, _| {
-            let (ep, key, _) = setup(c, 2)?;
+            let (ep, key, _) = setup(c)?;
             expect(&c.call_sample(&ep, &key), 200, "")?;
             let r = c.get("/v1/me/ledger", &[("Authorization", &key.bearer())]);
             expect(&r, 200, "")?;
@@ -613,7 +617,7 @@ pub fn all() -> Vec<Scenario> {
             pass("no key, no hash")
         }),
         scenario!("leak.leaderboard", "/v1/leaderboard shows no key material", |c, _| {
-            let (ep, key, _) = setup(c, 2)?;
+            let (ep, key, _) = setup(c)?;
             expect(&c.call_sample(&ep, &key), 200, "")?;
             let r = c.get("/v1/leaderboard", &[]);
             expect(&r, 200, "")?;
@@ -664,7 +668,7 @@ pub fn all() -> Vec<Scenario> {
             pass(r.brief())
         }),
         scenario!("headers.no_store_on_me", "/v1/me answers are not cacheable by shared caches", |c, _| {
-            let (_, key, _) = setup(c, 1)?;
+            let (_, key, _) = setup(c)?;
             let r = c.get("/v1/me", &[("Authorization", &key.bearer())]);
             let cc = r.header("cache-control").unwrap_or_default().to_ascii_lowercase();
             ensure!(cc.contains("no-store") || cc.contains("private"), "Cache-Control {cc:?}");
