@@ -78,18 +78,19 @@ fn worker_project_installs_typechecks_and_passes_its_own_tests() {
     test.arg("test");
     run(test, "npm test (after add-endpoint)");
 
-    // Serve it for real and pay for a call to the new endpoint.
-    std::fs::write(dir.join(".dev.vars"), "ADMIN_KEY=e2e-admin-key-0123456789abcdef\n").unwrap();
-    let port = free_port();
-    let mut dev = node_cmd("npx", &dir, &xdg);
-    dev.args(["wrangler", "dev", "--ip", "127.0.0.1", "--port", &port.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let server = Server(dev.spawn().expect("start wrangler dev"));
-    wait_ready(port, &server);
+    // Make the new handler fail on demand, so the audit can check refunds and their cap.
+    std::fs::write(dir.join("src/handlers/mytool.ts"), FAILING_HANDLER).unwrap();
 
-    let (status, _, body) = http(port, "POST", "/v1/admin/mint", &[("X-Admin-Key", "e2e-admin-key-0123456789abcdef")],
+    // Serve it for real: one instance with an ADMIN_KEY, one without (for the 503 scenario).
+    let port = free_port();
+    let server = wrangler_dev(&dir, &xdg, port, Some(ADMIN), &t.path().join("state-a"));
+    let bare_port = free_port();
+    let bare = wrangler_dev(&dir, &xdg, bare_port, None, &t.path().join("state-b"));
+    wait_ready(port, &server);
+    wait_ready(bare_port, &bare);
+
+    // Pay for a call to the new endpoint.
+    let (status, _, body) = http(port, "POST", "/v1/admin/mint", &[("X-Admin-Key", ADMIN)],
         r#"{"balance_mcents": 1000, "scopes": ["mytool"]}"#);
     assert_eq!(status, 201, "mint: {body}");
     let key = json_str(&body, "key");
@@ -111,14 +112,68 @@ fn worker_project_installs_typechecks_and_passes_its_own_tests() {
     assert!(body.contains("no charge applied"), "{body}");
     let (_, _, body) = http(port, "GET", "/v1/me", &[("Authorization", &auth)], "");
     assert!(body.contains("\"balance_mcents\":750"), "{body}");
+
+    // The whole attack suite, with nothing left out.
+    let out = cli()
+        .args(["audit", &format!("http://127.0.0.1:{port}"), "--admin-key", ADMIN])
+        .args(["--failing-call", r#"mytool={"query":"fail"}"#])
+        .args(["--unconfigured-url", &format!("http://127.0.0.1:{bare_port}")])
+        .args(["--color", "never"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{report}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "audit failed against the worker");
+    assert!(report.contains(" 0 failed, 0 not applicable"), "every scenario must apply to the worker: {report}");
     drop(server);
+    drop(bare);
+}
+
+const ADMIN: &str = "e2e-admin-key-0123456789abcdef";
+
+const FAILING_HANDLER: &str = r#"import type { Handler } from "../lib/handler";
+import type { MytoolInput } from "../generated/manifest";
+
+// Fails on {"query":"fail"} (an upstream outage, as far as the gateway can tell).
+export const handler: Handler<MytoolInput> = {
+  async run(input) {
+    if (input.query === "fail") throw new Error("simulated upstream failure");
+    return { echo: input };
+  },
+};
+"#;
+
+fn wrangler_dev(dir: &Path, xdg: &Path, port: u16, admin: Option<&str>, state: &Path) -> Server {
+    let wrangler = dir.join("node_modules/.bin/wrangler");
+    let mut dev = node_cmd(wrangler.to_str().unwrap(), dir, xdg);
+    // Its own process group, so that stopping it stops workerd too.
+    std::os::unix::process::CommandExt::process_group(&mut dev, 0);
+    dev.args(["dev", "--ip", "127.0.0.1", "--port", &port.to_string()])
+        .arg("--persist-to")
+        .arg(state)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(key) = admin {
+        dev.args(["--var", &format!("ADMIN_KEY:{key}")]);
+    }
+    Server(dev.spawn().expect("start wrangler dev"))
 }
 
 struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        let group = format!("-{}", self.0.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.0.wait();
     }
 }
