@@ -64,19 +64,7 @@ pub fn check_project_name(name: &str) -> Result<(), String> {
 
 /// A best-effort valid project name derived from anything.
 pub fn suggest_project_name(raw: &str) -> String {
-    let mut out = String::new();
-    for c in raw.chars() {
-        let c = c.to_ascii_lowercase();
-        if c.is_ascii_lowercase() || c.is_ascii_digit() {
-            out.push(c);
-        } else if !out.is_empty() && !out.ends_with('-') {
-            out.push('-');
-        }
-    }
-    let mut out = out.trim_matches('-').to_string();
-    while out.starts_with(|c: char| c.is_ascii_digit()) {
-        out.remove(0);
-    }
+    let mut out = slug(raw, '-');
     out.truncate(63);
     let out = out.trim_end_matches('-').to_string();
     if out.is_empty() {
@@ -148,19 +136,25 @@ pub fn check_field_name(field: &str) -> Result<(), String> {
 }
 
 fn suggest_identifier(raw: &str) -> String {
+    let out = slug(raw, '_');
+    let mut out = if out.is_empty() { "my_tool".to_string() } else { out };
+    out.truncate(32);
+    out
+}
+
+/// Lowercase ASCII letters and digits, every other run of characters one `sep`, no leading digit
+/// or separator, no trailing separator.
+fn slug(raw: &str, sep: char) -> String {
     let mut out = String::new();
     for c in raw.chars() {
         let c = c.to_ascii_lowercase();
         if c.is_ascii_lowercase() || c.is_ascii_digit() {
             out.push(c);
-        } else if !out.is_empty() && !out.ends_with('_') {
-            out.push('_');
+        } else if !out.is_empty() && !out.ends_with(sep) {
+            out.push(sep);
         }
     }
-    let out = out.trim_matches('_').trim_start_matches(|c: char| c.is_ascii_digit()).to_string();
-    let mut out = if out.is_empty() { "my_tool".to_string() } else { out };
-    out.truncate(32);
-    out
+    out.trim_start_matches(|c: char| c.is_ascii_digit() || c == sep).trim_end_matches(sep).to_string()
 }
 
 #[cfg(test)]

@@ -94,7 +94,8 @@ impl Spec {
     }
 }
 
-fn sample_value(ty: &str) -> Value {
+/// A JSON value of a manifest field type (used for generated samples and by the audit).
+pub fn sample_value(ty: &str) -> Value {
     match ty {
         "string" => json!("hello"),
         "number" => json!(1.5),
@@ -102,6 +103,6 @@ fn sample_value(ty: &str) -> Value {
         "boolean" => json!(true),
         "object" => json!({}),
         "array" => json!([]),
-        other => unreachable!("validated field type {other}"),
+        _ => json!([]),
     }
 }

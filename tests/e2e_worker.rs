@@ -30,6 +30,12 @@ fn node_cmd(program: &str, dir: &Path, xdg: &Path) -> Command {
     c
 }
 
+fn npm(dir: &Path, xdg: &Path, args: &[&str]) {
+    let mut c = node_cmd("npm", dir, xdg);
+    c.args(args);
+    run(c, &format!("npm {}", args.join(" ")));
+}
+
 fn run(mut c: Command, what: &str) {
     let started = Instant::now();
     let status = c.status().unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
@@ -58,25 +64,15 @@ fn worker_project_installs_typechecks_and_passes_its_own_tests() {
     let status = cli().arg(&dir).args(["-y", "--no-git"]).status().unwrap();
     assert!(status.success());
 
-    let mut ci = node_cmd("npm", &dir, &xdg);
-    ci.args(["ci", "--no-audit", "--no-fund"]);
-    run(ci, "npm ci");
-    let mut tc = node_cmd("npm", &dir, &xdg);
-    tc.args(["run", "typecheck"]);
-    run(tc, "npm run typecheck");
-    let mut test = node_cmd("npm", &dir, &xdg);
-    test.arg("test");
-    run(test, "npm test");
+    npm(&dir, &xdg, &["ci", "--no-audit", "--no-fund"]);
+    npm(&dir, &xdg, &["run", "typecheck"]);
+    npm(&dir, &xdg, &["test"]);
 
     // add-endpoint, then the same checks (node_modules are reused: one install per run).
     let status = cli().current_dir(&dir).args(["add-endpoint", "mytool", "--price", "250"]).status().unwrap();
     assert!(status.success());
-    let mut tc = node_cmd("npm", &dir, &xdg);
-    tc.args(["run", "typecheck"]);
-    run(tc, "npm run typecheck (after add-endpoint)");
-    let mut test = node_cmd("npm", &dir, &xdg);
-    test.arg("test");
-    run(test, "npm test (after add-endpoint)");
+    npm(&dir, &xdg, &["run", "typecheck"]);
+    npm(&dir, &xdg, &["test"]);
 
     // Make the new handler fail on demand, so the audit can check refunds and their cap.
     std::fs::write(dir.join("src/handlers/mytool.ts"), FAILING_HANDLER).unwrap();

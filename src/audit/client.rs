@@ -56,21 +56,10 @@ impl Endpoint {
         let mut m = serde_json::Map::new();
         for (name, ty, required) in &self.input {
             if *required {
-                m.insert(name.clone(), sample_of(ty));
+                m.insert(name.clone(), crate::spec::sample_value(ty));
             }
         }
         Value::Object(m)
-    }
-}
-
-pub fn sample_of(ty: &str) -> Value {
-    match ty {
-        "string" => json!("audit"),
-        "number" => json!(1.5),
-        "integer" => json!(1),
-        "boolean" => json!(true),
-        "object" => json!({}),
-        _ => json!([]),
     }
 }
 
