@@ -1,0 +1,68 @@
+// Bounded request body reading: the Content-Length header is checked before reading, and the
+// stream itself is counted while reading, so chunked bodies without Content-Length are bounded too.
+import { HttpError } from "./http";
+
+/** Returns true if the request's Content-Type is application/json (parameters such as charset allowed). */
+export function isJsonContentType(header: string | null): boolean {
+  if (header === null) return false;
+  const mediaType = header.split(";", 1)[0]!.trim().toLowerCase();
+  return mediaType === "application/json";
+}
+
+function tooLarge(maxBytes: number): HttpError {
+  return new HttpError(413, "body_too_large", {
+    message: `Request body exceeds ${maxBytes} bytes.`,
+    noCharge: true,
+    extra: { max_body_bytes: maxBytes },
+  });
+}
+
+/** Reads at most `maxBytes` bytes of the body as UTF-8 text, or throws HttpError 413 / 400. */
+export async function readBoundedText(req: Request, maxBytes: number): Promise<string> {
+  const declared = req.headers.get("Content-Length");
+  if (declared !== null) {
+    const n = Number(declared.trim());
+    if (!Number.isFinite(n) || n < 0) {
+      throw new HttpError(400, "invalid_json", { message: "Invalid Content-Length.", noCharge: true });
+    }
+    if (n > maxBytes) throw tooLarge(maxBytes);
+  }
+  if (req.body === null) return "";
+  const reader = req.body.getReader();
+  const chunks: Uint8Array[] = [];
+  let total = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    total += value.byteLength;
+    if (total > maxBytes) {
+      await reader.cancel().catch(() => {});
+      throw tooLarge(maxBytes);
+    }
+    chunks.push(value);
+  }
+  const buf = new Uint8Array(total);
+  let off = 0;
+  for (const c of chunks) {
+    buf.set(c, off);
+    off += c.byteLength;
+  }
+  try {
+    return new TextDecoder("utf-8", { fatal: true, ignoreBOM: false }).decode(buf);
+  } catch {
+    throw new HttpError(400, "invalid_json", { message: "Request body is not valid UTF-8.", noCharge: true });
+  }
+}
+
+/** Reads, bounds and parses a JSON request body (415 / 413 / 400 with "no charge applied"). */
+export async function readJsonBody(req: Request, maxBytes: number): Promise<unknown> {
+  if (!isJsonContentType(req.headers.get("Content-Type"))) {
+    throw new HttpError(415, "unsupported_media_type", { noCharge: true });
+  }
+  const text = await readBoundedText(req, maxBytes);
+  try {
+    return JSON.parse(text) as unknown;
+  } catch {
+    throw new HttpError(400, "invalid_json", { noCharge: true });
+  }
+}

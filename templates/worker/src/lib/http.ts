@@ -1,0 +1,108 @@
+// Response helpers: JSON bodies, the error shape, and the headers every response carries.
+import { PROJECT } from "../generated/manifest";
+
+export const NO_CHARGE_NOTE = "no charge applied";
+
+export type ErrorCode =
+  | "not_found"
+  | "method_not_allowed"
+  | "missing_key"
+  | "invalid_key"
+  | "unsupported_media_type"
+  | "body_too_large"
+  | "invalid_json"
+  | "invalid_input"
+  | "scope_denied"
+  | "rate_limited"
+  | "insufficient_balance"
+  | "admin_disabled"
+  | "invalid_admin_key"
+  | "handler_failed"
+  | "internal_error";
+
+const MESSAGES: Record<ErrorCode, string> = {
+  not_found: "No such route.",
+  method_not_allowed: "Method not allowed on this route.",
+  missing_key: "Missing API key: send Authorization: Bearer <key>.",
+  invalid_key: "Invalid API key.",
+  unsupported_media_type: "Content-Type must be application/json.",
+  body_too_large: "Request body too large.",
+  invalid_json: "Request body is not valid JSON.",
+  invalid_input: "Invalid input.",
+  scope_denied: "This key is not allowed to call this endpoint.",
+  rate_limited: "Rate limit exceeded.",
+  insufficient_balance: "Insufficient balance for this call.",
+  admin_disabled: "Admin API disabled: ADMIN_KEY is not configured.",
+  invalid_admin_key: "Invalid admin key.",
+  handler_failed: "The endpoint handler failed.",
+  internal_error: "Internal error.",
+};
+
+const BASE_HEADERS: Readonly<Record<string, string>> = {
+  "Content-Type": "application/json; charset=utf-8",
+  "Cache-Control": "no-store",
+  "X-Content-Type-Options": "nosniff",
+};
+
+export function json(status: number, body: unknown, headers?: HeadersInit): Response {
+  const h = new Headers(BASE_HEADERS);
+  if (headers) new Headers(headers).forEach((v, k) => h.set(k, v));
+  return new Response(JSON.stringify(body), { status, headers: h });
+}
+
+export interface ErrorOptions {
+  message?: string;
+  /** Adds "note":"no charge applied". */
+  noCharge?: boolean;
+  extra?: Record<string, unknown>;
+  headers?: HeadersInit;
+}
+
+export function errorResponse(status: number, code: ErrorCode, requestId: string, opts: ErrorOptions = {}): Response {
+  const body: Record<string, unknown> = {
+    ok: false,
+    error: { code, message: opts.message ?? MESSAGES[code] },
+    request_id: requestId,
+  };
+  if (opts.noCharge) body.note = NO_CHARGE_NOTE;
+  if (opts.extra) Object.assign(body, opts.extra);
+  const headers = new Headers(opts.headers);
+  if (status === 401) headers.set("WWW-Authenticate", `Bearer realm="${PROJECT.name}"`);
+  return json(status, body, headers);
+}
+
+/** Thrown inside request processing to short-circuit with an error response. */
+export class HttpError extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: ErrorCode,
+    readonly opts: ErrorOptions = {},
+  ) {
+    super(opts.message ?? MESSAGES[code]);
+  }
+  toResponse(requestId: string): Response {
+    return errorResponse(this.status, this.code, requestId, this.opts);
+  }
+}
+
+export const CORS_HEADERS: Readonly<Record<string, string>> = {
+  "Access-Control-Allow-Origin": "*",
+  "Access-Control-Allow-Headers": "Authorization, Content-Type",
+  "Access-Control-Expose-Headers": "X-Request-Id, X-Charged-Mcents, X-Balance-Mcents, Retry-After",
+};
+
+/** Returns a copy of `res` with extra headers set (the body is streamed through, not copied). */
+export function withHeaders(res: Response, headers: Record<string, string>): Response {
+  const out = new Response(res.body, res);
+  for (const [k, v] of Object.entries(headers)) out.headers.set(k, v);
+  return out;
+}
+
+/** Drops any CORS header (admin routes must never carry one). */
+export function withoutCors(res: Response): Response {
+  const out = new Response(res.body, res);
+  for (const k of [...out.headers.keys()]) {
+    if (k.toLowerCase().startsWith("access-control-")) out.headers.delete(k);
+  }
+  return out;
+}
