@@ -454,3 +454,24 @@ fn sync_and_check_after_a_hand_edit() {
     bin().current_dir(&dir).arg("sync").assert().failure().stderr(contains("price_mcents"));
     assert_eq!(tree(&dir), snapshot);
 }
+
+#[test]
+fn audit_lists_its_scenarios_and_refuses_without_a_gateway() {
+    let out = bin().args(["audit", "--list"]).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let count = text.lines().filter(|l| l.contains('.') && !l.ends_with("scenarios")).count();
+    assert!(count >= 60, "only {count} scenarios:\n{text}");
+    assert!(text.contains("charge.concurrent_burst") && text.contains("admin.no_cors_preflight"));
+    let only = bin().args(["audit", "--list", "--only", "admin.*"]).output().unwrap();
+    let only = String::from_utf8_lossy(&only.stdout);
+    assert!(only.lines().filter(|l| !l.ends_with("scenarios")).all(|l| l.starts_with("admin.")), "{only}");
+
+    bin().arg("audit").assert().failure().code(2).stderr(contains("<URL>"));
+    // Nothing listens on port 1: a clear error, not a panic.
+    bin()
+        .args(["audit", "http://127.0.0.1:1", "--admin-key", "k"])
+        .assert()
+        .failure()
+        .stderr(contains("/v1/pricing"));
+}
