@@ -475,3 +475,36 @@ fn audit_lists_its_scenarios_and_refuses_without_a_gateway() {
         .failure()
         .stderr(contains("/v1/pricing"));
 }
+
+/// On a terminal, missing values are asked for (dialoguer). `script` gives the CLI a real pty.
+#[test]
+fn prompts_on_a_terminal_for_what_is_missing() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let t = tmp();
+    let bin = assert_cmd::cargo::cargo_bin("create-mcpay");
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &format!("{} --no-git --color never", bin.display()), "/dev/null"])
+        .current_dir(t.path())
+        .env("TERM", "xterm")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("`script` (util-linux) runs the CLI on a pty");
+    let mut stdin = child.stdin.take().unwrap();
+    let typing = std::thread::spawn(move || {
+        for keys in ["tty-demo\r", "\r"] {
+            std::thread::sleep(std::time::Duration::from_millis(700));
+            stdin.write_all(keys.as_bytes()).unwrap();
+            stdin.flush().unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+    });
+    typing.join().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(screen.contains("Project directory") && screen.contains("Target"), "{screen}");
+    assert!(t.path().join("tty-demo/mcpay.toml").exists(), "{screen}");
+    assert!(read(t.path().join("tty-demo/mcpay.toml")).contains("target = \"worker\""));
+}
