@@ -33,6 +33,20 @@ pub fn default_manifest() -> &'static str {
         .expect("templates/shared/mcpay.toml is embedded")
 }
 
+/// Targets built on another target's tree: the base's files come first and the target's own files
+/// override them (the `mpp` gateway is the `worker` gateway plus payments and a sandbox).
+const EXTENDS: &[(&str, &str)] = &[("mpp", "worker")];
+
+/// The template folders of a target, base first.
+fn layers_of(target: &str) -> Vec<&str> {
+    let mut chain = vec![target];
+    while let Some((_, base)) = EXTENDS.iter().find(|(t, _)| t == chain.last().unwrap()) {
+        chain.push(base);
+    }
+    chain.reverse();
+    chain
+}
+
 /// Targets that have templates.
 pub fn available_targets() -> Vec<&'static str> {
     TEMPLATES
@@ -54,11 +68,12 @@ fn all_files<'a>(dir: &'a Dir<'a>, out: &mut Vec<&'a File<'a>>) {
 /// The template files of a target: (path inside the target's tree, file), target files overriding
 /// shared ones.
 fn target_files(target: &str) -> Result<Vec<(String, &'static File<'static>)>> {
-    let root = TEMPLATES
-        .get_dir(target)
-        .ok_or_else(|| anyhow!("no templates for target {target:?}"))?;
+    let mut layers = vec![TEMPLATES.get_dir("shared").expect("shared templates")];
+    for name in layers_of(target) {
+        layers.push(TEMPLATES.get_dir(name).ok_or_else(|| anyhow!("no templates for target {name:?}"))?);
+    }
     let mut files: Vec<(String, &'static File<'static>)> = Vec::new();
-    for base in [TEMPLATES.get_dir("shared").expect("shared templates"), root] {
+    for base in layers {
         let mut found = Vec::new();
         all_files(base, &mut found);
         for f in found {
@@ -230,6 +245,12 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn layers() {
+        assert_eq!(layers_of("worker"), ["worker"]);
+        assert_eq!(layers_of("mpp"), ["worker", "mpp"]);
     }
 
     #[test]
