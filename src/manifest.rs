@@ -31,7 +31,66 @@ pub struct Manifest {
     pub signup: Signup,
     #[serde(default)]
     pub endpoints: IndexMap<String, Endpoint>,
+    /// Settings of the `mpp` target (ignored by the others).
+    #[serde(default)]
+    pub mpp: Mpp,
 }
+
+/// Payment methods the `mpp` target can offer, as `method/intent`.
+pub const MPP_METHODS: &[&str] = &["tempo/charge", "tempo/session", "stripe/charge"];
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Mpp {
+    /// The MPP realm; empty = the host the gateway is served on.
+    pub realm: String,
+    /// Methods offered in every 402 (one WWW-Authenticate header each).
+    pub methods: Vec<String>,
+    /// Price of one `execute_code` run.
+    pub execute_price_mcents: u64,
+    /// Largest accepted `code`, in bytes.
+    pub max_code_bytes: u64,
+    /// Wall-clock limit of one run.
+    pub timeout_ms: u64,
+    /// CPU limit of one run (enforced by Cloudflare in production).
+    pub cpu_ms: u64,
+    /// How long a challenge stays payable.
+    pub challenge_ttl_seconds: u64,
+}
+
+impl Default for Mpp {
+    fn default() -> Self {
+        Mpp {
+            realm: String::new(),
+            methods: vec!["tempo/charge".into()],
+            execute_price_mcents: 1_000,
+            max_code_bytes: 65_536,
+            timeout_ms: 5_000,
+            cpu_ms: 50,
+            challenge_ttl_seconds: 300,
+        }
+    }
+}
+
+/// The `[mpp]` table a new mpp project starts with, documented.
+pub const MPP_SECTION: &str = r#"
+[mpp]
+# Machine Payments Protocol settings (https://paymentauth.org): agents pay per call, no account.
+# The realm in challenges; empty = the host the gateway is served on.
+realm = ""
+# Methods offered in every 402, one WWW-Authenticate header each: "tempo/charge", "tempo/session",
+# "stripe/charge". Each needs its secrets (see README.md).
+methods = ["tempo/charge"]
+# Price of one execute_code run (1,000 mcents = 1 cent).
+execute_price_mcents = 1_000
+# Largest accepted code, in bytes.
+max_code_bytes = 65_536
+# Wall-clock limit of one run, and its CPU limit (CPU is enforced by Cloudflare in production).
+timeout_ms = 5_000
+cpu_ms = 50
+# How long a challenge stays payable.
+challenge_ttl_seconds = 300
+"#;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -189,6 +248,23 @@ impl Manifest {
         if s.enabled && s.scopes.is_empty() {
             out.push("signup.scopes: a signup key needs at least one scope (default deny)".into());
         }
+        let p = &self.mpp;
+        if p.realm.len() > 253 || p.realm.contains(|c: char| c == '"' || c == '\\' || c.is_control()) {
+            out.push("mpp.realm: a host name (at most 253 characters, no quotes or backslashes)".into());
+        }
+        if p.methods.is_empty() {
+            out.push(format!("mpp.methods: offer at least one of {}", MPP_METHODS.join(", ")));
+        }
+        for m in &p.methods {
+            if !MPP_METHODS.contains(&m.as_str()) {
+                out.push(format!("mpp.methods: unknown method {m:?}; use {}", MPP_METHODS.join(", ")));
+            }
+        }
+        range(&mut out, "mpp.execute_price_mcents", p.execute_price_mcents, 1, MAX_PRICE_MCENTS);
+        range(&mut out, "mpp.max_code_bytes", p.max_code_bytes, 16, 1024 * 1024);
+        range(&mut out, "mpp.timeout_ms", p.timeout_ms, 10, 300_000);
+        range(&mut out, "mpp.cpu_ms", p.cpu_ms, 1, 300_000);
+        range(&mut out, "mpp.challenge_ttl_seconds", p.challenge_ttl_seconds, 10, 86_400);
         out
     }
 

@@ -57,6 +57,9 @@ pub fn run(args: &NewArgs, ui: &Ui) -> Result<()> {
     };
     ensure_target_available(&target)?;
 
+    if target == "mpp" && doc.get("mpp").is_none() {
+        doc = parse_doc(&format!("{}{}", doc, manifest::MPP_SECTION), &origin)?;
+    }
     manifest::set_dotted(&mut doc, "project.name", &toml_string(&name))?;
     manifest::set_dotted(&mut doc, "project.target", &toml_string(&target))?;
     for define in &args.defines {
