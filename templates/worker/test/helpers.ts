@@ -4,6 +4,7 @@ import { env, exports } from "cloudflare:workers";
 import { CALL_TYPES, GATEWAY, PRICE_MCENTS, SAMPLE_INPUT, SCOPE_FOR, type CallType, type Scope } from "../src/generated/manifest";
 import { generateApiKey, generateKeyId, sha256Hex } from "../src/lib/keys";
 import type { AppEnv } from "../src/lib/env";
+import type { LedgerEntry } from "../src/lib/key-do";
 
 export const BASE = "https://gateway.test";
 export const testEnv = env as AppEnv;
@@ -93,15 +94,7 @@ export async function getMe(key: string): Promise<MeBody> {
   return (await res.json()) as MeBody;
 }
 
-export interface LedgerRow {
-  seq: number;
-  ts: number;
-  kind: "mint" | "charge" | "refund";
-  endpoint: string | null;
-  amount_mcents: number;
-  balance_after: number;
-  request_id: string;
-}
+export type LedgerRow = LedgerEntry;
 
 export async function getLedger(key: string, limit = 500): Promise<LedgerRow[]> {
   const res = await fetchSelf(`/v1/me/ledger?limit=${limit}`, { headers: { Authorization: `Bearer ${key}` } });

@@ -15,15 +15,7 @@ export interface LeaderboardReport {
   rev: number;
 }
 
-export interface LeaderboardEntry {
-  rank: number;
-  key_id: string;
-  name: string | null;
-  xp: number;
-  level: number;
-  badges: string[];
-  calls: number;
-}
+export type LeaderboardEntry = Omit<LeaderboardReport, "rev"> & { rank: number };
 
 const KEY_ID = /^k_[0-9a-f]{16}$/;
 const MAX_BATCH = 1000;
