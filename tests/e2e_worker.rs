@@ -3,15 +3,12 @@
 //! pay for a call over real HTTP. Needs Node.js >= 20 and npm, and fails (never skips) without them.
 //! Run with `cargo test -- --include-ignored` (as .ci/run does).
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-fn cli() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_create-mcpay"))
-}
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::*;
 
 /// Environment that keeps wrangler and npm offline-friendly and quiet in CI.
 fn node_cmd(program: &str, dir: &Path, xdg: &Path) -> Command {
@@ -34,13 +31,6 @@ fn npm(dir: &Path, xdg: &Path, args: &[&str]) {
     let mut c = node_cmd("npm", dir, xdg);
     c.args(args);
     run(c, &format!("npm {}", args.join(" ")));
-}
-
-fn run(mut c: Command, what: &str) {
-    let started = Instant::now();
-    let status = c.status().unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
-    assert!(status.success(), "{what} failed ({status})");
-    eprintln!("e2e: {what} ok in {:.1}s", started.elapsed().as_secs_f64());
 }
 
 fn require_node() {
@@ -110,17 +100,7 @@ fn worker_project_installs_typechecks_and_passes_its_own_tests() {
     assert!(body.contains("\"balance_mcents\":750"), "{body}");
 
     // The whole attack suite, with nothing left out.
-    let out = cli()
-        .args(["audit", &format!("http://127.0.0.1:{port}"), "--admin-key", ADMIN])
-        .args(["--failing-call", r#"mytool={"query":"fail"}"#])
-        .args(["--unconfigured-url", &format!("http://127.0.0.1:{bare_port}")])
-        .args(["--color", "never"])
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{report}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "audit failed against the worker");
-    assert!(report.contains(" 0 failed, 0 not applicable"), "every scenario must apply to the worker: {report}");
+    audit(port, ADMIN, r#"mytool={"query":"fail"}"#, bare_port);
     drop(server);
     drop(bare);
 }
@@ -142,8 +122,6 @@ export const handler: Handler<MytoolInput> = {
 fn wrangler_dev(dir: &Path, xdg: &Path, port: u16, admin: Option<&str>, state: &Path) -> Server {
     let wrangler = dir.join("node_modules/.bin/wrangler");
     let mut dev = node_cmd(wrangler.to_str().unwrap(), dir, xdg);
-    // Its own process group, so that stopping it stops workerd too.
-    std::os::unix::process::CommandExt::process_group(&mut dev, 0);
     dev.args(["dev", "--ip", "127.0.0.1", "--port", &port.to_string()])
         .arg("--persist-to")
         .arg(state)
@@ -153,89 +131,5 @@ fn wrangler_dev(dir: &Path, xdg: &Path, port: u16, admin: Option<&str>, state: &
     if let Some(key) = admin {
         dev.args(["--var", &format!("ADMIN_KEY:{key}")]);
     }
-    Server(dev.spawn().expect("start wrangler dev"))
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let group = format!("-{}", self.0.id());
-        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn wait_ready(port: u16, server: &Server) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            if let Ok((200, _, _)) = std::panic::catch_unwind(|| http(port, "GET", "/v1/health", &[], "")) {
-                return;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    let _ = server;
-    panic!("wrangler dev did not answer /v1/health on port {port} within 60 s");
-}
-
-/// A minimal HTTP/1.1 client (Connection: close), enough for these checks.
-fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if !body.is_empty() {
-        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status: u16 = head.split_whitespace().nth(1).unwrap_or("0").parse().unwrap_or(0);
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
-    (status, head.to_string(), body)
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-fn header(head: &str, name: &str) -> Option<String> {
-    head.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
-    })
-}
-
-fn json_str(body: &str, key: &str) -> String {
-    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
-    v[key].as_str().unwrap_or_else(|| panic!("no {key} in {body}")).to_string()
+    Server::spawn(dev)
 }

@@ -1,0 +1,128 @@
+//! Helpers shared by the end-to-end tests: the CLI binary, processes that are stopped with their
+//! children, and a minimal HTTP/1.1 client.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+pub fn cli() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_create-mcpay"))
+}
+
+/// Runs a command to completion; panics with `what` when it fails.
+pub fn run(mut c: Command, what: &str) {
+    let started = Instant::now();
+    let status = c.status().unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    assert!(status.success(), "{what} failed ({status})");
+    eprintln!("e2e: {what} ok in {:.1}s", started.elapsed().as_secs_f64());
+}
+
+/// Runs the audit against a gateway; every scenario must pass and none may be left out.
+pub fn audit(port: u16, admin: &str, failing_call: &str, bare_port: u16) {
+    let out = cli()
+        .args(["audit", &format!("http://127.0.0.1:{port}"), "--admin-key", admin])
+        .args(["--failing-call", failing_call])
+        .args(["--unconfigured-url", &format!("http://127.0.0.1:{bare_port}")])
+        .args(["--color", "never"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{report}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the audit failed");
+    assert!(report.contains(" 0 failed, 0 not applicable"), "every scenario must apply: {report}");
+}
+
+/// A spawned server in its own process group; dropping it stops the whole group.
+pub struct Server(pub Child);
+
+impl Server {
+    /// Spawns `c` in a new process group.
+    pub fn spawn(mut c: Command) -> Server {
+        std::os::unix::process::CommandExt::process_group(&mut c, 0);
+        Server(c.spawn().expect("start the server"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.0.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn wait_ready(port: u16, server: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if let Ok((200, _, _)) = std::panic::catch_unwind(|| http(port, "GET", "/v1/health", &[], "")) {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let _ = server;
+    panic!("wrangler dev did not answer /v1/health on port {port} within 60 s");
+}
+
+/// A minimal HTTP/1.1 client (Connection: close), enough for these checks.
+pub fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() {
+        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status: u16 = head.split_whitespace().nth(1).unwrap_or("0").parse().unwrap_or(0);
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
+    (status, head.to_string(), body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+pub fn header(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+    })
+}
+
+pub fn json_str(body: &str, key: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    v[key].as_str().unwrap_or_else(|| panic!("no {key} in {body}")).to_string()
+}
