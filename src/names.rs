@@ -5,7 +5,7 @@
 /// Routes and words the gateway itself uses, so an endpoint cannot shadow them.
 pub const RESERVED_ENDPOINTS: &[&str] = &[
     "admin", "health", "pricing", "me", "leaderboard", "signup", "mcp", "execute", "openapi",
-    "well_known", "docs", "status", "metrics", "ledger", "keys", "internal",
+    "well_known", "docs", "status", "metrics", "ledger", "keys", "internal", "execute_code", "pay",
 ];
 
 /// Rust and TypeScript/JavaScript reserved words: endpoint names become module and identifier names.
@@ -186,7 +186,7 @@ mod tests {
         for ok in ["example", "mytool", "search_v2"] {
             assert!(check_endpoint_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "My-Tool", "9x", "admin", "health", "type", "delete", "a".repeat(33).as_str()] {
+        for bad in ["", "My-Tool", "9x", "admin", "health", "type", "delete", "execute_code", "pay", "a".repeat(33).as_str()] {
             assert!(check_endpoint_name(bad).is_err(), "{bad}");
         }
         assert!(check_endpoint_name("My-Tool").unwrap_err().contains("\"my_tool\""));

@@ -43,6 +43,17 @@ pub struct EndpointSpec {
     pub input: Vec<Field>,
     /// A body that passes the input shape, for generated tests and docs.
     pub sample: Value,
+    /// Set for an endpoint the target itself provides (its handler is part of the target, not a
+    /// user file): where the handler is exported from.
+    pub builtin: Option<Builtin>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Builtin {
+    /// Module path, relative to the generated handler registry.
+    pub module: &'static str,
+    /// The exported handler's name.
+    pub export: &'static str,
 }
 
 impl Spec {
@@ -76,9 +87,18 @@ impl Spec {
                         .unwrap_or(m.gateway.default_rate_limit_per_minute),
                     input,
                     sample: Value::Object(sample),
+                    builtin: None,
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let mut endpoints = endpoints;
+        let mut scopes = m.scopes();
+        for ep in builtin_endpoints(m) {
+            if !scopes.contains(&ep.scope) {
+                scopes.push(ep.scope.clone());
+            }
+            endpoints.push(ep);
+        }
         Spec {
             project: ProjectSpec {
                 name: m.project.name.clone(),
@@ -88,13 +108,40 @@ impl Spec {
             },
             gateway: m.gateway.clone(),
             signup: m.signup.clone(),
-            scopes: m.scopes(),
+            scopes,
             endpoints,
             mpp: m.mpp.clone(),
             header: GENERATED_HEADER,
         }
     }
 }
+
+/// Endpoints a target provides itself, after the manifest's own: the `mpp` target sells
+/// `execute_code` (sandboxed JavaScript) to prepaid keys too, priced by `[mpp]`.
+fn builtin_endpoints(m: &Manifest) -> Vec<EndpointSpec> {
+    if m.project.target != "mpp" {
+        return Vec::new();
+    }
+    let price = m.mpp.execute_price_mcents;
+    vec![EndpointSpec {
+        name: BUILTIN_EXECUTE.into(),
+        pascal: "ExecuteCode".into(),
+        price_mcents: price,
+        xp: manifest::default_xp(price),
+        scope: BUILTIN_EXECUTE.into(),
+        description: "Run JavaScript in an isolated sandbox (no network, no secrets, CPU and time limits)".into(),
+        rate_limit_per_minute: m.gateway.default_rate_limit_per_minute,
+        input: vec![
+            Field { name: "code".into(), ty: "string".into(), required: true },
+            Field { name: "input".into(), ty: "object".into(), required: false },
+        ],
+        sample: json!({"code": "return { sum: input.a + input.b };", "input": {"a": 1, "b": 2}}),
+        builtin: Some(Builtin { module: "../mpp/execute-handler", export: "executeHandler" }),
+    }]
+}
+
+/// The name of the mpp target's built-in endpoint (reserved in every manifest).
+pub const BUILTIN_EXECUTE: &str = "execute_code";
 
 /// A JSON value of a manifest field type (used for generated samples and by the audit).
 pub fn sample_value(ty: &str) -> Value {

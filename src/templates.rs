@@ -171,7 +171,7 @@ pub fn render(spec: &Spec, manifest_text: &str) -> Result<Plan> {
         let kind = kind_of(&rel);
         let out = output_path(&rel);
         if kind == FileKind::Handler {
-            for ep in &spec.endpoints {
+            for ep in spec.endpoints.iter().filter(|ep| ep.builtin.is_none()) {
                 let mut ctx = base.clone();
                 ctx.insert("endpoint", ep);
                 files.push(PlannedFile {
@@ -236,6 +236,7 @@ mod tests {
                 let plan = render(&spec, &doc.to_string())
                     .unwrap_or_else(|e| panic!("{} with target {target}: {e:#}", path.display()));
                 let handlers = plan.files.iter().filter(|f| f.kind == FileKind::Handler).count();
+                assert!(spec.endpoints.len() >= m.endpoints.len());
                 assert_eq!(handlers, m.endpoints.len(), "one handler per endpoint");
                 for f in &plan.files {
                     let text = String::from_utf8_lossy(&f.contents);

@@ -185,18 +185,19 @@ fn yes_without_a_directory_uses_my_api() {
 }
 
 #[test]
-fn targets_not_yet_available_are_refused_clearly() {
+fn every_target_generates_and_unknown_targets_are_refused() {
     let t = tmp();
-    for target in ["axum", "mpp"] {
-        bin()
-            .arg(t.path().join("demo"))
-            .args(["-y", "-t", target])
-            .assert()
-            .failure()
-            .stderr(contains(format!("the \"{target}\" target is not yet available")));
+    for (target, marker) in [("worker", "wrangler.jsonc"), ("axum", "Cargo.toml"), ("mpp", "src/mpp/sandbox.ts")] {
+        let dir = t.path().join(format!("demo-{target}"));
+        new_project(&dir, &["-t", target]);
+        assert!(dir.join(marker).exists(), "{target}: no {marker}");
+        assert!(read(dir.join("mcpay.toml")).contains(&format!("target = \"{target}\"")));
+        bin().current_dir(&dir).arg("check").assert().success();
     }
-    bin().arg(t.path().join("demo")).args(["-y", "-t", "lambda"]).assert().failure().code(2);
-    assert_eq!(fs::read_dir(t.path()).unwrap().count(), 0);
+    assert!(read(t.path().join("demo-mpp/mcpay.toml")).contains("[mpp]"), "mpp projects get their [mpp] table");
+    assert!(!read(t.path().join("demo-worker/mcpay.toml")).contains("[mpp]"));
+    bin().arg(t.path().join("x")).args(["-y", "-t", "lambda"]).assert().failure().code(2).stderr(contains("worker"));
+    assert!(!t.path().join("x").exists());
 }
 
 #[test]

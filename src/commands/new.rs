@@ -176,9 +176,19 @@ fn next_steps(ui: &Ui, dir: &Path, target: &str) {
             ui.plain("  npx wrangler secret put ADMIN_KEY && npm run deploy");
             ui.plain("  create-mcpay add-endpoint mytool --price 250   # sell another endpoint");
         }
+        "axum" => {
+            ui.plain(&format!("  cd {cd}"));
+            ui.plain("  ADMIN_KEY=$(openssl rand -hex 32) cargo run   # SQLite file, nothing else needed");
+            ui.plain("  cargo test                               # its own suite (TEST_DATABASE_URL/TEST_REDIS_URL add Postgres + Redis)");
+            ui.plain("  create-mcpay add-endpoint mytool --price 250   # sell another endpoint");
+        }
         _ => {
             ui.plain(&format!("  cd {cd}"));
-            ui.plain("  see README.md");
+            ui.plain("  npm install");
+            ui.plain("  npm test                                 # payments over HTTP and MCP, sandbox, prepaid keys, in workerd");
+            ui.plain("  cp .dev.vars.example .dev.vars && npm run dev");
+            ui.plain("  npx wrangler secret put MPP_SECRET_KEY && npx wrangler secret put TEMPO_RECIPIENT");
+            ui.plain("  create-mcpay add-endpoint mytool --price 250   # another paid tool");
         }
     }
 }

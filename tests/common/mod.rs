@@ -2,6 +2,8 @@
 //! children, and a minimal HTTP/1.1 client.
 #![allow(dead_code)]
 
+pub mod node;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command};

@@ -1,0 +1,72 @@
+//! Configuration from the environment.
+
+use std::net::{IpAddr, SocketAddr};
+
+use crate::generated::PROJECT_NAME;
+
+#[derive(Clone)]
+pub struct Config {
+    /// ADMIN_KEY: enables POST /v1/admin/mint. Unset or empty: the admin API answers 503.
+    pub admin_key: Option<String>,
+    /// DATABASE_URL: `sqlite:PATH` (default `sqlite:<project>.db`, created on first run) or
+    /// `postgres://user:pass@host/db`.
+    pub database_url: String,
+    /// REDIS_URL: share rate limits between instances. Unset: in-process limits.
+    pub redis_url: Option<String>,
+    /// REDIS_PREFIX: namespace of this gateway's Redis keys (default `mcpay:<project>:`).
+    pub redis_prefix: String,
+    /// BIND (host, or host:port) and PORT. Default 127.0.0.1:8080.
+    pub bind: SocketAddr,
+}
+
+// Never print secrets: Debug shows whether they are set, not their values.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("admin_key", &self.admin_key.as_ref().map(|_| "<set>"))
+            .field("database", &redact_url(&self.database_url))
+            .field("redis", &self.redis_url.as_deref().map(redact_url))
+            .field("bind", &self.bind)
+            .finish()
+    }
+}
+
+/// `scheme://user:password@host/db` → `scheme://host/db`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+fn non_empty(name: &str) -> Option<String> {
+    std::env::var(name).ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+}
+
+impl Config {
+    pub fn from_env() -> Result<Config, String> {
+        let port: u16 = match non_empty("PORT") {
+            Some(p) => p.parse().map_err(|_| format!("PORT={p:?} is not a port number"))?,
+            None => 8080,
+        };
+        let bind = match non_empty("BIND") {
+            None => SocketAddr::new(IpAddr::from([127, 0, 0, 1]), port),
+            Some(b) => match b.parse::<SocketAddr>() {
+                Ok(addr) => addr,
+                Err(_) => {
+                    let ip: IpAddr = b.trim_matches(['[', ']']).parse().map_err(|_| {
+                        format!("BIND={b:?} is neither an IP address nor IP:PORT (e.g. 0.0.0.0 or 0.0.0.0:8080)")
+                    })?;
+                    SocketAddr::new(ip, port)
+                }
+            },
+        };
+        Ok(Config {
+            admin_key: std::env::var("ADMIN_KEY").ok().filter(|k| !k.is_empty()),
+            database_url: non_empty("DATABASE_URL").unwrap_or_else(|| format!("sqlite:{PROJECT_NAME}.db")),
+            redis_url: non_empty("REDIS_URL"),
+            redis_prefix: non_empty("REDIS_PREFIX").unwrap_or_else(|| format!("mcpay:{PROJECT_NAME}:")),
+            bind,
+        })
+    }
+}

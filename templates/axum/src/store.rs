@@ -1,0 +1,404 @@
+//! Storage through sqlx: a SQLite file (WAL) by default, PostgreSQL when the URL says so.
+//! Every statement is one SQL string that both backends run (`$1` placeholders); the schema
+//! lives in migrations/sqlite and migrations/postgres, embedded and applied at start.
+//!
+//! Money moves only inside transactions that begin with a write to the key's row, so
+//! concurrent requests on one key serialize on that row (PostgreSQL row lock, SQLite write
+//! lock) and a charge is one conditional update: `balance >= price` or nothing happens.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, SqlitePool};
+
+pub type DbResult<T> = Result<T, sqlx::Error>;
+
+const HOUR_MS: i64 = 3_600_000;
+
+#[derive(Clone, Debug)]
+pub enum Store {
+    /// SQLite has one writer at a time: writes go through a one-connection pool, so they queue
+    /// in-process instead of spinning on the file lock; reads use the larger pool (WAL).
+    Sqlite { read: SqlitePool, write: SqlitePool },
+    Postgres(PgPool),
+}
+
+/// Runs the same block for either backend (`$p` is the pool, the body is compiled per backend).
+macro_rules! with_pool {
+    ($self:expr, $p:ident => $body:expr) => {
+        match $self {
+            Store::Sqlite { read: $p, .. } => $body,
+            Store::Postgres($p) => $body,
+        }
+    };
+}
+
+/// As `with_pool!`, for transactions that write.
+macro_rules! with_writer {
+    ($self:expr, $p:ident => $body:expr) => {
+        match $self {
+            Store::Sqlite { write: $p, .. } => $body,
+            Store::Postgres($p) => $body,
+        }
+    };
+}
+
+/// Inserts a key and its 'mint' ledger row inside the transaction `$tx`.
+macro_rules! insert_key {
+    ($tx:ident, $k:expr, $now:expr) => {{
+        let k = $k;
+        let scopes = serde_json::to_string(k.scopes).unwrap_or_else(|_| "[]".into());
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO api_keys (key_hash, key_id, name, balance, scopes, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        )
+        .bind(k.key_hash)
+        .bind(k.key_id)
+        .bind(k.name)
+        .bind(k.balance_mcents)
+        .bind(scopes)
+        .bind($now)
+        .fetch_one(&mut *$tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO ledger (key_ref, ts, kind, endpoint, amount_mcents, balance_after, request_id) \
+             VALUES ($1, $2, 'mint', NULL, $3, $3, $4)",
+        )
+        .bind(id)
+        .bind($now)
+        .bind(k.balance_mcents)
+        .bind(k.request_id)
+        .execute(&mut *$tx)
+        .await?;
+    }};
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct KeyRow {
+    pub id: i64,
+    pub key_id: String,
+    pub name: Option<String>,
+    pub balance: i64,
+    pub scopes: String,
+    pub xp: i64,
+    pub calls: i64,
+    pub spent: i64,
+    pub refunded: i64,
+}
+
+impl KeyRow {
+    pub fn scope_list(&self) -> Vec<String> {
+        serde_json::from_str(&self.scopes).unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct LedgerEntry {
+    pub seq: i64,
+    pub ts: i64,
+    pub kind: String,
+    pub endpoint: Option<String>,
+    pub amount_mcents: i64,
+    pub balance_after: i64,
+    pub request_id: String,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RankRow {
+    pub key_id: String,
+    pub name: Option<String>,
+    pub xp: i64,
+    pub calls: i64,
+    pub spent: i64,
+}
+
+/// A key to create (the hash of its secret, never the secret).
+#[derive(Debug, Clone)]
+pub struct NewKey<'a> {
+    pub key_hash: &'a str,
+    pub key_id: &'a str,
+    pub name: Option<&'a str>,
+    pub balance_mcents: i64,
+    pub scopes: &'a [String],
+    pub request_id: &'a str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MintOutcome {
+    Created,
+    /// The hourly admin mint budget is spent; retry after this many seconds.
+    Limited { retry_after_seconds: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChargeOutcome {
+    Charged { balance_mcents: i64 },
+    Insufficient { balance_mcents: i64 },
+    UnknownKey,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settlement {
+    pub refunded: bool,
+    pub balance_mcents: i64,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+impl Store {
+    /// Connects to `url` (`sqlite:PATH` / `sqlite://PATH`, or `postgres://…`) and applies the
+    /// embedded migrations. A SQLite file is created on first run.
+    pub async fn connect(url: &str) -> Result<Store, sqlx::Error> {
+        if is_postgres_url(url) {
+            Store::connect_postgres(PgConnectOptions::from_str(url)?, 16).await
+        } else if url.starts_with("sqlite:") {
+            Store::connect_sqlite(SqliteConnectOptions::from_str(url)?, 8).await
+        } else {
+            Err(sqlx::Error::Configuration(
+                "DATABASE_URL must start with sqlite: or postgres:// (or postgresql://)".into(),
+            ))
+        }
+    }
+
+    pub async fn connect_sqlite(opts: SqliteConnectOptions, max_connections: u32) -> Result<Store, sqlx::Error> {
+        let opts = opts
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(opts.clone())
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&write).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(opts)
+            .await?;
+        Ok(Store::Sqlite { read, write })
+    }
+
+    pub async fn connect_postgres(opts: PgConnectOptions, max_connections: u32) -> Result<Store, sqlx::Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(opts)
+            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(Store::Postgres(pool))
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Sqlite { .. } => "sqlite",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+
+    pub async fn close(&self) {
+        with_pool!(self, p => p.close().await);
+        with_writer!(self, p => p.close().await);
+    }
+
+    /// Creates a key with its 'mint' ledger row. No admin mint limit (see [`Store::admin_mint`]).
+    pub async fn create_key(&self, k: &NewKey<'_>) -> DbResult<()> {
+        with_writer!(self, p => {
+            let mut tx = p.begin().await?;
+            insert_key!(tx, k, now_ms());
+            tx.commit().await
+        })
+    }
+
+    /// The admin mint: checks the hourly budget (shared by every instance on this database) and
+    /// creates the key, in one transaction.
+    pub async fn admin_mint(&self, k: &NewKey<'_>, mints_per_hour: u32) -> DbResult<MintOutcome> {
+        let now = now_ms();
+        with_writer!(self, p => {
+            let mut tx = p.begin().await?;
+            // Write first: takes the lock that serializes mints.
+            sqlx::query("UPDATE gateway_lock SET mints = mints + 1 WHERE id = 1").execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM admin_mints WHERE ts <= $1").bind(now - HOUR_MS).execute(&mut *tx).await?;
+            let (n, oldest): (i64, Option<i64>) =
+                sqlx::query_as("SELECT COUNT(*), MIN(ts) FROM admin_mints").fetch_one(&mut *tx).await?;
+            if n >= i64::from(mints_per_hour) {
+                tx.rollback().await?;
+                let wait_ms = oldest.unwrap_or(now) + HOUR_MS - now;
+                return Ok(MintOutcome::Limited { retry_after_seconds: ceil_seconds(wait_ms) });
+            }
+            sqlx::query("INSERT INTO admin_mints (ts) VALUES ($1)").bind(now).execute(&mut *tx).await?;
+            insert_key!(tx, k, now);
+            tx.commit().await?;
+            Ok(MintOutcome::Created)
+        })
+    }
+
+    pub async fn find_key(&self, key_hash: &str) -> DbResult<Option<KeyRow>> {
+        with_pool!(self, p => {
+            sqlx::query_as::<_, KeyRow>(
+                "SELECT id, key_id, name, balance, scopes, xp, calls, spent, refunded FROM api_keys WHERE key_hash = $1",
+            )
+            .bind(key_hash)
+            .fetch_optional(p)
+            .await
+        })
+    }
+
+    /// Charges one call: one conditional update (balance >= price) and its ledger row, atomically.
+    pub async fn charge(&self, key_ref: i64, endpoint: &str, price: i64, xp: i64, request_id: &str) -> DbResult<ChargeOutcome> {
+        let now = now_ms();
+        with_writer!(self, p => {
+            let mut tx = p.begin().await?;
+            let updated: Option<i64> = sqlx::query_scalar(
+                "UPDATE api_keys SET balance = balance - $1, xp = xp + $2, calls = calls + 1, spent = spent + $1, active = 1 \
+                 WHERE id = $3 AND balance >= $1 RETURNING balance",
+            )
+            .bind(price)
+            .bind(xp)
+            .bind(key_ref)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(balance) = updated else {
+                let current: Option<i64> = sqlx::query_scalar("SELECT balance FROM api_keys WHERE id = $1")
+                    .bind(key_ref)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                tx.rollback().await?;
+                return Ok(match current {
+                    Some(b) => ChargeOutcome::Insufficient { balance_mcents: b },
+                    None => ChargeOutcome::UnknownKey,
+                });
+            };
+            sqlx::query(
+                "INSERT INTO ledger (key_ref, ts, kind, endpoint, amount_mcents, balance_after, request_id) \
+                 VALUES ($1, $2, 'charge', $3, $4, $5, $6)",
+            )
+            .bind(key_ref)
+            .bind(now)
+            .bind(endpoint)
+            .bind(-price)
+            .bind(balance)
+            .bind(request_id)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(ChargeOutcome::Charged { balance_mcents: balance })
+        })
+    }
+
+    /// After a charged call's handler failed: takes back the call's XP and call count, and
+    /// refunds the charge unless the key already had `cap` refunds in the last rolling hour.
+    pub async fn settle_failure(
+        &self,
+        key_ref: i64,
+        endpoint: &str,
+        price: i64,
+        xp: i64,
+        request_id: &str,
+        cap: u32,
+    ) -> DbResult<Settlement> {
+        let now = now_ms();
+        with_writer!(self, p => {
+            let mut tx = p.begin().await?;
+            // Write first: locks the key's row so concurrent refunds see each other.
+            let balance: i64 = sqlx::query_scalar(
+                "UPDATE api_keys SET xp = CASE WHEN xp >= $1 THEN xp - $1 ELSE 0 END, \
+                 calls = CASE WHEN calls >= 1 THEN calls - 1 ELSE 0 END WHERE id = $2 RETURNING balance",
+            )
+            .bind(xp)
+            .bind(key_ref)
+            .fetch_one(&mut *tx)
+            .await?;
+            let recent: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM ledger WHERE key_ref = $1 AND kind = 'refund' AND ts > $2",
+            )
+            .bind(key_ref)
+            .bind(now - HOUR_MS)
+            .fetch_one(&mut *tx)
+            .await?;
+            if recent >= i64::from(cap) || price <= 0 {
+                tx.commit().await?;
+                return Ok(Settlement { refunded: false, balance_mcents: balance });
+            }
+            let balance: i64 = sqlx::query_scalar(
+                "UPDATE api_keys SET balance = balance + $1, refunded = refunded + $1, spent = spent - $1 \
+                 WHERE id = $2 RETURNING balance",
+            )
+            .bind(price)
+            .bind(key_ref)
+            .fetch_one(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO ledger (key_ref, ts, kind, endpoint, amount_mcents, balance_after, request_id) \
+                 VALUES ($1, $2, 'refund', $3, $4, $5, $6)",
+            )
+            .bind(key_ref)
+            .bind(now)
+            .bind(endpoint)
+            .bind(price)
+            .bind(balance)
+            .bind(request_id)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(Settlement { refunded: true, balance_mcents: balance })
+        })
+    }
+
+    /// Newest first.
+    pub async fn ledger(&self, key_ref: i64, limit: i64) -> DbResult<Vec<LedgerEntry>> {
+        with_pool!(self, p => {
+            sqlx::query_as::<_, LedgerEntry>(
+                "SELECT seq, ts, kind, endpoint, amount_mcents, balance_after, request_id FROM ledger \
+                 WHERE key_ref = $1 ORDER BY seq DESC LIMIT $2",
+            )
+            .bind(key_ref)
+            .bind(limit)
+            .fetch_all(p)
+            .await
+        })
+    }
+
+    /// Keys that have been charged at least once, by XP (ties: more calls, then key_id).
+    pub async fn leaderboard(&self, limit: i64) -> DbResult<Vec<RankRow>> {
+        with_pool!(self, p => {
+            sqlx::query_as::<_, RankRow>(
+                "SELECT key_id, name, xp, calls, spent FROM api_keys WHERE active = 1 \
+                 ORDER BY xp DESC, calls DESC, key_id ASC LIMIT $1",
+            )
+            .bind(limit)
+            .fetch_all(p)
+            .await
+        })
+    }
+
+    /// Sum of a key's ledger amounts (equals its balance when the books are right).
+    pub async fn ledger_sum(&self, key_ref: i64) -> DbResult<i64> {
+        with_pool!(self, p => {
+            let s: Option<i64> = sqlx::query_scalar("SELECT CAST(SUM(amount_mcents) AS BIGINT) FROM ledger WHERE key_ref = $1")
+                .bind(key_ref)
+                .fetch_one(p)
+                .await?;
+            Ok(s.unwrap_or(0))
+        })
+    }
+}
+
+fn ceil_seconds(ms: i64) -> u64 {
+    (((ms.max(0) + 999) / 1000).max(1)) as u64
+}
+

@@ -1,0 +1,198 @@
+// MCP over streamable HTTP (stateless: one server per request) with the official MCP SDK.
+// Paid tools: execute_code and every endpoint of mcpay.toml. Without payment they answer the
+// JSON-RPC error -32042 with MPP challenges (mppx's MCP SDK transport); the credential goes in
+// params._meta["org.paymentauth/credential"], the receipt comes back in
+// result._meta["org.paymentauth/receipt"]; -32043 when verification fails. Challenges are bound to
+// the tool name (opaque). A prepaid key (Authorization: Bearer) is charged like POST /v1/<tool>.
+// Free tools: "pricing" and "limits".
+import { Server } from "@modelcontextprotocol/sdk/server/index.js";
+import { WebStandardStreamableHTTPServerTransport } from "@modelcontextprotocol/sdk/server/webStandardStreamableHttp.js";
+import { CallToolRequestSchema, ErrorCode, ListToolsRequestSchema, McpError, type CallToolResult } from "@modelcontextprotocol/sdk/types.js";
+import { Credential } from "mppx";
+import { CALL_TYPES, DESCRIPTION, INPUT_SHAPE, PRICE_MCENTS, PROJECT, SCOPE_FOR, type CallType } from "../generated/manifest";
+import { FAILURE_POLICY, MPP } from "../generated/mpp";
+import { parseBearer, sha256Hex } from "../lib/keys";
+import { isCallType } from "../lib/manifest-util";
+import type { Gateway } from "./app";
+import { settleOutcome } from "./app";
+import type { MppEnv } from "./env";
+import { classifyMcp, consumePayment, payHandler, realmFor, redeemCredit } from "./pay";
+import { EXECUTE, parseCall, runTool, type RunContext } from "./tools";
+
+export const PAYMENT_REQUIRED = -32042;
+export const VERIFICATION_FAILED = -32043;
+const CREDENTIAL_META = "org.paymentauth/credential";
+
+/**
+ * A JSON-RPC error with exactly this code, message and data. (McpError prefixes its message with
+ * "MCP error <code>: "; the MPP transport spec wants e.g. message "Payment Required".)
+ */
+export class RpcError extends Error {
+  constructor(
+    readonly code: number,
+    message: string,
+    readonly data?: unknown,
+  ) {
+    super(message);
+  }
+}
+
+/** mppx's challenge (an McpError) as a spec-shaped JSON-RPC error. */
+function paymentError(err: unknown, override?: { code: number; message: string }): RpcError {
+  const e = err as { code?: number; data?: unknown };
+  const code = override?.code ?? e.code ?? PAYMENT_REQUIRED;
+  const message =
+    override?.message ?? (code === PAYMENT_REQUIRED ? "Payment Required" : code === VERIFICATION_FAILED ? "Payment Verification Failed" : "Invalid payment credential");
+  return new RpcError(code, message, e.data);
+}
+
+function jsonSchemaFor(tool: CallType): Record<string, unknown> {
+  const credit = { type: "string", description: "A one-time credit from an earlier gateway-side failure (instead of paying)." };
+  if (tool === EXECUTE) {
+    return {
+      type: "object",
+      properties: {
+        code: { type: "string", description: `Body of an async JavaScript function of "input"; return a JSON value. At most ${MPP.maxCodeBytes} bytes.` },
+        input: { description: "Any JSON value, passed to the code as `input`." },
+        credit,
+      },
+      required: ["code"],
+    };
+  }
+  const properties: Record<string, unknown> = { credit };
+  const required: string[] = [];
+  for (const [name, spec] of Object.entries(INPUT_SHAPE[tool])) {
+    properties[name] = { type: spec.type };
+    if (spec.required) required.push(name);
+  }
+  return { type: "object", properties, required };
+}
+
+function pricing(): Record<string, unknown> {
+  return {
+    unit: "mcents",
+    mcents_per_cent: 1000,
+    methods: MPP.methods,
+    tools: CALL_TYPES.map((t) => ({ name: t, price_mcents: PRICE_MCENTS[t], description: DESCRIPTION[t], scope: SCOPE_FOR[t] })),
+  };
+}
+
+function limits(): Record<string, unknown> {
+  return { max_code_bytes: MPP.maxCodeBytes, timeout_ms: MPP.timeoutMs, cpu_ms: MPP.cpuMs, network: false, secrets: false, failure_policy: FAILURE_POLICY };
+}
+
+function toolResult(body: Record<string, unknown>, isError = false): CallToolResult {
+  return { content: [{ type: "text", text: JSON.stringify(body) }], structuredContent: body, ...(isError ? { isError: true } : {}) };
+}
+
+/** capabilities.experimental.payment: the methods and intents offered. */
+export function paymentCapability(): Record<string, unknown> {
+  const methods: Record<string, { intents: string[] }> = {};
+  for (const key of MPP.methods) {
+    const [name, intent] = key.split("/") as [string, string];
+    (methods[name] ??= { intents: [] }).intents.push(intent);
+  }
+  return { methods };
+}
+
+function buildServer(g: Gateway, request: Request, env: MppEnv, ctx: ExecutionContext, requestId: string): Server {
+  const server = new Server(
+    { name: PROJECT.name, version: PROJECT.version },
+    { capabilities: { tools: {}, experimental: { payment: paymentCapability() } } },
+  );
+  server.setRequestHandler(ListToolsRequestSchema, async () => ({
+    tools: [
+      ...CALL_TYPES.map((t) => ({
+        name: t,
+        description: `${DESCRIPTION[t]} Paid: ${PRICE_MCENTS[t]} mcents per call (MPP or prepaid key).`,
+        inputSchema: jsonSchemaFor(t) as { type: "object" },
+        _meta: { "org.paymentauth/price": { amount_mcents: PRICE_MCENTS[t], methods: MPP.methods } },
+      })),
+      { name: "pricing", description: "Free: prices of the paid tools and the payment methods.", inputSchema: { type: "object" as const, properties: {} } },
+      { name: "limits", description: "Free: sandbox limits and the failure policy.", inputSchema: { type: "object" as const, properties: {} } },
+    ],
+  }));
+
+  server.setRequestHandler(CallToolRequestSchema, async (req, extra) => {
+    const name = req.params.name;
+    if (name === "pricing") return toolResult(pricing());
+    if (name === "limits") return toolResult(limits());
+    if (!isCallType(name)) throw new McpError(ErrorCode.InvalidParams, `Unknown tool ${name.slice(0, 64)}`);
+    const tool: CallType = name;
+
+    // 1. Validate first: no challenge, no charge.
+    const call = await parseCall(tool, req.params.arguments ?? {}, g.options.handlers, env, requestId);
+    if (!call.ok) throw new McpError(ErrorCode.InvalidParams, call.message, { code: call.code });
+    const runCtx: RunContext = { env, requestId, request, waitUntil: (p) => ctx.waitUntil(p), keyId: "mpp", chargedMcents: 0, balanceMcents: 0 };
+
+    // 2a. Prepaid key: charged by the key's Durable Object exactly like POST /v1/<tool>.
+    const auth = request.headers.get("Authorization");
+    if (auth !== null && /^\s*bearer\s/i.test(auth)) {
+      const bearer = parseBearer(auth);
+      if (!bearer.ok) throw new McpError(ErrorCode.InvalidRequest, "Invalid API key.", { code: bearer.code });
+      const stub = env.KEYS.get(env.KEYS.idFromName(await sha256Hex(bearer.key)));
+      const charge = await stub.charge(tool, requestId);
+      if (!charge.ok) throw new McpError(ErrorCode.InvalidRequest, `Not charged: ${charge.code}.`, { ...charge, note: "no charge applied" });
+      const outcome = await runTool(tool, call.input, g.options.handlers, { ...runCtx, keyId: charge.keyId, chargedMcents: charge.chargedMcents, balanceMcents: charge.balanceMcents }, g.limits);
+      if (outcome.kind === "done") return toolResult({ ...outcome.body, charged_mcents: charge.chargedMcents, balance_mcents: charge.balanceMcents, request_id: requestId });
+      const settled = await stub.settleFailure(requestId);
+      return toolResult(
+        { ok: false, error: { code: outcome.code, message: outcome.message }, refunded: settled.refunded, balance_mcents: settled.balanceMcents, request_id: requestId },
+        true,
+      );
+    }
+
+    // 2b. A one-time credit.
+    if (call.credit !== null) {
+      if (!(await redeemCredit(env, call.credit, tool))) {
+        throw new McpError(ErrorCode.InvalidParams, "This credit is unknown, expired, already used or for another tool.", { code: "invalid_credit" });
+      }
+      const settled = await settleOutcome(env, tool, await runTool(tool, call.input, g.options.handlers, runCtx, g.limits), true);
+      return toolResult({ ...settled.body, paid_with: "credit", request_id: requestId }, !settled.ok);
+    }
+
+    // 2c. MPP over MCP.
+    const setup = g.options.payments(env);
+    if (!setup.ok) {
+      console.error(JSON.stringify({ msg: "payments not configured", problems: setup.problems }));
+      throw new McpError(ErrorCode.InternalError, "Payments are not configured on this gateway.");
+    }
+    const handler = payHandler(setup.setup, "mcp", realmFor(request), tool);
+    const result = await handler(extra);
+    if (result.status === 402) throw paymentError(result.challenge);
+    const paid = classifyMcp(result.withReceipt);
+    if (paid.kind === "management") return paid.response as CallToolResult;
+    const rawCredential = extra._meta?.[CREDENTIAL_META] as Credential.Credential | undefined;
+    if (paid.kind !== "paid" || !rawCredential) throw new McpError(ErrorCode.InternalError, "Payment could not be confirmed; nothing was run.");
+    const credential = Credential.from(rawCredential as never) as Credential.Credential;
+    if (!(await consumePayment(env, credential))) {
+      const fresh = await handler({ ...extra, _meta: {} });
+      throw paymentError(fresh.status === 402 ? fresh.challenge : {}, { code: VERIFICATION_FAILED, message: "Payment credential already used" });
+    }
+    const settled = await settleOutcome(env, tool, await runTool(tool, call.input, g.options.handlers, runCtx, g.limits), false);
+    if (!settled.ok) return toolResult({ ...settled.body, request_id: requestId }, true);
+    const body = { ...settled.body, request_id: requestId };
+    return result.withReceipt({ content: [{ type: "text", text: JSON.stringify(body) }], structuredContent: body }) as CallToolResult;
+  });
+  return server;
+}
+
+export async function handleMcp(g: Gateway, request: Request, env: MppEnv, ctx: ExecutionContext, requestId: string): Promise<Response> {
+  if (request.method.toUpperCase() !== "POST") {
+    return new Response(JSON.stringify({ jsonrpc: "2.0", error: { code: -32000, message: "Method not allowed: this MCP endpoint is stateless, use POST." }, id: null }), {
+      status: 405,
+      headers: { Allow: "POST", "Content-Type": "application/json" },
+    });
+  }
+  // Payment clients often send no Accept header; the streamable HTTP transport requires both types.
+  const accept = request.headers.get("Accept") ?? "";
+  if (!accept.includes("application/json") || !accept.includes("text/event-stream")) {
+    const headers = new Headers(request.headers);
+    headers.set("Accept", "application/json, text/event-stream");
+    request = new Request(request, { headers });
+  }
+  const server = buildServer(g, request, env, ctx, requestId);
+  const transport = new WebStandardStreamableHTTPServerTransport({ sessionIdGenerator: undefined, enableJsonResponse: true });
+  await server.connect(transport);
+  return transport.handleRequest(request);
+}

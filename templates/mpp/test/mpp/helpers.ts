@@ -1,0 +1,152 @@
+// Test-only payment plumbing. "test/charge" is a deterministic MPP method, defined here as mppx's
+// own tests define theirs (Method.from + Method.toServer): a credential pays when its payload
+// token is "paid". It exists only in the test app built below, never in src/: the production
+// app (src/index.ts) builds its methods from mcpay.toml and the environment.
+import { env } from "cloudflare:workers";
+import { createExecutionContext, waitOnExecutionContext } from "cloudflare:test";
+import { Challenge, Credential, Errors, Method, type Store, z } from "mppx";
+import { HANDLERS } from "../../src/generated/handlers";
+import { createMppApp, type MppApp } from "../../src/mpp/app";
+import type { MppEnv } from "../../src/mpp/env";
+import type { PaymentSetupResult } from "../../src/mpp/methods";
+import type { SandboxLimits } from "../../src/mpp/sandbox";
+import { durableStore } from "../../src/mpp/store";
+
+export const BASE = "https://gateway.test";
+export const REALM = "gateway.test";
+export const mppEnv = env as unknown as MppEnv;
+export const SECRET = mppEnv.MPP_SECRET_KEY!;
+
+export const testCharge = Method.from({
+  name: "test",
+  intent: "charge",
+  schema: {
+    credential: { payload: z.object({ token: z.string() }) },
+    request: z.object({ amount: z.string(), currency: z.string(), recipient: z.string() }),
+  },
+});
+
+/** Verifications performed, by challenge id (to prove what ran and what did not). */
+export const verified: string[] = [];
+
+export const testChargeServer = Method.toServer(testCharge, {
+  defaults: { currency: "usd-test", recipient: "acct-test" },
+  async verify({ credential }) {
+    if (credential.payload.token !== "paid") throw new Errors.VerificationFailedError({ reason: "test token refused" });
+    verified.push(credential.challenge.id);
+    return { method: "test", reference: `test-${credential.challenge.id}`, status: "success", timestamp: new Date().toISOString() } as const;
+  },
+});
+
+/** A second deterministic charge method, to check one challenge per offered method. */
+export const otherCharge = Method.from({
+  name: "other",
+  intent: "charge",
+  schema: { credential: { payload: z.object({ token: z.string() }) }, request: z.object({ amount: z.string() }) },
+});
+export const otherChargeServer = Method.toServer(otherCharge, {
+  async verify({ credential }) {
+    if (credential.payload.token !== "paid") throw new Errors.VerificationFailedError({ reason: "test token refused" });
+    return { method: "other", reference: `other-${credential.challenge.id}`, status: "success", timestamp: new Date().toISOString() } as const;
+  },
+});
+
+/**
+ * A deterministic session method shaped like tempo/session: the payer signs off-chain cumulative
+ * vouchers for a channel; the server keeps, per channel, acceptedCumulative and spent in the
+ * production Durable Object store (src/mpp/store.ts), debits each call, and refuses with 402 and
+ * the top-up needed when acceptedCumulative − spent < price. ("Signatures" are not checked here.)
+ */
+export const testSession = Method.from({
+  name: "test",
+  intent: "session",
+  schema: {
+    credential: { payload: z.object({ channelId: z.string(), cumulative: z.string() }) },
+    request: z.object({ amount: z.string() }),
+  },
+});
+export const testSessionServer = Method.toServer(testSession, {
+  async verify({ credential, request }) {
+    const store = durableStore(mppEnv.PAYMENTS);
+    const cost = BigInt(request.amount);
+    const key = `test-channel:${credential.payload.channelId}`;
+    type Debit = { ok: false; topUp: string } | { ok: true; accepted: string; spent: string };
+    const out = await store.update(key, (cur: unknown): Store.Change<unknown, Debit> => {
+      const state = (cur as { accepted: string; spent: string } | null) ?? { accepted: "0", spent: "0" };
+      const accepted = BigInt(state.accepted) > BigInt(credential.payload.cumulative) ? BigInt(state.accepted) : BigInt(credential.payload.cumulative);
+      const spent = BigInt(state.spent);
+      if (accepted - spent < cost) return { op: "noop", result: { ok: false, topUp: (cost - (accepted - spent)).toString() } };
+      const next = { accepted: accepted.toString(), spent: (spent + cost).toString() };
+      return { op: "set", value: next, result: { ok: true, ...next } };
+    });
+    if (!out.ok) throw new Errors.InsufficientBalanceError({ reason: `top up the channel by at least ${out.topUp}` });
+    return { method: "test", reference: credential.payload.channelId, status: "success", timestamp: new Date().toISOString() } as const;
+  },
+});
+
+export function testPayments(extra: "none" | "other" | "session" = "none"): PaymentSetupResult {
+  const methods = [testChargeServer, ...(extra === "other" ? [otherChargeServer] : []), ...(extra === "session" ? [testSessionServer] : [])];
+  return {
+    ok: true,
+    setup: {
+      methods,
+      secretKey: SECRET,
+      offers: (mcents) => methods.map((m) => [`${m.name}/${m.intent}`, { amount: String(mcents) }] as const),
+    },
+  };
+}
+
+export function testApp(limits?: SandboxLimits, extra: "none" | "other" | "session" = "none"): MppApp {
+  return createMppApp({ handlers: HANDLERS, payments: () => testPayments(extra), ...(limits ? { limits } : {}) });
+}
+
+export async function call(app: MppApp, req: Request): Promise<Response> {
+  const ctx = createExecutionContext();
+  const res = await app.fetch(req, mppEnv, ctx);
+  await waitOnExecutionContext(ctx);
+  return res;
+}
+
+export function executeRequest(body: unknown, headers: Record<string, string> = {}, path = "/execute"): Request {
+  return new Request(BASE + path, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", ...headers },
+    body: typeof body === "string" ? body : JSON.stringify(body),
+  });
+}
+
+/** The test method's challenge of a 402 response. */
+export function testChallengeOf(res: Response): Challenge.Challenge {
+  const all = Challenge.fromResponseList(res);
+  const c = all.find((x) => x.method === "test");
+  if (!c) throw new Error("no test challenge");
+  return c;
+}
+
+export function paymentHeader(challenge: Challenge.Challenge, token = "paid"): string {
+  // Credential.serialize already gives "Payment <base64url>".
+  return Credential.serialize(Credential.from({ challenge, payload: { token } }));
+}
+
+/** 402 → pay → returns the Authorization header for `body` on `path`. */
+export async function pay(app: MppApp, body: unknown, path = "/execute", token = "paid"): Promise<string> {
+  const res = await call(app, executeRequest(body, {}, path));
+  if (res.status !== 402) throw new Error(`expected 402, got ${res.status}: ${await res.text()}`);
+  return paymentHeader(testChallengeOf(res), token);
+}
+
+export function mcpRequest(body: unknown, headers: Record<string, string> = {}): Request {
+  return new Request(BASE + "/mcp", {
+    method: "POST",
+    headers: { "Content-Type": "application/json", Accept: "application/json, text/event-stream", ...headers },
+    body: JSON.stringify(body),
+  });
+}
+
+let rpcId = 1;
+export async function rpc(app: MppApp, method: string, params: unknown, headers: Record<string, string> = {}) {
+  const res = await call(app, mcpRequest({ jsonrpc: "2.0", id: rpcId++, method, params }, headers));
+  const text = await res.text();
+  if (res.status !== 200) throw new Error(`MCP ${method} -> ${res.status}: ${text}`);
+  return JSON.parse(text) as { result?: any; error?: { code: number; message: string; data?: any } };
+}

@@ -1,0 +1,131 @@
+//! The end-to-end flow shared by the Workers targets (worker, mpp).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use super::*;
+
+/// Environment that keeps wrangler and npm offline-friendly and quiet in CI.
+pub fn node_cmd(program: &str, dir: &Path, xdg: &Path) -> Command {
+    let mut c = Command::new(program);
+    c.current_dir(dir)
+        .env("CI", "true")
+        .env("WRANGLER_SEND_METRICS", "false")
+        .env("WRANGLER_SEND_ERROR_REPORTS", "false")
+        .env("WRANGLER_HIDE_BANNER", "true")
+        .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")
+        .env("XDG_CONFIG_HOME", xdg)
+        .env("NO_COLOR", "1")
+        .env("npm_config_fund", "false")
+        .env("npm_config_audit", "false")
+        .env("npm_config_update_notifier", "false");
+    c
+}
+
+pub fn npm(dir: &Path, xdg: &Path, args: &[&str]) {
+    let mut c = node_cmd("npm", dir, xdg);
+    c.args(args);
+    run(c, &format!("npm {}", args.join(" ")));
+}
+
+pub fn require_node() {
+    let node = Command::new("node").arg("--version").output().unwrap_or_else(|_| {
+        panic!("node is not installed: the Workers end-to-end tests need Node.js >= 20 and npm")
+    });
+    let v = String::from_utf8_lossy(&node.stdout);
+    let major: u32 = v.trim().trim_start_matches('v').split('.').next().unwrap_or("0").parse().unwrap_or(0);
+    assert!(major >= 20, "Node.js >= 20 is required, found {v}");
+    Command::new("npm").arg("--version").output().expect("npm is not installed: the Workers end-to-end tests need it");
+}
+
+/// Generate a project of `target`, install it once, type-check it and run its own suite in workerd;
+/// add an endpoint and do it again; then serve it with `wrangler dev`, pay for a call to the new
+/// endpoint over real HTTP and run the whole audit against it.
+pub fn workers_project_end_to_end(target: &str) {
+    require_node();
+    let t = tempfile::tempdir().unwrap();
+    let xdg = t.path().join("xdg");
+    std::fs::create_dir_all(&xdg).unwrap();
+    let dir = t.path().join("demo");
+    let status = cli().arg(&dir).args(["-t", target, "-y", "--no-git"]).status().unwrap();
+    assert!(status.success());
+
+    npm(&dir, &xdg, &["ci", "--no-audit", "--no-fund"]);
+    npm(&dir, &xdg, &["run", "typecheck"]);
+    npm(&dir, &xdg, &["test"]);
+
+    // add-endpoint, then the same checks (node_modules are reused: one install per run).
+    let status = cli().current_dir(&dir).args(["add-endpoint", "mytool", "--price", "250"]).status().unwrap();
+    assert!(status.success());
+    npm(&dir, &xdg, &["run", "typecheck"]);
+    npm(&dir, &xdg, &["test"]);
+
+    // Make the new handler fail on demand, so the audit can check refunds and their cap.
+    std::fs::write(dir.join("src/handlers/mytool.ts"), FAILING_HANDLER).unwrap();
+
+    // Serve it for real: one instance with an ADMIN_KEY, one without (for the 503 scenario).
+    let port = free_port();
+    let server = wrangler_dev(&dir, &xdg, port, Some(ADMIN), &t.path().join("state-a"));
+    let bare_port = free_port();
+    let bare = wrangler_dev(&dir, &xdg, bare_port, None, &t.path().join("state-b"));
+    wait_ready(port, &server);
+    wait_ready(bare_port, &bare);
+
+    // Pay for a call to the new endpoint.
+    let (status, _, body) = http(port, "POST", "/v1/admin/mint", &[("X-Admin-Key", ADMIN)],
+        r#"{"balance_mcents": 1000, "scopes": ["mytool"]}"#);
+    assert_eq!(status, 201, "mint: {body}");
+    let key = json_str(&body, "key");
+    assert!(key.starts_with("mcp_") && key.len() == 4 + 64, "{key}");
+
+    let auth = format!("Bearer {key}");
+    let (status, headers, body) = http(port, "POST", "/v1/mytool", &[("Authorization", &auth)], r#"{"query":"hello"}"#);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(header(&headers, "x-charged-mcents"), Some("250".into()), "{headers}");
+    assert_eq!(header(&headers, "x-balance-mcents"), Some("750".into()));
+
+    let (status, _, body) = http(port, "GET", "/v1/me", &[("Authorization", &auth)], "");
+    assert_eq!(status, 200);
+    assert!(body.contains("\"balance_mcents\":750"), "{body}");
+
+    // Malformed input costs nothing.
+    let (status, _, body) = http(port, "POST", "/v1/mytool", &[("Authorization", &auth)], r#"{"query":42}"#);
+    assert_eq!(status, 400);
+    assert!(body.contains("no charge applied"), "{body}");
+    let (_, _, body) = http(port, "GET", "/v1/me", &[("Authorization", &auth)], "");
+    assert!(body.contains("\"balance_mcents\":750"), "{body}");
+
+    // The whole attack suite, with nothing left out.
+    audit(port, ADMIN, r#"mytool={"query":"fail"}"#, bare_port);
+    drop(server);
+    drop(bare);
+}
+
+const ADMIN: &str = "e2e-admin-key-0123456789abcdef";
+
+const FAILING_HANDLER: &str = r#"import type { Handler } from "../lib/handler";
+import type { MytoolInput } from "../generated/manifest";
+
+// Fails on {"query":"fail"} (an upstream outage, as far as the gateway can tell).
+export const handler: Handler<MytoolInput> = {
+  async run(input) {
+    if (input.query === "fail") throw new Error("simulated upstream failure");
+    return { echo: input };
+  },
+};
+"#;
+
+fn wrangler_dev(dir: &Path, xdg: &Path, port: u16, admin: Option<&str>, state: &Path) -> Server {
+    let wrangler = dir.join("node_modules/.bin/wrangler");
+    let mut dev = node_cmd(wrangler.to_str().unwrap(), dir, xdg);
+    dev.args(["dev", "--ip", "127.0.0.1", "--port", &port.to_string()])
+        .arg("--persist-to")
+        .arg(state)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(key) = admin {
+        dev.args(["--var", &format!("ADMIN_KEY:{key}")]);
+    }
+    Server::spawn(dev)
+}
