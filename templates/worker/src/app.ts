@@ -15,7 +15,7 @@ import {
 import { readJsonBody } from "./lib/body";
 import type { AppEnv } from "./lib/env";
 import type { Handler, HandlerContext, Handlers, ValidateContext } from "./lib/handler";
-import { CORS_HEADERS, HttpError, errorResponse, json, withHeaders, withoutCors } from "./lib/http";
+import { CORS_HEADERS, HttpError, errorResponse, json, withHeaders, withoutCors, withoutCredentials } from "./lib/http";
 import type { KeyDO } from "./lib/key-do";
 import { generateApiKey, generateKeyId, parseBearer, secretsEqual, sha256Hex } from "./lib/keys";
 import { isCallType } from "./lib/manifest-util";
@@ -235,48 +235,68 @@ function paidRoute(endpoint: CallType, handlers: Handlers): RouteHandler {
       keyId: charge.keyId,
       chargedMcents: charge.chargedMcents,
       balanceMcents: charge.balanceMcents,
-      request: r.request,
+      request: withoutCredentials(r.request),
       waitUntil: (p) => r.ctx.waitUntil(p),
     };
-    let failure: string;
-    try {
-      const out = await handler.run(input, hctx);
-      if (out instanceof Response) {
-        if (out.status < 500) return withHeaders(out, paidHeaders(charge.chargedMcents, charge.balanceMcents));
-        failure = `handler returned status ${out.status}`;
-        await out.body?.cancel().catch(() => {});
-      } else {
-        const body = JSON.stringify({
-          ok: true,
-          result: out === undefined ? null : out,
-          charged_mcents: charge.chargedMcents,
-          balance_mcents: charge.balanceMcents,
-          request_id: r.requestId,
-        });
-        return new Response(body, {
-          status: 200,
-          headers: {
-            "Content-Type": "application/json; charset=utf-8",
-            "Cache-Control": "no-store",
-            "X-Content-Type-Options": "nosniff",
-            ...paidHeaders(charge.chargedMcents, charge.balanceMcents),
-          },
-        });
-      }
-    } catch (err) {
-      failure = err instanceof Error ? `${err.name}: ${err.message}` : String(err);
-    }
-    console.error(JSON.stringify({ msg: "handler failed", endpoint, request_id: r.requestId, error: failure }));
-    const settled = await stub.settleFailure(r.requestId);
-    const charged = settled.refunded ? 0 : charge.chargedMcents;
-    return errorResponse(502, "handler_failed", r.requestId, {
-      message: settled.refunded
-        ? "The endpoint handler failed; the charge was refunded."
-        : "The endpoint handler failed; the hourly refund limit for this key is reached, so the charge stands.",
-      extra: { refunded: settled.refunded, charged_mcents: charged, balance_mcents: settled.balanceMcents },
-      headers: paidHeaders(charged, settled.balanceMcents),
-    });
+    // The charged work and its settlement run under waitUntil: a client that disconnects (or a
+    // response stream that is cancelled) cannot leave a charge without a result or a refund.
+    const work = runAndSettle(handler, input, hctx, stub, r, charge, endpoint);
+    r.ctx.waitUntil(work.then(
+      () => undefined,
+      () => undefined,
+    ));
+    return work;
   };
+}
+
+
+async function runAndSettle(
+  handler: Handler<unknown>,
+  input: unknown,
+  hctx: HandlerContext,
+  stub: DurableObjectStub<KeyDO>,
+  r: RequestInfo,
+  charge: { chargedMcents: number; balanceMcents: number },
+  endpoint: CallType,
+): Promise<Response> {
+  let failure: string;
+  try {
+    const out = await handler.run(input, hctx);
+    if (out instanceof Response) {
+      if (out.status < 500) return withHeaders(out, paidHeaders(charge.chargedMcents, charge.balanceMcents));
+      failure = `handler returned status ${out.status}`;
+      await out.body?.cancel().catch(() => {});
+    } else {
+      const body = JSON.stringify({
+        ok: true,
+        result: out === undefined ? null : out,
+        charged_mcents: charge.chargedMcents,
+        balance_mcents: charge.balanceMcents,
+        request_id: r.requestId,
+      });
+      return new Response(body, {
+        status: 200,
+        headers: {
+          "Content-Type": "application/json; charset=utf-8",
+          "Cache-Control": "no-store",
+          "X-Content-Type-Options": "nosniff",
+          ...paidHeaders(charge.chargedMcents, charge.balanceMcents),
+        },
+      });
+    }
+  } catch (err) {
+    failure = err instanceof Error ? `${err.name}: ${err.message}` : String(err);
+  }
+  console.error(JSON.stringify({ msg: "handler failed", endpoint, request_id: r.requestId, error: failure }));
+  const settled = await stub.settleFailure(r.requestId);
+  const charged = settled.refunded ? 0 : charge.chargedMcents;
+  return errorResponse(502, "handler_failed", r.requestId, {
+    message: settled.refunded
+      ? "The endpoint handler failed; the charge was refunded."
+      : "The endpoint handler failed; the hourly refund limit for this key is reached, so the charge stands.",
+    extra: { refunded: settled.refunded, charged_mcents: charged, balance_mcents: settled.balanceMcents },
+    headers: paidHeaders(charged, settled.balanceMcents),
+  });
 }
 
 // ---------------------------------------------------------------- router

@@ -142,3 +142,23 @@ describe("refunds on handler failure", () => {
     expect(seen).toEqual({ keyId, charged: PRICE, balance: balance - PRICE, endpoint: EP, requestId: res.headers.get("X-Request-Id") });
   });
 });
+
+describe("what a handler sees", () => {
+  it("ctx.request carries no credentials, so a handler cannot log or forward the caller's key", async () => {
+    const { key } = await seedKey({ balance: balanceFor(1) });
+    const seen = appWith({
+      run: (_input, ctx) => ({
+        authorization: ctx.request.headers.get("Authorization"),
+        admin: ctx.request.headers.get("X-Admin-Key"),
+        contentType: ctx.request.headers.get("Content-Type"),
+      }),
+    });
+    const res = await call(seen, key);
+    expect(res.status).toBe(200);
+    const body = (await res.json()) as { result: Record<string, string | null> };
+    expect(body.result.authorization).toBeNull();
+    expect(body.result.admin).toBeNull();
+    expect(body.result.contentType).toContain("application/json");
+    expect(JSON.stringify(body)).not.toContain(key);
+  });
+});

@@ -6,6 +6,7 @@
 // `createMppApp` takes the payment setup as a parameter: src/index.ts builds the production
 // methods from the environment; tests build their own app with a deterministic method.
 import { createApp } from "../app";
+import { withoutCredentials } from "../lib/http";
 import { CALL_TYPES, GATEWAY, type CallType } from "../generated/manifest";
 import { FAILURE_POLICY, LLMS_TXT, MPP, SKILL_MD } from "../generated/mpp";
 import { readJsonBody } from "../lib/body";
@@ -83,7 +84,7 @@ async function paidHttp(g: Gateway, tool: CallType, request: Request, env: MppEn
   }
   const call = await parseCall(tool, body, g.options.handlers, env, requestId);
   if (!call.ok) return problem(call.status, call.code, call.message, requestId, { note: "no charge applied" });
-  const runCtx = { env, requestId, request, waitUntil: (p: Promise<unknown>) => ctx.waitUntil(p), keyId: "mpp", chargedMcents: 0, balanceMcents: 0 };
+  const runCtx = { env, requestId, request: withoutCredentials(request), waitUntil: (p: Promise<unknown>) => ctx.waitUntil(p), keyId: "mpp", chargedMcents: 0, balanceMcents: 0 };
 
   // 2a. A one-time credit from an earlier gateway-side failure.
   if (call.credit !== null) {

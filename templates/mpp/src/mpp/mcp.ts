@@ -6,6 +6,7 @@
 // the tool name (opaque). A prepaid key (Authorization: Bearer) is charged like POST /v1/<tool>.
 // Free tools: "pricing" and "limits".
 import { Server } from "@modelcontextprotocol/sdk/server/index.js";
+import { withoutCredentials } from "../lib/http";
 import { WebStandardStreamableHTTPServerTransport } from "@modelcontextprotocol/sdk/server/webStandardStreamableHttp.js";
 import { CallToolRequestSchema, ErrorCode, ListToolsRequestSchema, McpError, type CallToolResult } from "@modelcontextprotocol/sdk/types.js";
 import { Credential } from "mppx";
@@ -123,7 +124,7 @@ function buildServer(g: Gateway, request: Request, env: MppEnv, ctx: ExecutionCo
     // 1. Validate first: no challenge, no charge.
     const call = await parseCall(tool, req.params.arguments ?? {}, g.options.handlers, env, requestId);
     if (!call.ok) throw new McpError(ErrorCode.InvalidParams, call.message, { code: call.code });
-    const runCtx: RunContext = { env, requestId, request, waitUntil: (p) => ctx.waitUntil(p), keyId: "mpp", chargedMcents: 0, balanceMcents: 0 };
+    const runCtx: RunContext = { env, requestId, request: withoutCredentials(request), waitUntil: (p) => ctx.waitUntil(p), keyId: "mpp", chargedMcents: 0, balanceMcents: 0 };
 
     // 2a. Prepaid key: charged by the key's Durable Object exactly like POST /v1/<tool>.
     const auth = request.headers.get("Authorization");
@@ -131,11 +132,14 @@ function buildServer(g: Gateway, request: Request, env: MppEnv, ctx: ExecutionCo
       const bearer = parseBearer(auth);
       if (!bearer.ok) throw new McpError(ErrorCode.InvalidRequest, "Invalid API key.", { code: bearer.code });
       const stub = env.KEYS.get(env.KEYS.idFromName(await sha256Hex(bearer.key)));
-      const charge = await stub.charge(tool, requestId);
+      // One HTTP request may carry a batch of tool calls: each call is charged and settled under
+      // its own id, so a failing call can only ever refund itself.
+      const callId = `${requestId}/${String(extra.requestId)}`;
+      const charge = await stub.charge(tool, callId);
       if (!charge.ok) throw new McpError(ErrorCode.InvalidRequest, `Not charged: ${charge.code}.`, { ...charge, note: "no charge applied" });
       const outcome = await runTool(tool, call.input, g.options.handlers, { ...runCtx, keyId: charge.keyId, chargedMcents: charge.chargedMcents, balanceMcents: charge.balanceMcents }, g.limits);
       if (outcome.kind === "done") return toolResult({ ...outcome.body, charged_mcents: charge.chargedMcents, balance_mcents: charge.balanceMcents, request_id: requestId });
-      const settled = await stub.settleFailure(requestId);
+      const settled = await stub.settleFailure(callId);
       return toolResult(
         { ok: false, error: { code: outcome.code, message: outcome.message }, refunded: settled.refunded, balance_mcents: settled.balanceMcents, request_id: requestId },
         true,

@@ -17,7 +17,8 @@ export interface HandlerContext extends ValidateContext {
   readonly chargedMcents: number;
   /** The key's balance after the charge, in mcents. */
   readonly balanceMcents: number;
-  /** The original request (its body has already been consumed; use `input`). */
+  /** The request: method, URL and headers, without the caller's credentials (Authorization and
+   *  X-Admin-Key are removed) and without a body (it has been read: use `input`). */
   readonly request: Request;
   /** Extend the worker's lifetime past the response (logging, cache fills, ...). */
   readonly waitUntil: (promise: Promise<unknown>) => void;

@@ -106,3 +106,14 @@ export function withoutCors(res: Response): Response {
   }
   return out;
 }
+
+/**
+ * The request as a handler sees it: method, URL and headers without the caller's credentials
+ * (Authorization, X-Admin-Key, Payment credentials travel in Authorization too), and no body.
+ */
+export function withoutCredentials(request: Request): Request {
+  const headers = new Headers(request.headers);
+  headers.delete("Authorization");
+  headers.delete("X-Admin-Key");
+  return new Request(request.url, { method: request.method, headers });
+}

@@ -222,12 +222,14 @@ export class KeyDO extends DurableObject<AppEnv> {
     const result = this.ctx.storage.transactionSync((): SettleResult => {
       const acct = this.account();
       if (!acct) return { refunded: false, refundedMcents: 0, balanceMcents: 0 };
-      const charge = this.sql
+      const charges = this.sql
         .exec<{ endpoint: string; amount_mcents: number; xp_delta: number }>(
           "SELECT endpoint, amount_mcents, xp_delta FROM ledger WHERE request_id = ? AND kind = 'charge'",
           requestId,
         )
-        .toArray()[0];
+        .toArray();
+      // Exactly one charge per settlement id; anything else is not ours to refund (fail closed).
+      const charge = charges.length === 1 ? charges[0] : undefined;
       const settled =
         this.sql.exec("SELECT 1 FROM failures WHERE request_id = ?", requestId).toArray().length > 0;
       if (!charge || settled) return { refunded: false, refundedMcents: 0, balanceMcents: acct.balance };
