@@ -434,7 +434,7 @@ async fn paid(app: &Arc<AppState>, ep: Endpoint, req: Request, request_id: &str)
         tracing::error!(request_id = %rid, endpoint = ep.name(), error = %failure, "handler failed");
         let settled = app2
             .store
-            .settle_failure(key_ref, ep.name(), price, ep.xp(), &rid, GATEWAY.refunds_per_key_per_hour)
+            .settle_failure(key_ref, ep.name(), ep.xp(), &rid, GATEWAY.refunds_per_key_per_hour)
             .await;
         Err(settled)
     })

@@ -302,11 +302,11 @@ impl Store {
 
     /// After a charged call's handler failed: takes back the call's XP and call count, and
     /// refunds the charge unless the key already had `cap` refunds in the last rolling hour.
+    /// Idempotent per request id; the amount refunded is the one the call's charge row took.
     pub async fn settle_failure(
         &self,
         key_ref: i64,
         endpoint: &str,
-        price: i64,
         xp: i64,
         request_id: &str,
         cap: u32,
@@ -314,6 +314,34 @@ impl Store {
         let now = now_ms();
         with_writer!(self, p => {
             let mut tx = p.begin().await?;
+            // Settled at most once per (key, request id), across every instance: the primary key
+            // of `settlements` decides. Only a call with exactly one charge row is ours to settle,
+            // and the refund is the amount that charge took (fail closed on anything else).
+            let first = sqlx::query(
+                "INSERT INTO settlements (key_ref, request_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(key_ref)
+            .bind(request_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            let charged: Vec<i64> = sqlx::query_scalar(
+                "SELECT amount_mcents FROM ledger WHERE key_ref = $1 AND request_id = $2 AND kind = 'charge'",
+            )
+            .bind(key_ref)
+            .bind(request_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            if !first || charged.len() != 1 {
+                let balance: i64 = sqlx::query_scalar("SELECT balance FROM api_keys WHERE id = $1")
+                    .bind(key_ref)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                tx.rollback().await?;
+                return Ok(Settlement { refunded: false, balance_mcents: balance });
+            }
+            let price = -charged[0];
             // Write first: locks the key's row so concurrent refunds see each other.
             let balance: i64 = sqlx::query_scalar(
                 "UPDATE api_keys SET xp = CASE WHEN xp >= $1 THEN xp - $1 ELSE 0 END, \

@@ -31,6 +31,7 @@ backend_tests!(
     insufficient_balance,
     rate_limit_per_key_per_endpoint,
     refunds_on_handler_failure_are_capped,
+    settlement_is_idempotent_per_request,
     me_ledger_and_leaderboard,
 );
 
@@ -764,4 +765,24 @@ async fn me_ledger_and_leaderboard(db: &TestDb) {
     f.sort();
     assert_eq!(f, ["badges", "calls", "key_id", "level", "name", "rank", "xp"]);
     let _ = idle;
+}
+
+/// Settling the same failed call twice (a retry, another instance) refunds once; a request id
+/// with no charge refunds nothing.
+async fn settlement_is_idempotent_per_request(db: &TestDb) {
+    let ep = ep();
+    let price = ep.price_mcents();
+    let k = db.seed_key(price * 2, &[ep.scope()], None).await;
+    let key_ref = db.key_ref(&k).await;
+    let charged = db.store.charge(key_ref, ep.name(), price, ep.xp(), "req-1").await.unwrap();
+    assert!(matches!(charged, gateway::store::ChargeOutcome::Charged { .. }), "{charged:?}");
+    let first = db.store.settle_failure(key_ref, ep.name(), ep.xp(), "req-1", 100).await.unwrap();
+    assert!(first.refunded);
+    assert_eq!(first.balance_mcents, price * 2);
+    let again = db.store.settle_failure(key_ref, ep.name(), ep.xp(), "req-1", 100).await.unwrap();
+    assert!(!again.refunded, "a second settlement refunded again");
+    assert_eq!(again.balance_mcents, price * 2);
+    let stranger = db.store.settle_failure(key_ref, ep.name(), ep.xp(), "never-charged", 100).await.unwrap();
+    assert!(!stranger.refunded);
+    assert_eq!(db.store.ledger_sum(key_ref).await.unwrap(), price * 2);
 }

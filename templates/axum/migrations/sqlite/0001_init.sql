@@ -27,6 +27,14 @@ CREATE TABLE ledger (
 );
 CREATE INDEX ledger_key_seq ON ledger (key_ref, seq);
 CREATE INDEX ledger_key_kind_ts ON ledger (key_ref, kind, ts);
+CREATE INDEX ledger_key_request ON ledger (key_ref, request_id);
+
+-- One row per settled (failed) call: a call is settled at most once, whichever instance tries.
+CREATE TABLE settlements (
+    key_ref    BIGINT NOT NULL REFERENCES api_keys (id),
+    request_id TEXT   NOT NULL,
+    PRIMARY KEY (key_ref, request_id)
+);
 
 CREATE TABLE admin_mints (ts BIGINT NOT NULL);
 CREATE INDEX admin_mints_ts ON admin_mints (ts);
