@@ -16,7 +16,7 @@ use serde_json::{Map, Value, json};
 
 use crate::body::read_json;
 use crate::generated::{Endpoint, GATEWAY, PROJECT_NAME, PROJECT_VERSION};
-use crate::handler::{Context, Handlers, Reply};
+use crate::handler::{Call, Context, Handlers, Reply};
 use crate::http::{ApiError, add_cors, json_response, set_header, strip_cors};
 use crate::keys::{BearerError, generate_api_key, generate_key_id, parse_bearer, secrets_equal, sha256_hex};
 use crate::levels::{badges_for, level_for};
@@ -371,8 +371,26 @@ async fn paid(app: &Arc<AppState>, ep: Endpoint, req: Request, request_id: &str)
         }
     };
 
-    // 7. The charge: key → scope → rate limit → balance, nothing written unless all pass.
-    let key = key_row(app, &key_hash, true).await?;
+    // 7-8. Charge, run and settle in a task of its own: once the charge is committed, a client that
+    //      goes away (dropping this request's future) can no longer stop the handler from running
+    //      or its failure from being settled.
+    let task_app = app.clone();
+    let rid = request_id.to_string();
+    match tokio::spawn(async move { charge_and_run(&task_app, ep, &key_hash, call, &rid).await }).await {
+        Ok(result) => result,
+        Err(e) => {
+            tracing::error!(request_id, error = %e, "paid call task failed");
+            Err(ApiError::internal())
+        }
+    }
+
+}
+
+
+/// Steps 7-8 of a paid call: the charge (key → scope → rate limit → balance, nothing written unless
+/// all pass), then the handler, then the settlement of a failure.
+async fn charge_and_run(app: &Arc<AppState>, ep: Endpoint, key_hash: &str, call: Call, request_id: &str) -> Result<Response, ApiError> {
+    let key = key_row(app, key_hash, true).await?;
     if !key.scope_list().iter().any(|s| s == ep.scope()) {
         return Err(ApiError::new(403, "scope_denied").no_charge().extra("required_scope", ep.scope()));
     }
