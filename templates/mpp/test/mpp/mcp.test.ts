@@ -5,7 +5,7 @@ import { Challenge, Credential } from "mppx";
 import { describe, expect, it } from "vitest";
 import { CALL_TYPES, PRICE_MCENTS, SAMPLE_INPUT } from "../../src/generated/manifest";
 import { getMe, seedKey } from "../helpers";
-import { SECRET, rpc, testApp } from "./helpers";
+import { SECRET, call, mcpRequest, rpc, testApp } from "./helpers";
 
 const app = testApp();
 const ARGS = { code: "return input.x + 1;", input: { x: 41 } };
@@ -114,5 +114,31 @@ describe("MCP", () => {
     const r = await rpc(app, "tools/call", { name: "execute_code", arguments: ARGS }, { Authorization: `Bearer ${key}` });
     expect(r.error?.data?.code).toBe("scope_denied");
     expect((await getMe(key)).balance_mcents).toBe(10_000);
+  });
+
+  it("a batch of prepaid calls is settled call by call: a failing call refunds only itself", async () => {
+    const quick = testApp({ timeoutMs: 300, cpuMs: 50 });
+    const price = PRICE_MCENTS.execute_code;
+    const { key } = await seedKey({ balance: price * 2, scopes: ["execute_code"] });
+    const slow = { code: "await new Promise((resolve) => setTimeout(resolve, 3_600_000));" };
+    const res = await call(
+      quick,
+      mcpRequest(
+        [
+          { jsonrpc: "2.0", id: "ok", method: "tools/call", params: { name: "execute_code", arguments: ARGS } },
+          { jsonrpc: "2.0", id: "slow", method: "tools/call", params: { name: "execute_code", arguments: slow } },
+        ],
+        { Authorization: `Bearer ${key}` },
+      ),
+    );
+    expect(res.status).toBe(200);
+    const replies = (await res.json()) as { id: string; result?: any }[];
+    const ok = replies.find((r) => r.id === "ok")!;
+    const failed = replies.find((r) => r.id === "slow")!;
+    expect(ok.result.structuredContent).toMatchObject({ ok: true, result: 42, charged_mcents: price });
+    expect(failed.result.isError).toBe(true);
+    expect(failed.result.structuredContent).toMatchObject({ ok: false, refunded: true });
+    // One call served and charged, the failed one refunded: exactly one price spent.
+    expect((await getMe(key)).balance_mcents).toBe(price);
   });
 });
