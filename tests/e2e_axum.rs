@@ -72,10 +72,10 @@ fn axum_project_builds_locked_and_passes_its_own_tests() {
     let bin = shared_target().join("debug/api");
     let port = free_port();
     let bare_port = free_port();
-    let server = serve(&bin, port, Some(ADMIN), &t.path().join("a.db"));
-    let bare = serve(&bin, bare_port, None, &t.path().join("b.db"));
-    wait_ready(port, &server);
-    wait_ready(bare_port, &bare);
+    let mut server = serve(&bin, port, Some(ADMIN), &t.path().join("a.db"));
+    let mut bare = serve(&bin, bare_port, None, &t.path().join("b.db"));
+    wait_ready(port, &mut server);
+    wait_ready(bare_port, &mut bare);
 
     let (status, _, body) = http(port, "POST", "/v1/admin/mint", &[("X-Admin-Key", ADMIN)], r#"{"balance_mcents": 1000, "scopes": ["mytool"]}"#);
     assert_eq!(status, 201, "mint: {body}");

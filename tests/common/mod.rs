@@ -37,20 +37,32 @@ pub fn audit(port: u16, admin: &str, failing_call: &str, bare_port: u16) {
 }
 
 /// A spawned server in its own process group; dropping it stops the whole group.
-pub struct Server(pub Child);
+pub struct Server(pub Child, pub Option<std::path::PathBuf>);
 
 impl Server {
     /// Spawns `c` in a new process group.
-    pub fn spawn(mut c: Command) -> Server {
+    pub fn spawn(c: Command) -> Server {
+        Server::spawn_logged(c, None)
+    }
+
+    /// Spawns `c` in a new process group; `log` is where its output goes (shown if it fails).
+    pub fn spawn_logged(mut c: Command, log: Option<std::path::PathBuf>) -> Server {
         std::os::unix::process::CommandExt::process_group(&mut c, 0);
-        Server(c.spawn().expect("start the server"))
+        Server(c.spawn().expect("start the server"), log)
+    }
+
+    fn log_tail(&self) -> String {
+        let Some(path) = &self.1 else { return String::new() };
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!("\n--- last lines of {}:\n{}", path.display(), lines[lines.len().saturating_sub(40)..].join("\n"))
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         let group = format!("-{}", self.0.id());
-        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).stderr(std::process::Stdio::null()).status();
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.0.try_wait() {
@@ -58,7 +70,7 @@ impl Drop for Server {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(std::process::Stdio::null()).status();
         let _ = self.0.wait();
     }
 }
@@ -67,9 +79,12 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-pub fn wait_ready(port: u16, server: &Server) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+pub fn wait_ready(port: u16, server: &mut Server) {
+    let deadline = Instant::now() + Duration::from_secs(180);
     while Instant::now() < deadline {
+        if let Ok(Some(status)) = server.0.try_wait() {
+            panic!("the server on port {port} exited ({status}) before answering{}", server.log_tail());
+        }
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
             if let Ok((200, _, _)) = std::panic::catch_unwind(|| http(port, "GET", "/v1/health", &[], "")) {
                 return;
@@ -77,8 +92,7 @@ pub fn wait_ready(port: u16, server: &Server) {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    let _ = server;
-    panic!("wrangler dev did not answer /v1/health on port {port} within 60 s");
+    panic!("the server did not answer /v1/health on port {port} within 180 s{}", server.log_tail());
 }
 
 /// A minimal HTTP/1.1 client (Connection: close), enough for these checks.

@@ -65,11 +65,11 @@ pub fn workers_project_end_to_end(target: &str) {
 
     // Serve it for real: one instance with an ADMIN_KEY, one without (for the 503 scenario).
     let port = free_port();
-    let server = wrangler_dev(&dir, &xdg, port, Some(ADMIN), &t.path().join("state-a"));
+    let mut server = wrangler_dev(&dir, &xdg, port, Some(ADMIN), &t.path().join("state-a"));
     let bare_port = free_port();
-    let bare = wrangler_dev(&dir, &xdg, bare_port, None, &t.path().join("state-b"));
-    wait_ready(port, &server);
-    wait_ready(bare_port, &bare);
+    let mut bare = wrangler_dev(&dir, &xdg, bare_port, None, &t.path().join("state-b"));
+    wait_ready(port, &mut server);
+    wait_ready(bare_port, &mut bare);
 
     // Pay for a call to the new endpoint.
     let (status, _, body) = http(port, "POST", "/v1/admin/mint", &[("X-Admin-Key", ADMIN)],
@@ -121,11 +121,13 @@ fn wrangler_dev(dir: &Path, xdg: &Path, port: u16, admin: Option<&str>, state: &
     dev.args(["dev", "--ip", "127.0.0.1", "--port", &port.to_string()])
         .arg("--persist-to")
         .arg(state)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stdin(Stdio::null());
+    // Its output goes to a log beside its state, printed if it never answers.
+    let log_path = state.with_extension("log");
+    let log = std::fs::File::create(&log_path).expect("wrangler log file");
+    dev.stdout(log.try_clone().unwrap()).stderr(log);
     if let Some(key) = admin {
         dev.args(["--var", &format!("ADMIN_KEY:{key}")]);
     }
-    Server::spawn(dev)
+    Server::spawn_logged(dev, Some(log_path))
 }
