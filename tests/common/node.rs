@@ -118,7 +118,9 @@ export const handler: Handler<MytoolInput> = {
 fn wrangler_dev(dir: &Path, xdg: &Path, port: u16, admin: Option<&str>, state: &Path) -> Server {
     let wrangler = dir.join("node_modules/.bin/wrangler");
     let mut dev = node_cmd(wrangler.to_str().unwrap(), dir, xdg);
+    // Every instance gets its own inspector port too (the default, 9229, is shared and races).
     dev.args(["dev", "--ip", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--inspector-port", &free_port().to_string()])
         .arg("--persist-to")
         .arg(state)
         .stdin(Stdio::null());
