@@ -46,6 +46,25 @@ macro_rules! with_writer {
     };
 }
 
+/// Appends one ledger row inside the transaction `$tx` (kind is 'mint', 'charge' or 'refund').
+macro_rules! insert_ledger {
+    ($tx:ident, $key_ref:expr, $now:expr, $kind:expr, $endpoint:expr, $amount:expr, $balance:expr, $request_id:expr) => {
+        sqlx::query(
+            "INSERT INTO ledger (key_ref, ts, kind, endpoint, amount_mcents, balance_after, request_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind($key_ref)
+        .bind($now)
+        .bind($kind)
+        .bind($endpoint)
+        .bind($amount)
+        .bind($balance)
+        .bind($request_id)
+        .execute(&mut *$tx)
+        .await?
+    };
+}
+
 /// Inserts a key and its 'mint' ledger row inside the transaction `$tx`.
 macro_rules! insert_key {
     ($tx:ident, $k:expr, $now:expr) => {{
@@ -63,16 +82,7 @@ macro_rules! insert_key {
         .bind($now)
         .fetch_one(&mut *$tx)
         .await?;
-        sqlx::query(
-            "INSERT INTO ledger (key_ref, ts, kind, endpoint, amount_mcents, balance_after, request_id) \
-             VALUES ($1, $2, 'mint', NULL, $3, $3, $4)",
-        )
-        .bind(id)
-        .bind($now)
-        .bind(k.balance_mcents)
-        .bind(k.request_id)
-        .execute(&mut *$tx)
-        .await?;
+        insert_ledger!($tx, id, $now, "mint", None::<&str>, k.balance_mcents, k.balance_mcents, k.request_id);
     }};
 }
 
@@ -283,18 +293,7 @@ impl Store {
                     None => ChargeOutcome::UnknownKey,
                 });
             };
-            sqlx::query(
-                "INSERT INTO ledger (key_ref, ts, kind, endpoint, amount_mcents, balance_after, request_id) \
-                 VALUES ($1, $2, 'charge', $3, $4, $5, $6)",
-            )
-            .bind(key_ref)
-            .bind(now)
-            .bind(endpoint)
-            .bind(-price)
-            .bind(balance)
-            .bind(request_id)
-            .execute(&mut *tx)
-            .await?;
+            insert_ledger!(tx, key_ref, now, "charge", Some(endpoint), -price, balance, request_id);
             tx.commit().await?;
             Ok(ChargeOutcome::Charged { balance_mcents: balance })
         })
@@ -370,18 +369,7 @@ impl Store {
             .bind(key_ref)
             .fetch_one(&mut *tx)
             .await?;
-            sqlx::query(
-                "INSERT INTO ledger (key_ref, ts, kind, endpoint, amount_mcents, balance_after, request_id) \
-                 VALUES ($1, $2, 'refund', $3, $4, $5, $6)",
-            )
-            .bind(key_ref)
-            .bind(now)
-            .bind(endpoint)
-            .bind(price)
-            .bind(balance)
-            .bind(request_id)
-            .execute(&mut *tx)
-            .await?;
+            insert_ledger!(tx, key_ref, now, "refund", Some(endpoint), price, balance, request_id);
             tx.commit().await?;
             Ok(Settlement { refunded: true, balance_mcents: balance })
         })

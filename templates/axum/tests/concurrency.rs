@@ -29,18 +29,7 @@ async fn burst_across_two_instances_never_overdraws(db: &TestDb) {
             let server = if (i + ki as i64) % 2 == 0 { (a.client.clone(), a.url(ep.path())) } else { (b.client.clone(), b.url(ep.path())) };
             let key = k.key.clone();
             let body = body.to_string();
-            tasks.push(tokio::spawn(async move {
-                let res = server
-                    .0
-                    .post(server.1)
-                    .header("Authorization", format!("Bearer {key}"))
-                    .header("Content-Type", "application/json")
-                    .body(body)
-                    .send()
-                    .await
-                    .unwrap();
-                (ki, res.status().as_u16())
-            }));
+            tasks.push(tokio::spawn(async move { (ki, paid_post(server.0, server.1, key, body).await.status().as_u16()) }));
         }
     }
     let mut ok = vec![0i64; keys];
@@ -90,14 +79,7 @@ async fn rate_limit_shared_between_instances(db: &TestDb) {
         let key = k.key.clone();
         let body = body.to_string();
         tasks.push(tokio::spawn(async move {
-            let res = client
-                .post(url)
-                .header("Authorization", format!("Bearer {key}"))
-                .header("Content-Type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .unwrap();
+            let res = paid_post(client, url, key, body).await;
             let retry = res.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
             (res.status().as_u16(), retry)
         }));
@@ -117,4 +99,16 @@ async fn rate_limit_shared_between_instances(db: &TestDb) {
     assert_eq!(limited, 6);
     let v: Value = a.me(&k.key).await;
     assert_eq!(v["calls"], limit);
+}
+
+/// One paid call with a key, as a concurrent task sends it.
+async fn paid_post(client: reqwest::Client, url: String, key: String, body: String) -> reqwest::Response {
+    client
+        .post(url)
+        .header("Authorization", format!("Bearer {key}"))
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
 }
