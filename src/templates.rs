@@ -255,6 +255,24 @@ mod tests {
         }
     }
 
+    /// The same manifest always gives the same bytes (`check` depends on it): maps keep their order.
+    #[test]
+    fn rendering_is_deterministic() {
+        for target in available_targets() {
+            let mut doc: toml_edit::DocumentMut = default_manifest().parse().unwrap();
+            manifest::set_dotted(&mut doc, "project.target", target).unwrap();
+            let (_, m) = manifest::parse(&doc.to_string(), Path::new("mcpay.toml")).unwrap();
+            let spec = Spec::from_manifest(&m);
+            let first = render(&spec, &doc.to_string()).unwrap();
+            for _ in 0..20 {
+                let again = render(&spec, &doc.to_string()).unwrap();
+                for (a, b) in first.files.iter().zip(&again.files) {
+                    assert!(a.contents == b.contents, "{target}: {} renders differently", a.path.display());
+                }
+            }
+        }
+    }
+
     #[test]
     fn layers() {
         assert_eq!(layers_of("worker"), ["worker"]);
