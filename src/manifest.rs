@@ -135,12 +135,89 @@ pub struct Signup {
     pub balance_mcents: u64,
     pub scopes: Vec<String>,
     pub signups_per_hour: u64,
+    /// The x402 rail (on when the table exists).
+    pub x402: Option<SignupX402>,
+    /// The MPP rail (on when the table exists).
+    pub mpp: Option<SignupMpp>,
 }
 
 impl Default for Signup {
     fn default() -> Self {
-        Signup { enabled: false, price_mcents: 100_000, balance_mcents: 100_000, scopes: vec![], signups_per_hour: 100 }
+        Signup {
+            enabled: false,
+            price_mcents: 100_000,
+            balance_mcents: 100_000,
+            scopes: vec![],
+            signups_per_hour: 100,
+            x402: None,
+            mpp: None,
+        }
     }
+}
+
+/// `[signup.x402]`: x402 `exact` payments on an EVM network (EIP-3009), through a facilitator.
+/// The defaults are Base Sepolia's test USDC and the public x402.org test facilitator (no real funds).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SignupX402 {
+    /// CAIP-2 network id, `eip155:<chain id>`.
+    pub network: String,
+    /// The EIP-3009 token contract (e.g. USDC).
+    pub asset: String,
+    /// The token's EIP-712 domain name and version ("USD Coin"/"2" on Base mainnet, "USDC"/"2" on Base Sepolia).
+    pub asset_name: String,
+    pub asset_version: String,
+    /// The token's decimals (USDC: 6); at least 5, so that one mcent is a whole number of base units.
+    pub asset_decimals: u32,
+    /// Address receiving payments; empty = the `X402_PAY_TO` secret must be set.
+    pub pay_to: String,
+    /// Facilitator verifying and settling payments (`X402_FACILITATOR_URL` overrides it).
+    pub facilitator_url: String,
+    /// How long a signed authorization may take to settle.
+    pub max_timeout_seconds: u64,
+}
+
+impl Default for SignupX402 {
+    fn default() -> Self {
+        SignupX402 {
+            network: "eip155:84532".into(),
+            asset: "0x036CbD53842c5426634e7929541eC2318f3dCF7e".into(),
+            asset_name: "USDC".into(),
+            asset_version: "2".into(),
+            asset_decimals: 6,
+            pay_to: String::new(),
+            facilitator_url: "https://www.x402.org/facilitator".into(),
+            max_timeout_seconds: 120,
+        }
+    }
+}
+
+/// Payment methods the signup MPP rail can offer (charge intents only).
+pub const SIGNUP_MPP_METHODS: &[&str] = &["tempo/charge", "stripe/charge"];
+
+/// `[signup.mpp]`: Machine Payments Protocol charges (secrets: MPP_SECRET_KEY and the method's).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SignupMpp {
+    pub methods: Vec<String>,
+    /// The realm in challenges; empty = the host the gateway is served on.
+    pub realm: String,
+    pub challenge_ttl_seconds: u64,
+}
+
+impl Default for SignupMpp {
+    fn default() -> Self {
+        SignupMpp { methods: vec!["tempo/charge".into()], realm: String::new(), challenge_ttl_seconds: 300 }
+    }
+}
+
+fn is_evm_address(s: &str) -> bool {
+    s.len() == 42 && s.starts_with("0x") && s[2..].chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// Base units of the x402 asset for `mcents` (1 mcent = $0.00001, so 10^(decimals − 5) units).
+pub fn x402_amount(mcents: u64, decimals: u32) -> String {
+    (u128::from(mcents) * 10u128.pow(decimals.saturating_sub(5))).to_string()
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -247,6 +324,51 @@ impl Manifest {
         }
         if s.enabled && s.scopes.is_empty() {
             out.push("signup.scopes: a signup key needs at least one scope (default deny)".into());
+        }
+        if s.enabled && s.x402.is_none() && s.mpp.is_none() {
+            out.push("signup: a signup needs a payment rail; add a [signup.x402] table, a [signup.mpp] table, or both".into());
+        }
+        if let Some(x) = &s.x402 {
+            let ok_network = x.network.strip_prefix("eip155:").is_some_and(|id| {
+                !id.is_empty() && id.len() <= 18 && id.chars().all(|c| c.is_ascii_digit()) && !id.starts_with('0')
+            });
+            if !ok_network {
+                out.push(format!("signup.x402.network: {:?} must be a CAIP-2 EVM network such as \"eip155:8453\" (Base) or \"eip155:84532\" (Base Sepolia)", x.network));
+            }
+            if !is_evm_address(&x.asset) {
+                out.push(format!("signup.x402.asset: {:?} must be the token contract's 0x address (40 hex digits)", x.asset));
+            }
+            if !x.pay_to.is_empty() && !is_evm_address(&x.pay_to) {
+                out.push(format!("signup.x402.pay_to: {:?} must be a 0x address (40 hex digits), or empty to use the X402_PAY_TO secret", x.pay_to));
+            }
+            for (k, v) in [("asset_name", &x.asset_name), ("asset_version", &x.asset_version)] {
+                if v.is_empty() || v.len() > 64 || v.contains(|c: char| c.is_control()) {
+                    out.push(format!("signup.x402.{k}: the token's EIP-712 domain {k}, 1 to 64 characters"));
+                }
+            }
+            if !(5..=18).contains(&x.asset_decimals) {
+                out.push(format!("signup.x402.asset_decimals: {} is out of range; use 5 to 18 (USDC: 6)", x.asset_decimals));
+            }
+            if !(x.facilitator_url.starts_with("https://") || x.facilitator_url.starts_with("http://"))
+                || x.facilitator_url.contains(char::is_whitespace)
+            {
+                out.push(format!("signup.x402.facilitator_url: {:?} must be an http(s) URL, e.g. \"https://www.x402.org/facilitator\"", x.facilitator_url));
+            }
+            range(&mut out, "signup.x402.max_timeout_seconds", x.max_timeout_seconds, 10, 3600);
+        }
+        if let Some(m) = &s.mpp {
+            if m.methods.is_empty() {
+                out.push(format!("signup.mpp.methods: offer at least one of {}", SIGNUP_MPP_METHODS.join(", ")));
+            }
+            for meth in &m.methods {
+                if !SIGNUP_MPP_METHODS.contains(&meth.as_str()) {
+                    out.push(format!("signup.mpp.methods: unknown method {meth:?}; use {}", SIGNUP_MPP_METHODS.join(", ")));
+                }
+            }
+            if m.realm.len() > 253 || m.realm.contains(|c: char| c == '"' || c == '\\' || c.is_control()) {
+                out.push("signup.mpp.realm: a host name (at most 253 characters, no quotes or backslashes)".into());
+            }
+            range(&mut out, "signup.mpp.challenge_ttl_seconds", m.challenge_ttl_seconds, 10, 86_400);
         }
         let p = &self.mpp;
         if p.realm.len() > 253 || p.realm.contains(|c: char| c == '"' || c == '\\' || c.is_control()) {
