@@ -85,7 +85,7 @@ fn axum_project_builds_locked_and_passes_its_own_tests() {
     assert_eq!(header(&headers, "x-charged-mcents"), Some("250".into()), "{headers}");
     assert_eq!(header(&headers, "x-balance-mcents"), Some("750".into()));
 
-    audit(port, ADMIN, r#"mytool={"query":"fail"}"#, bare_port);
+    audit(port, ADMIN, r#"mytool={"query":"fail"}"#, bare_port, SIGNUP_OFF_NA);
     drop(server);
     drop(bare);
 }

@@ -83,6 +83,8 @@ pub struct Client {
     pub endpoints: Vec<Endpoint>,
     pub key_prefix: Option<String>,
     pub mints: u64,
+    /// `/v1/pricing`'s `signup` field: `null` when the gateway sells no signup.
+    pub signup: Value,
     /// One well-funded key per endpoint, shared by the scenarios that only compare a balance before
     /// and after (so an audit stays well inside a gateway's hourly mint limit).
     shared: std::collections::HashMap<String, Key>,
@@ -103,6 +105,7 @@ impl Client {
             endpoints: Vec::new(),
             key_prefix: None,
             mints: 0,
+            signup: Value::Null,
             shared: Default::default(),
         };
         let pricing = c.get("/v1/pricing", &[]);
@@ -110,6 +113,7 @@ impl Client {
             bail!("{}/v1/pricing answered {}; is this a gateway that speaks docs/contract.md?", c.base, pricing.brief());
         }
         let v = pricing.json();
+        c.signup = v.get("signup").cloned().unwrap_or(Value::Null);
         let list = v["endpoints"].as_array().context("/v1/pricing has no endpoints array")?;
         for e in list {
             let input = e["input"]

@@ -2,6 +2,7 @@
 
 mod client;
 mod scenarios;
+mod signup;
 
 use std::time::Instant;
 

@@ -122,7 +122,17 @@ macro_rules! scenario {
     };
 }
 
+/// Every scenario, in run order: the signup ones (which never pay) before the last, which spends
+/// the hourly mint allowance.
 pub fn all() -> Vec<Scenario> {
+    let mut all = core();
+    let last = all.pop().expect("the hourly-limit scenario");
+    all.extend(super::signup::scenarios());
+    all.push(last);
+    all
+}
+
+fn core() -> Vec<Scenario> {
     vec![
         // ---- routes
         scenario!("route.health", "GET /v1/health → 200 {ok:true}", |c, _| {
@@ -637,12 +647,16 @@ pub fn all() -> Vec<Scenario> {
             ensure!(r.status == 204 || r.status == 200, "preflight {}", r.brief());
             ensure!(r.header("access-control-allow-origin").is_some(), "no ACAO");
             let allow = r.header("access-control-allow-headers").unwrap_or_default().to_ascii_lowercase();
-            ensure!(allow.contains("authorization"), "Allow-Headers {allow:?}");
+            for h in ["authorization", "content-type", "idempotency-key", "payment-signature", "x-payment"] {
+                ensure!(allow.contains(h), "Allow-Headers {allow:?} lacks {h}");
+            }
             let call = c.post("/v1/health", &[("Origin", "https://agent.example")], "");
             let _ = call;
             let paid = c.post(&ep.path(), &[("Origin", "https://agent.example")], "{}");
             let expose = paid.header("access-control-expose-headers").unwrap_or_default().to_ascii_lowercase();
-            ensure!(expose.contains("x-request-id") && expose.contains("x-charged-mcents") && expose.contains("x-balance-mcents"), "Expose-Headers {expose:?}");
+            for h in ["x-request-id", "x-charged-mcents", "x-balance-mcents", "retry-after", "www-authenticate", "payment-required", "payment-response", "x-payment-response", "payment-receipt"] {
+                ensure!(expose.contains(h), "Expose-Headers {expose:?} lacks {h}");
+            }
             pass(r.brief())
         }),
         scenario!("headers.no_store_on_me", "/v1/me answers are not cacheable by shared caches", |c, _| {

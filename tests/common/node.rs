@@ -96,7 +96,7 @@ pub fn workers_project_end_to_end(target: &str) {
     assert!(body.contains("\"balance_mcents\":750"), "{body}");
 
     // The whole attack suite, with nothing left out.
-    audit(port, ADMIN, r#"mytool={"query":"fail"}"#, bare_port);
+    audit(port, ADMIN, r#"mytool={"query":"fail"}"#, bare_port, SIGNUP_OFF_NA);
     drop(server);
     drop(bare);
 }

@@ -1,0 +1,294 @@
+//! `POST /v1/signup` (contract 3.9): what every gateway must do before any payment is verified.
+//! Paying for real needs a chain or a payment processor; the end-to-end suites do that. These
+//! scenarios only send payments that must be refused, so an audit never spends or mints.
+
+use anyhow::{Result, ensure};
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use serde_json::{Value, json};
+
+use super::client::{Client, Reply};
+use super::scenarios::{Outcome, Scenario};
+
+const PATH: &str = "/v1/signup";
+const NO_CHARGE: &str = "no charge applied";
+
+fn na(why: &str) -> Result<Outcome> {
+    Ok(Outcome::NotApplicable(why.into()))
+}
+
+fn has_rail(c: &Client, rail: &str) -> bool {
+    c.signup["rails"].as_array().is_some_and(|r| r.iter().any(|x| x == rail))
+}
+
+/// POST /v1/signup with an empty body and these headers.
+fn signup(c: &Client, headers: &[(&str, &str)]) -> Reply {
+    c.request("POST", PATH, headers, Some(b""))
+}
+
+/// The gateway's offer, or why the scenario does not apply (signup off, or its rails unconfigured).
+fn offer(c: &Client) -> std::result::Result<Reply, Outcome> {
+    if c.signup.is_null() {
+        return Err(Outcome::NotApplicable("signup is disabled on this gateway (/v1/pricing: signup null)".into()));
+    }
+    let r = signup(c, &[]);
+    if r.status == 503 && r.code() == "signup_unavailable" {
+        let msg = r.json()["error"]["message"].as_str().unwrap_or("").to_string();
+        return Err(Outcome::NotApplicable(format!("signup's rails are not configured here: {msg}")));
+    }
+    Ok(r)
+}
+
+macro_rules! offer_or_na {
+    ($c:expr) => {
+        match offer($c) {
+            Ok(r) => r,
+            Err(o) => return Ok(o),
+        }
+    };
+}
+
+/// A refusal before any payment: the status, the code, the note, and the offer carried again.
+fn refused(r: &Reply, status: u16, code: &str) -> Result<Outcome> {
+    ensure!(r.status == status && r.code() == code, "expected {status} {code}, got {}", r.brief());
+    ensure!(r.body.contains(NO_CHARGE), "{} without \"note\": \"{NO_CHARGE}\": {}", r.status, r.body);
+    ensure!(r.json()["key"].is_null(), "a refused signup returned a key");
+    Ok(Outcome::Pass(r.brief()))
+}
+
+fn decode_required(r: &Reply) -> Result<Value> {
+    let raw = r.header("payment-required").ok_or_else(|| anyhow::anyhow!("402 without PAYMENT-REQUIRED"))?;
+    let bytes = STANDARD.decode(raw.trim()).map_err(|e| anyhow::anyhow!("PAYMENT-REQUIRED is not standard base64: {e}"))?;
+    serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("PAYMENT-REQUIRED is not JSON: {e}"))
+}
+
+/// `Payment k="v", …` → the parameters.
+fn auth_params(header: &str) -> Option<Vec<(String, String)>> {
+    let rest = header.trim().strip_prefix("Payment ")?;
+    let mut out = Vec::new();
+    for part in rest.split(", ") {
+        let (k, v) = part.split_once('=')?;
+        out.push((k.trim().to_string(), v.trim().trim_matches('"').to_string()));
+    }
+    Some(out)
+}
+
+fn challenges(r: &Reply) -> Vec<Vec<(String, String)>> {
+    r.headers
+        .get_all("www-authenticate")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(auth_params)
+        .collect()
+}
+
+fn param<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    p.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
+}
+
+pub fn scenarios() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "signup.pricing",
+            expect: "/v1/pricing says whether a signup is sold: null, or its price, balance, scopes and rails",
+            run: |c, _| {
+                let s = &c.signup;
+                if s.is_null() {
+                    return Ok(Outcome::Pass("signup: null".into()));
+                }
+                ensure!(s["path"] == PATH, "signup.path {}", s["path"]);
+                ensure!(s["price_mcents"].as_u64().is_some_and(|p| p >= 1), "signup.price_mcents {}", s["price_mcents"]);
+                ensure!(s["balance_mcents"].as_u64().is_some_and(|p| p >= 1), "signup.balance_mcents {}", s["balance_mcents"]);
+                ensure!(s["scopes"].as_array().is_some_and(|a| !a.is_empty()), "signup.scopes {}", s["scopes"]);
+                let rails = s["rails"].as_array().cloned().unwrap_or_default();
+                ensure!(!rails.is_empty() && rails.iter().all(|r| r == "x402" || r == "mpp"), "signup.rails {}", s["rails"]);
+                Ok(Outcome::Pass(format!("{s}")))
+            },
+        },
+        Scenario {
+            name: "signup.disabled",
+            expect: "with signup disabled, POST /v1/signup → 404 not_found",
+            run: |c, _| {
+                if !c.signup.is_null() {
+                    return na("signup is enabled on this gateway");
+                }
+                let r = signup(c, &[]);
+                ensure!(r.status == 404 && r.code() == "not_found", "got {}", r.brief());
+                Ok(Outcome::Pass(r.brief()))
+            },
+        },
+        Scenario {
+            name: "signup.payment_required",
+            expect: "POST /v1/signup without a payment → 402 payment_required, no-store, the price, no key",
+            run: |c, _| {
+                let r = offer_or_na!(c);
+                refused(&r, 402, "payment_required")?;
+                let cc = r.header("cache-control").unwrap_or_default();
+                ensure!(cc.contains("no-store"), "Cache-Control {cc:?}");
+                let v = r.json();
+                ensure!(v["price_mcents"] == c.signup["price_mcents"], "body price_mcents {} ≠ pricing's {}", v["price_mcents"], c.signup["price_mcents"]);
+                ensure!(v["balance_mcents"] == c.signup["balance_mcents"], "body balance_mcents {}", v["balance_mcents"]);
+                Ok(Outcome::Pass(r.brief()))
+            },
+        },
+        Scenario {
+            name: "signup.x402_offer",
+            expect: "the 402 carries PAYMENT-REQUIRED (base64 x402 v2, scheme exact) and the same accepts in the body",
+            run: |c, _| {
+                if !has_rail(c, "x402") {
+                    return na("no x402 rail");
+                }
+                let r = offer_or_na!(c);
+                let req = decode_required(&r)?;
+                ensure!(req["x402Version"] == 2, "x402Version {}", req["x402Version"]);
+                let accepts = req["accepts"].as_array().cloned().unwrap_or_default();
+                ensure!(!accepts.is_empty(), "no accepts");
+                for a in &accepts {
+                    ensure!(a["scheme"] == "exact", "scheme {}", a["scheme"]);
+                    ensure!(a["network"].as_str().is_some_and(|n| n.starts_with("eip155:")), "network {}", a["network"]);
+                    ensure!(a["amount"].as_str().is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())), "amount {}", a["amount"]);
+                    ensure!(a["payTo"].as_str().is_some_and(|n| n.len() == 42), "payTo {}", a["payTo"]);
+                }
+                ensure!(r.json()["accepts"] == req["accepts"], "body accepts differ from the header's");
+                ensure!(req["resource"]["url"].as_str().is_some_and(|u| u.ends_with(PATH)), "resource {}", req["resource"]);
+                Ok(Outcome::Pass(format!("{} offer(s), amount {}", accepts.len(), accepts[0]["amount"])))
+            },
+        },
+        Scenario {
+            name: "signup.mpp_offer",
+            expect: "the 402 carries one WWW-Authenticate: Payment per MPP method (id, realm, method, intent charge, request, expires)",
+            run: |c, _| {
+                if !has_rail(c, "mpp") {
+                    return na("no MPP rail");
+                }
+                let r = offer_or_na!(c);
+                let ch = challenges(&r);
+                ensure!(!ch.is_empty(), "no WWW-Authenticate: Payment header");
+                let mut methods = Vec::new();
+                for p in &ch {
+                    for k in ["id", "realm", "method", "intent", "request", "expires"] {
+                        ensure!(param(p, k).is_some_and(|v| !v.is_empty()), "challenge without {k}: {p:?}");
+                    }
+                    ensure!(param(p, "intent") == Some("charge"), "intent {:?}", param(p, "intent"));
+                    methods.push(param(p, "method").unwrap_or_default().to_string());
+                }
+                let mut uniq = methods.clone();
+                uniq.sort();
+                uniq.dedup();
+                ensure!(uniq.len() == methods.len(), "one challenge per method, got {methods:?}");
+                Ok(Outcome::Pass(format!("methods {methods:?}")))
+            },
+        },
+        Scenario {
+            name: "signup.x402_malformed",
+            expect: "a PAYMENT-SIGNATURE that is not base64 JSON → 402 payment_invalid, nothing minted",
+            run: |c, _| {
+                if !has_rail(c, "x402") {
+                    return na("no x402 rail");
+                }
+                offer_or_na!(c);
+                let r = signup(c, &[("PAYMENT-SIGNATURE", "%%% not base64 %%%")]);
+                refused(&r, 402, "payment_invalid")?;
+                decode_required(&r)?;
+                Ok(Outcome::Pass(r.brief()))
+            },
+        },
+        Scenario {
+            name: "signup.x402_other_offer",
+            expect: "a signed payload for another offer (accepted.amount = \"1\") → 402 payment_invalid before any facilitator",
+            run: |c, _| {
+                if !has_rail(c, "x402") {
+                    return na("no x402 rail");
+                }
+                let r = offer_or_na!(c);
+                let req = decode_required(&r)?;
+                let mut accepted = req["accepts"][0].clone();
+                accepted["amount"] = json!("1");
+                let from = format!("0x{}", "1".repeat(40));
+                let payload = json!({
+                    "x402Version": 2, "resource": req["resource"], "accepted": accepted,
+                    "payload": {"signature": format!("0x{}", "ab".repeat(65)), "authorization": {
+                        "from": from, "to": accepted["payTo"], "value": "1", "validAfter": "0",
+                        "validBefore": "99999999999", "nonce": format!("0x{}", "00".repeat(32))}}
+                });
+                let header = STANDARD.encode(payload.to_string());
+                let r = signup(c, &[("PAYMENT-SIGNATURE", &header)]);
+                refused(&r, 402, "payment_invalid")
+            },
+        },
+        Scenario {
+            name: "signup.mpp_tampered",
+            expect: "an MPP credential whose challenge was altered (amount) → 402 payment_invalid, nothing minted",
+            run: |c, _| {
+                if !has_rail(c, "mpp") {
+                    return na("no MPP rail");
+                }
+                let r = offer_or_na!(c);
+                let ch = challenges(&r);
+                let p = ch.first().ok_or_else(|| anyhow::anyhow!("no challenge"))?;
+                let request = param(p, "request").unwrap_or_default();
+                let decoded: Value = URL_SAFE_NO_PAD
+                    .decode(request)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .ok_or_else(|| anyhow::anyhow!("request is not base64url JSON: {request}"))?;
+                let mut cheaper = decoded.clone();
+                cheaper["amount"] = json!("0.00001");
+                let challenge = json!({
+                    "id": param(p, "id"), "realm": param(p, "realm"), "method": param(p, "method"),
+                    "intent": param(p, "intent"), "expires": param(p, "expires"),
+                    "request": URL_SAFE_NO_PAD.encode(cheaper.to_string()),
+                });
+                let cred = URL_SAFE_NO_PAD.encode(json!({"challenge": challenge, "payload": {}}).to_string());
+                let r = signup(c, &[("Authorization", &format!("Payment {cred}"))]);
+                refused(&r, 402, "payment_invalid")
+            },
+        },
+        Scenario {
+            name: "signup.two_credentials",
+            expect: "two payment credentials on one request → 400 invalid_payment",
+            run: |c, _| {
+                offer_or_na!(c);
+                let r = signup(c, &[("PAYMENT-SIGNATURE", "e30="), ("X-PAYMENT", "e30=")]);
+                refused(&r, 400, "invalid_payment")
+            },
+        },
+        Scenario {
+            name: "signup.idempotency_key_syntax",
+            expect: "an Idempotency-Key that is too short → 400 invalid_input, before any payment",
+            run: |c, _| {
+                offer_or_na!(c);
+                let r = signup(c, &[("Idempotency-Key", "short")]);
+                refused(&r, 400, "invalid_input")
+            },
+        },
+        Scenario {
+            name: "signup.body_cannot_buy_more",
+            expect: "a body asking for its own balance or scopes → 400 invalid_input (the manifest decides)",
+            run: |c, _| {
+                offer_or_na!(c);
+                let r = c.post(PATH, &[], r#"{"balance_mcents": 100000000, "scopes": ["admin"]}"#);
+                refused(&r, 400, "invalid_input")
+            },
+        },
+        Scenario {
+            name: "signup.cors",
+            expect: "OPTIONS /v1/signup allows the payment headers; responses expose the payment headers",
+            run: |c, _| {
+                offer_or_na!(c);
+                let pre = c.request("OPTIONS", PATH, &[("Origin", "https://agent.example"), ("Access-Control-Request-Method", "POST"), ("Access-Control-Request-Headers", "payment-signature,idempotency-key")], None);
+                ensure!(pre.status == 204, "preflight {}", pre.brief());
+                let allow = pre.header("access-control-allow-headers").unwrap_or_default().to_ascii_lowercase();
+                for h in ["payment-signature", "x-payment", "idempotency-key", "authorization"] {
+                    ensure!(allow.contains(h), "Allow-Headers {allow:?} lacks {h}");
+                }
+                let r = signup(c, &[("Origin", "https://agent.example")]);
+                let expose = r.header("access-control-expose-headers").unwrap_or_default().to_ascii_lowercase();
+                for h in ["payment-required", "payment-response", "x-payment-response", "www-authenticate", "payment-receipt"] {
+                    ensure!(expose.contains(h), "Expose-Headers {expose:?} lacks {h}");
+                }
+                Ok(Outcome::Pass(pre.brief()))
+            },
+        },
+    ]
+}
