@@ -594,6 +594,45 @@ mod tests {
     }
 
     #[test]
+    fn signup_rails_are_validated_with_fixes() {
+        let on = BASE.replace("enabled = false", "enabled = true").replace("scopes = []", "scopes = [\"example\"]");
+        let (_, m) = load(&on);
+        assert_eq!(m.problems(), vec!["signup: a signup needs a payment rail; add a [signup.x402] table, a [signup.mpp] table, or both".to_string()]);
+
+        let bad = format!("{on}\n[signup.x402]\nnetwork = \"base\"\nasset = \"0x12\"\npay_to = \"nope\"\nasset_decimals = 4\nfacilitator_url = \"ftp://x\"\n[signup.mpp]\nmethods = [\"tempo/session\"]\n");
+        let (_, m) = load(&bad);
+        let p = m.problems().join("\n");
+        for needle in [
+            "signup.x402.network: \"base\" must be a CAIP-2 EVM network such as \"eip155:8453\"",
+            "signup.x402.asset: \"0x12\" must be the token contract's 0x address",
+            "signup.x402.pay_to: \"nope\" must be a 0x address (40 hex digits), or empty to use the X402_PAY_TO secret",
+            "signup.x402.asset_decimals: 4 is out of range; use 5 to 18 (USDC: 6)",
+            "signup.x402.facilitator_url: \"ftp://x\" must be an http(s) URL",
+            "signup.mpp.methods: unknown method \"tempo/session\"; use tempo/charge, stripe/charge",
+        ] {
+            assert!(p.contains(needle), "missing {needle:?} in:\n{p}");
+        }
+
+        // The commented-out rail tables of the default manifest are valid as written.
+        let uncommented: String = on
+            .lines()
+            .map(|l| if l.starts_with("# [signup.") || l.starts_with("# network") || l.starts_with("# asset") || l.starts_with("# pay_to") || l.starts_with("# facilitator_url") || l.starts_with("# max_timeout") || l.starts_with("# methods") || l.starts_with("# realm") || l.starts_with("# challenge_ttl") { l[2..].to_string() } else { l.to_string() })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let (_, m) = load(&uncommented);
+        assert_eq!(m.problems(), Vec::<String>::new(), "{uncommented}");
+        assert!(m.signup.x402.is_some() && m.signup.mpp.is_some());
+    }
+
+    #[test]
+    fn x402_amounts_are_exact_base_units() {
+        assert_eq!(x402_amount(100_000, 6), "1000000"); // $1.00 of USDC
+        assert_eq!(x402_amount(1, 6), "10");
+        assert_eq!(x402_amount(1, 5), "1");
+        assert_eq!(x402_amount(MAX_SAFE_INTEGER, 18), "90071992547409910000000000000");
+    }
+
+    #[test]
     fn all_problems_are_reported_with_fixes() {
         let text = BASE
             .replace("price_mcents = 100\n", "price_mcents = 0\n")
