@@ -2,6 +2,7 @@
 //! children, and a minimal HTTP/1.1 client.
 #![allow(dead_code)]
 
+pub mod chain;
 pub mod node;
 
 use std::io::{Read, Write};
