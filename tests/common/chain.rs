@@ -113,6 +113,22 @@ impl Chain {
     }
 }
 
+/// Runs tests/chain/selftest.mjs (its own chain; payments sent to the facilitator directly, balances
+/// read on chain, replays and bad authorizations refused); panics with its report on failure.
+pub fn run_selftest() {
+    super::node::require_node();
+    install();
+    let out = Command::new("node")
+        .current_dir(harness_dir())
+        .arg("selftest.mjs")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run node selftest.mjs");
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("{report}");
+    assert!(out.status.success(), "the chain harness self-test failed ({}):\n{report}", out.status);
+}
+
 /// `npm ci` of tests/chain, once per lockfile: a marker in node_modules records the lockfile it was
 /// installed from, and a lock directory keeps test binaries running at the same time from
 /// installing together.
