@@ -43,13 +43,20 @@ fn services() -> Vec<(&'static str, String)> {
 #[test]
 #[ignore = "builds a generated Rust project (minutes); run with --include-ignored"]
 fn axum_project_builds_locked_and_passes_its_own_tests() {
+    // Signups are sold over x402 on a local chain (paid for real below). The MPP rail's tempo and
+    // stripe methods are Cargo features left off by default; the project's own tests pay over MPP
+    // with a test method.
+    let chain = common::chain::Chain::start();
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("api");
     let status = cli().arg(&dir).args(["-t", "axum", "-y", "--no-git"]).status().unwrap();
     assert!(status.success());
     assert!(dir.join("Cargo.lock").exists(), "the template ships a Cargo.lock");
 
+    // The default project (signup off), then the same project selling signups.
     cargo(&dir, &["build", "--locked", "--all-targets"], &[]);
+    cargo(&dir, &["test", "--locked"], &[]);
+    enable_signup(&dir, &chain.manifest_toml());
     cargo(&dir, &["test", "--locked"], &[]);
     let svc = services();
     let svc_env: Vec<(&str, &str)> = svc.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -85,7 +92,8 @@ fn axum_project_builds_locked_and_passes_its_own_tests() {
     assert_eq!(header(&headers, "x-charged-mcents"), Some("250".into()), "{headers}");
     assert_eq!(header(&headers, "x-balance-mcents"), Some("750".into()));
 
-    audit(port, ADMIN, r#"mytool={"query":"fail"}"#, bare_port, SIGNUP_OFF_NA);
+    chain.run_signup_checks(port, "mcp_");
+    audit(port, ADMIN, r#"mytool={"query":"fail"}"#, bare_port, SIGNUP_X402_NA);
     drop(server);
     drop(bare);
 }

@@ -8,5 +8,5 @@ mod common;
 #[test]
 #[ignore = "needs Node.js >= 20 and npm; run with --include-ignored"]
 fn worker_project_installs_typechecks_and_passes_its_own_tests() {
-    common::node::workers_project_end_to_end("worker");
+    common::node::workers_project_end_to_end("worker", true);
 }

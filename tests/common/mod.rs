@@ -22,6 +22,19 @@ pub fn run(mut c: Command, what: &str) {
     eprintln!("e2e: {what} ok in {:.1}s", started.elapsed().as_secs_f64());
 }
 
+/// Turns on signup in the project at `dir` (scopes ["example"]) with the given rail tables appended
+/// to its mcpay.toml, and regenerates it with `create-mcpay sync`.
+#[allow(dead_code)]
+pub fn enable_signup(dir: &std::path::Path, rails: &str) {
+    let path = dir.join("mcpay.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("enabled = false") && text.contains("scopes = []"), "unexpected default manifest:\n{text}");
+    let text = text.replacen("enabled = false", "enabled = true", 1).replacen("scopes = []", "scopes = [\"example\"]", 1);
+    std::fs::write(&path, format!("{text}\n{rails}")).unwrap();
+    let out = cli().current_dir(dir).arg("sync").output().unwrap();
+    assert!(out.status.success(), "sync after enabling signup: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// The audit scenarios that cannot apply to a gateway with signup disabled.
 #[allow(dead_code)]
 pub const SIGNUP_OFF_NA: &[&str] = &[
@@ -29,9 +42,12 @@ pub const SIGNUP_OFF_NA: &[&str] = &[
     "signup.x402_other_offer", "signup.mpp_tampered", "signup.two_credentials",
     "signup.idempotency_key_syntax", "signup.body_cannot_buy_more", "signup.cors",
 ];
-/// ... and with signup enabled (both rails configured).
+/// ... with signup enabled and both rails configured.
 #[allow(dead_code)]
 pub const SIGNUP_ON_NA: &[&str] = &["signup.disabled"];
+/// ... with signup enabled on the x402 rail only.
+#[allow(dead_code)]
+pub const SIGNUP_X402_NA: &[&str] = &["signup.disabled", "signup.mpp_offer", "signup.mpp_tampered"];
 
 /// Runs the audit against a gateway; every scenario must pass except those named in `not_applicable`,
 /// which must be reported n/a (and no others).

@@ -40,15 +40,20 @@ pub fn require_node() {
 
 /// Generate a project of `target`, install it once, type-check it and run its own suite in workerd;
 /// add an endpoint and do it again; then serve it with `wrangler dev`, pay for a call to the new
-/// endpoint over real HTTP and run the whole audit against it.
-pub fn workers_project_end_to_end(target: &str) {
+/// endpoint over real HTTP and run the whole audit against it. With `signup`, the project sells
+/// signups over x402 (on a local chain, paid for real) and MPP (tempo and stripe offers).
+pub fn workers_project_end_to_end(target: &str, signup: bool) {
     require_node();
+    let chain = signup.then(super::chain::Chain::start);
     let t = tempfile::tempdir().unwrap();
     let xdg = t.path().join("xdg");
     std::fs::create_dir_all(&xdg).unwrap();
     let dir = t.path().join("demo");
     let status = cli().arg(&dir).args(["-t", target, "-y", "--no-git"]).status().unwrap();
     assert!(status.success());
+    if let Some(chain) = &chain {
+        enable_signup(&dir, &format!("{}\n[signup.mpp]\nmethods = [\"tempo/charge\", \"stripe/charge\"]\n", chain.manifest_toml()));
+    }
 
     npm(&dir, &xdg, &["ci", "--no-audit", "--no-fund"]);
     npm(&dir, &xdg, &["run", "typecheck"]);
@@ -65,9 +70,9 @@ pub fn workers_project_end_to_end(target: &str) {
 
     // Serve it for real: one instance with an ADMIN_KEY, one without (for the 503 scenario).
     let port = free_port();
-    let mut server = wrangler_dev(&dir, &xdg, port, Some(ADMIN), &t.path().join("state-a"));
+    let mut server = wrangler_dev(&dir, &xdg, port, Some(ADMIN), &t.path().join("state-a"), MPP_VARS);
     let bare_port = free_port();
-    let mut bare = wrangler_dev(&dir, &xdg, bare_port, None, &t.path().join("state-b"));
+    let mut bare = wrangler_dev(&dir, &xdg, bare_port, None, &t.path().join("state-b"), &[]);
     wait_ready(port, &mut server);
     wait_ready(bare_port, &mut bare);
 
@@ -95,8 +100,11 @@ pub fn workers_project_end_to_end(target: &str) {
     let (_, _, body) = http(port, "GET", "/v1/me", &[("Authorization", &auth)], "");
     assert!(body.contains("\"balance_mcents\":750"), "{body}");
 
-    // The whole attack suite, with nothing left out.
-    audit(port, ADMIN, r#"mytool={"query":"fail"}"#, bare_port, SIGNUP_OFF_NA);
+    // Signups paid for real on the local chain, then the whole attack suite, with nothing left out.
+    if let Some(chain) = &chain {
+        chain.run_signup_checks(port, "mcp_");
+    }
+    audit(port, ADMIN, r#"mytool={"query":"fail"}"#, bare_port, if signup { SIGNUP_ON_NA } else { SIGNUP_OFF_NA });
     drop(server);
     drop(bare);
 }
@@ -115,7 +123,16 @@ export const handler: Handler<MytoolInput> = {
 };
 "#;
 
-fn wrangler_dev(dir: &Path, xdg: &Path, port: u16, admin: Option<&str>, state: &Path) -> Server {
+/// The MPP secrets of the served signup (offers only: no Tempo chain or Stripe account is reachable
+/// offline, so no MPP payment completes here; the projects' own suites pay with a test method).
+const MPP_VARS: &[(&str, &str)] = &[
+    ("MPP_SECRET_KEY", "e2e-mpp-secret-0123456789abcdef0123456789abcdef"),
+    ("TEMPO_RECIPIENT", "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"),
+    ("STRIPE_SECRET_KEY", "sk_test_e2e_offline"),
+    ("STRIPE_NETWORK_ID", "e2e-network"),
+];
+
+fn wrangler_dev(dir: &Path, xdg: &Path, port: u16, admin: Option<&str>, state: &Path, vars: &[(&str, &str)]) -> Server {
     let wrangler = dir.join("node_modules/.bin/wrangler");
     let mut dev = node_cmd(wrangler.to_str().unwrap(), dir, xdg);
     // Every instance gets its own inspector port too (the default, 9229, is shared and races).
@@ -130,6 +147,9 @@ fn wrangler_dev(dir: &Path, xdg: &Path, port: u16, admin: Option<&str>, state: &
     dev.stdout(log.try_clone().unwrap()).stderr(log);
     if let Some(key) = admin {
         dev.args(["--var", &format!("ADMIN_KEY:{key}")]);
+    }
+    for (k, v) in vars {
+        dev.args(["--var", &format!("{k}:{v}")]);
     }
     Server::spawn_logged(dev, Some(log_path))
 }
