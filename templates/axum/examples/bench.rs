@@ -137,6 +137,7 @@ async fn main() {
         seed_started.elapsed().as_secs_f64()
     );
 
+    gateway::signup::install_tls_provider();
     let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap();
     let c = client.clone();
     let health_url = format!("{url}/v1/health");

@@ -15,7 +15,8 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use crate::body::read_json;
-use crate::generated::{Endpoint, GATEWAY, PROJECT_NAME, PROJECT_VERSION};
+use crate::config::SignupSettings;
+use crate::generated::{Endpoint, GATEWAY, PROJECT_NAME, PROJECT_VERSION, SIGNUP};
 use crate::handler::{Call, Context, Handlers, Reply};
 use crate::http::{ApiError, add_cors, json_response, set_header, strip_cors};
 use crate::keys::{BearerError, generate_api_key, generate_key_id, parse_bearer, secrets_equal, sha256_hex};
@@ -23,6 +24,7 @@ use crate::levels::{badges_for, level_for};
 use crate::mint::parse_mint_input;
 use crate::ratelimit::{Acquire, RateLimiter};
 use crate::shape::{check_shape, normalize_integers};
+use crate::signup::{Signup, pricing_entry};
 use crate::store::{ChargeOutcome, KeyRow, MintOutcome, NewKey, Store};
 
 const LEDGER_DEFAULT: i64 = 50;
@@ -36,11 +38,25 @@ pub struct AppState {
     /// None or empty: the admin API is disabled (503).
     pub admin_key: Option<String>,
     pub handlers: Arc<dyn Handlers>,
+    /// The payment rails of POST /v1/signup (see [`crate::signup`]).
+    pub signup: Signup,
 }
 
 impl AppState {
+    /// A state whose signup rails come from mcpay.toml and the environment.
     pub fn new(store: Store, limiter: RateLimiter, admin_key: Option<String>, handlers: Arc<dyn Handlers>) -> Arc<Self> {
-        Arc::new(AppState { store, limiter, admin_key, handlers })
+        let signup = Signup::from_settings(&SignupSettings::from_env());
+        AppState::with_signup(store, limiter, admin_key, handlers, signup)
+    }
+
+    pub fn with_signup(
+        store: Store,
+        limiter: RateLimiter,
+        admin_key: Option<String>,
+        handlers: Arc<dyn Handlers>,
+        signup: Signup,
+    ) -> Arc<Self> {
+        Arc::new(AppState { store, limiter, admin_key, handlers, signup })
     }
 }
 
@@ -56,6 +72,7 @@ enum Route {
     Ledger,
     Leaderboard,
     Mint,
+    Signup,
     Paid(Endpoint),
 }
 
@@ -68,13 +85,14 @@ impl Route {
             "/v1/me/ledger" => Route::Ledger,
             "/v1/leaderboard" => Route::Leaderboard,
             "/v1/admin/mint" => Route::Mint,
+            "/v1/signup" if SIGNUP.enabled => Route::Signup,
             _ => Route::Paid(Endpoint::from_name(path.strip_prefix("/v1/")?)?),
         })
     }
 
     fn method(self) -> Method {
         match self {
-            Route::Mint | Route::Paid(_) => Method::POST,
+            Route::Mint | Route::Signup | Route::Paid(_) => Method::POST,
             _ => Method::GET,
         }
     }
@@ -88,6 +106,7 @@ impl Route {
             Route::Ledger => "/v1/me/ledger",
             Route::Leaderboard => "/v1/leaderboard",
             Route::Mint => "/v1/admin/mint",
+            Route::Signup => crate::signup::PATH,
             Route::Paid(ep) => ep.path(),
         }
     }
@@ -153,6 +172,7 @@ async fn dispatch(app: &Arc<AppState>, route: Option<Route>, req: Request, reque
         Route::Ledger => ledger(app, req.headers(), req.uri().query()).await,
         Route::Leaderboard => leaderboard(app).await,
         Route::Mint => mint(app, req, request_id).await,
+        Route::Signup => crate::signup::signup(app, req, request_id).await,
         Route::Paid(ep) => paid(app, ep, req, request_id).await,
     }
 }
@@ -210,7 +230,10 @@ fn pricing() -> Response {
             })
         })
         .collect();
-    json_response(StatusCode::OK, &json!({ "ok": true, "unit": "mcents", "mcents_per_cent": 1000, "endpoints": endpoints }))
+    json_response(
+        StatusCode::OK,
+        &json!({ "ok": true, "unit": "mcents", "mcents_per_cent": 1000, "signup": pricing_entry(), "endpoints": endpoints }),
+    )
 }
 
 #[derive(Serialize)]

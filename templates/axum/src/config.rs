@@ -17,6 +17,58 @@ pub struct Config {
     pub redis_prefix: String,
     /// BIND (host, or host:port) and PORT. Default 127.0.0.1:8080.
     pub bind: SocketAddr,
+    /// Secrets and settings of the signup payment rails (POST /v1/signup).
+    pub signup: SignupSettings,
+}
+
+/// The environment of the signup rails ([signup] in mcpay.toml). A configured rail whose
+/// settings are missing makes POST /v1/signup answer 503 signup_unavailable, naming them.
+#[derive(Clone, Default)]
+pub struct SignupSettings {
+    /// X402_FACILITATOR_URL: overrides `[signup.x402] facilitator_url`.
+    pub x402_facilitator_url: Option<String>,
+    /// X402_PAY_TO: overrides `[signup.x402] pay_to` (required when that is empty).
+    pub x402_pay_to: Option<String>,
+    /// MPP_SECRET_KEY: binds MPP challenge ids (HMAC-SHA256), at least 32 bytes.
+    pub mpp_secret_key: Option<String>,
+    /// TEMPO_RECIPIENT (required for tempo/charge), TEMPO_CURRENCY and TEMPO_RPC_URL (optional).
+    pub tempo_recipient: Option<String>,
+    pub tempo_currency: Option<String>,
+    pub tempo_rpc_url: Option<String>,
+    /// STRIPE_SECRET_KEY and STRIPE_NETWORK_ID (required for stripe/charge).
+    pub stripe_secret_key: Option<String>,
+    pub stripe_network_id: Option<String>,
+}
+
+impl SignupSettings {
+    pub fn from_env() -> SignupSettings {
+        SignupSettings {
+            x402_facilitator_url: non_empty("X402_FACILITATOR_URL"),
+            x402_pay_to: non_empty("X402_PAY_TO"),
+            mpp_secret_key: std::env::var("MPP_SECRET_KEY").ok().filter(|k| !k.is_empty()),
+            tempo_recipient: non_empty("TEMPO_RECIPIENT"),
+            tempo_currency: non_empty("TEMPO_CURRENCY"),
+            tempo_rpc_url: non_empty("TEMPO_RPC_URL"),
+            stripe_secret_key: non_empty("STRIPE_SECRET_KEY"),
+            stripe_network_id: non_empty("STRIPE_NETWORK_ID"),
+        }
+    }
+}
+
+impl std::fmt::Debug for SignupSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |v: &Option<String>| if v.is_some() { "<set>" } else { "<unset>" };
+        f.debug_struct("SignupSettings")
+            .field("x402_facilitator_url", &self.x402_facilitator_url)
+            .field("x402_pay_to", &self.x402_pay_to)
+            .field("mpp_secret_key", &set(&self.mpp_secret_key))
+            .field("tempo_recipient", &self.tempo_recipient)
+            .field("tempo_currency", &self.tempo_currency)
+            .field("tempo_rpc_url", &self.tempo_rpc_url.as_deref().map(redact_url))
+            .field("stripe_secret_key", &set(&self.stripe_secret_key))
+            .field("stripe_network_id", &self.stripe_network_id)
+            .finish()
+    }
 }
 
 // Never print secrets: Debug shows whether they are set, not their values.
@@ -27,6 +79,7 @@ impl std::fmt::Debug for Config {
             .field("database", &redact_url(&self.database_url))
             .field("redis", &self.redis_url.as_deref().map(redact_url))
             .field("bind", &self.bind)
+            .field("signup", &self.signup)
             .finish()
     }
 }
@@ -67,6 +120,7 @@ impl Config {
             redis_url: non_empty("REDIS_URL"),
             redis_prefix: non_empty("REDIS_PREFIX").unwrap_or_else(|| format!("mcpay:{PROJECT_NAME}:")),
             bind,
+            signup: SignupSettings::from_env(),
         })
     }
 }

@@ -12,8 +12,11 @@ pub const NO_CHARGE_NOTE: &str = "no charge applied";
 
 pub const CORS_HEADERS: [(&str, &str); 3] = [
     ("access-control-allow-origin", "*"),
-    ("access-control-allow-headers", "Authorization, Content-Type"),
-    ("access-control-expose-headers", "X-Request-Id, X-Charged-Mcents, X-Balance-Mcents, Retry-After"),
+    ("access-control-allow-headers", "Authorization, Content-Type, Idempotency-Key, PAYMENT-SIGNATURE, X-PAYMENT"),
+    (
+        "access-control-expose-headers",
+        "X-Request-Id, X-Charged-Mcents, X-Balance-Mcents, Retry-After, WWW-Authenticate, PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, Payment-Receipt",
+    ),
 ];
 
 /// An error answered with the contract's error shape:
@@ -26,6 +29,7 @@ pub struct ApiError {
     /// Adds "note":"no charge applied".
     pub no_charge: bool,
     pub extra: Vec<(&'static str, Value)>,
+    /// Response headers; a name listed twice is sent twice (e.g. one WWW-Authenticate per offer).
     pub headers: Vec<(HeaderName, String)>,
 }
 
@@ -45,6 +49,14 @@ fn default_message(code: &str) -> &'static str {
         "admin_disabled" => "Admin API disabled: ADMIN_KEY is not configured.",
         "invalid_admin_key" => "Invalid admin key.",
         "handler_failed" => "The endpoint handler failed.",
+        "payment_required" => "Payment required.",
+        "payment_invalid" => "The payment credential is not valid for this offer.",
+        "payment_failed" => "The payment could not be settled.",
+        "invalid_payment" => "Send at most one payment credential.",
+        "payment_already_used" => "This payment already bought a key.",
+        "payment_in_progress" => "This payment is being processed by another request; retry shortly.",
+        "payment_unavailable" => "The payment service is unavailable; nothing was charged.",
+        "signup_unavailable" => "Signup is not configured on this server.",
         _ => "Internal error.",
     }
 }
@@ -104,9 +116,15 @@ impl ApiError {
         }
         let mut res = json_response(self.status, &Value::Object(body));
         let h = res.headers_mut();
+        let mut seen: Vec<HeaderName> = Vec::new();
         for (name, value) in self.headers {
             if let Ok(v) = HeaderValue::from_str(&value) {
-                h.insert(name, v);
+                if seen.contains(&name) {
+                    h.append(name, v);
+                } else {
+                    seen.push(name.clone());
+                    h.insert(name, v);
+                }
             }
         }
         if self.status == StatusCode::UNAUTHORIZED {

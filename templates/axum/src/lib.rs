@@ -12,6 +12,7 @@ pub mod levels;
 pub mod mint;
 pub mod ratelimit;
 pub mod shape;
+pub mod signup;
 pub mod store;
 
 use std::future::Future;
@@ -21,6 +22,7 @@ pub use app::{AppState, router};
 pub use config::Config;
 pub use generated::handlers::GeneratedHandlers;
 pub use ratelimit::RateLimiter;
+pub use signup::Signup;
 pub use store::Store;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -36,7 +38,8 @@ pub async fn state_from_config(config: &Config) -> Result<Arc<AppState>, BoxErro
             .map_err(|e| format!("redis {}: {e}", config::redact_url(url)))?,
         None => RateLimiter::local(),
     };
-    Ok(AppState::new(store, limiter, config.admin_key.clone(), Arc::new(GeneratedHandlers)))
+    let signup = Signup::from_settings(&config.signup);
+    Ok(AppState::with_signup(store, limiter, config.admin_key.clone(), Arc::new(GeneratedHandlers), signup))
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then finishes in-flight requests.
@@ -73,6 +76,7 @@ pub async fn shutdown_signal() {
 
 /// The whole server: configuration → store → limiter → HTTP, with graceful shutdown.
 pub async fn run(config: Config) -> Result<(), BoxError> {
+    signup::install_tls_provider();
     let state = state_from_config(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.bind).await.map_err(|e| format!("bind {}: {e}", config.bind))?;
     tracing::info!(
@@ -81,6 +85,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         database = state.store.backend(),
         rate_limits = state.limiter.kind(),
         admin = if state.admin_key.is_some() { "enabled" } else { "disabled (set ADMIN_KEY)" },
+        signup = %state.signup.describe(),
         "listening"
     );
     let store = state.store.clone();

@@ -1,4 +1,4 @@
-//! Validation of the admin mint request body: strict types, no coercion.
+//! Validation of the admin mint and signup request bodies: strict types, no coercion.
 
 use serde_json::Value;
 
@@ -58,4 +58,21 @@ pub fn parse_mint_input(body: &Value) -> Result<MintInput, ApiError> {
         Some(_) => return Err(bad("name must be 1-32 characters of A-Z a-z 0-9 space _ . -")),
     };
     Ok(MintInput { balance_mcents: balance, scopes: unique, name })
+}
+
+/// The optional JSON body of POST /v1/signup: an object whose only field is `name` (same rule as
+/// the admin mint's `name`).
+pub fn parse_signup_input(body: &Value) -> Result<Option<String>, ApiError> {
+    let bad = |m: &str| bad(m).no_charge();
+    let Some(obj) = body.as_object() else { return Err(bad("Body must be a JSON object (or empty).")) };
+    for k in obj.keys() {
+        if k != "name" {
+            return Err(bad(&format!("Unknown field \"{}\".", k.chars().take(64).collect::<String>())));
+        }
+    }
+    match obj.get("name") {
+        None => Ok(None),
+        Some(Value::String(s)) if valid_name(s) => Ok(Some(s.clone())),
+        Some(_) => Err(bad("name must be 1-32 characters of A-Z a-z 0-9 space _ . -")),
+    }
 }

@@ -156,6 +156,83 @@ pub struct Settlement {
     pub balance_mcents: i64,
 }
 
+/// A payment a signup request wants to use (see [`Store::claim_signup`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SignupClaim<'a> {
+    /// x402 "x402:<network>:<asset>:<from>:<nonce>" or MPP "mpp:<challenge id>".
+    pub reference: &'a str,
+    /// "x402" or "mpp".
+    pub rail: &'a str,
+    /// The request id of the request that claims it.
+    pub token: &'a str,
+}
+
+/// A payment that already bought a key: what a replay needs to answer the same body again.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SignupRecord {
+    pub rail: String,
+    pub key_id: String,
+    pub idem_hash: Option<String>,
+    pub settled_ref: String,
+    pub response_header: Option<String>,
+    pub balance_mcents: i64,
+    pub scopes: String,
+    pub name: Option<String>,
+}
+
+impl SignupRecord {
+    pub fn scope_list(&self) -> Vec<String> {
+        serde_json::from_str(&self.scopes).unwrap_or_default()
+    }
+}
+
+/// A claimed payment that was settled, but whose key was never minted (the instance that
+/// settled it stopped): the next request presenting it mints without paying again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettledPayment {
+    pub settled_ref: String,
+    pub response_header: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ClaimOutcome {
+    /// The payment is now this request's to verify, settle and mint with.
+    Claimed,
+    /// This request took over a claim left behind after settlement: mint, do not pay again.
+    Resumed(SettledPayment),
+    /// The payment already bought a key.
+    Done(SignupRecord),
+    /// Another request holds the claim.
+    InProgress,
+    /// The hourly signup budget is spent; retry after this many seconds.
+    Limited { retry_after_seconds: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettleRecordOutcome {
+    Recorded,
+    /// The settled payment (same transaction / receipt) already belongs to another claim:
+    /// the key it bought, if minted yet.
+    AlreadyUsed { key_id: Option<String> },
+    /// The claim is no longer this request's.
+    Lost,
+}
+
+/// The key a signup mints, and the replay data recorded with the payment.
+#[derive(Debug, Clone)]
+pub struct SignupMint<'a> {
+    pub key: NewKey<'a>,
+    pub idem_hash: Option<&'a str>,
+}
+
+/// A pending claim older than this can be taken over (its request is gone). Longer than any
+/// verification + settlement (the facilitator calls time out well before).
+pub const SIGNUP_LEASE_MS: i64 = 10 * 60 * 1000;
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error().is_some_and(|d| d.is_unique_violation())
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -372,6 +449,193 @@ impl Store {
             insert_ledger!(tx, key_ref, now, "refund", Some(endpoint), price, balance, request_id);
             tx.commit().await?;
             Ok(Settlement { refunded: true, balance_mcents: balance })
+        })
+    }
+
+    /// Claims a payment for a signup, in one transaction serialized across instances: a payment
+    /// that already bought a key is reported (replay or refusal), a payment held by a live
+    /// request is in progress, and a new claim takes one slot of the hourly signup budget
+    /// (`per_hour`), given back when the claim is released.
+    pub async fn claim_signup(&self, c: SignupClaim<'_>, per_hour: u32) -> DbResult<ClaimOutcome> {
+        let now = now_ms();
+        with_writer!(self, p => {
+            let mut tx = p.begin().await?;
+            // Write first: takes the lock that serializes claims.
+            sqlx::query("UPDATE signup_lock SET claims = claims + 1 WHERE id = 1").execute(&mut *tx).await?;
+            let existing: Option<(String, i64, Option<String>, Option<String>)> = sqlx::query_as(
+                "SELECT state, claimed_at, settled_ref, response_header FROM signup_payments WHERE reference = $1",
+            )
+            .bind(c.reference)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match existing {
+                Some((state, _, _, _)) if state == "done" => {
+                    let record = sqlx::query_as::<_, SignupRecord>(
+                        "SELECT rail, key_id, idem_hash, settled_ref, response_header, balance_mcents, scopes, name \
+                         FROM signup_payments WHERE reference = $1",
+                    )
+                    .bind(c.reference)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    tx.rollback().await?;
+                    Ok(ClaimOutcome::Done(record))
+                }
+                Some((_, claimed_at, settled_ref, response_header)) => {
+                    if claimed_at > now - SIGNUP_LEASE_MS {
+                        tx.rollback().await?;
+                        return Ok(ClaimOutcome::InProgress);
+                    }
+                    // Left behind by a request that is gone: take it over.
+                    let taken = sqlx::query(
+                        "UPDATE signup_payments SET claim_token = $1, claimed_at = $2 \
+                         WHERE reference = $3 AND state = 'pending' AND claimed_at = $4",
+                    )
+                    .bind(c.token)
+                    .bind(now)
+                    .bind(c.reference)
+                    .bind(claimed_at)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if taken != 1 {
+                        tx.rollback().await?;
+                        return Ok(ClaimOutcome::InProgress);
+                    }
+                    tx.commit().await?;
+                    Ok(match settled_ref {
+                        Some(settled_ref) => ClaimOutcome::Resumed(SettledPayment { settled_ref, response_header }),
+                        None => ClaimOutcome::Claimed,
+                    })
+                }
+                None => {
+                    let (n, oldest): (i64, Option<i64>) =
+                        sqlx::query_as("SELECT COUNT(*), MIN(created_at) FROM signup_payments WHERE created_at > $1")
+                            .bind(now - HOUR_MS)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                    if n >= i64::from(per_hour) {
+                        tx.rollback().await?;
+                        let wait_ms = oldest.unwrap_or(now) + HOUR_MS - now;
+                        return Ok(ClaimOutcome::Limited { retry_after_seconds: ceil_seconds(wait_ms) });
+                    }
+                    let inserted = sqlx::query(
+                        "INSERT INTO signup_payments (reference, state, rail, claim_token, claimed_at, created_at) \
+                         VALUES ($1, 'pending', $2, $3, $4, $4) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(c.reference)
+                    .bind(c.rail)
+                    .bind(c.token)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if inserted != 1 {
+                        tx.rollback().await?;
+                        return Ok(ClaimOutcome::InProgress);
+                    }
+                    tx.commit().await?;
+                    Ok(ClaimOutcome::Claimed)
+                }
+            }
+        })
+    }
+
+    /// Gives a claim back after its payment failed (verification or settlement refused, or the
+    /// facilitator unreachable): the payer can retry, and the signup budget slot is free again.
+    /// A settled claim is never released.
+    pub async fn release_signup(&self, reference: &str, token: &str) -> DbResult<()> {
+        with_writer!(self, p => {
+            sqlx::query(
+                "DELETE FROM signup_payments WHERE reference = $1 AND claim_token = $2 \
+                 AND state = 'pending' AND settled_ref IS NULL",
+            )
+            .bind(reference)
+            .bind(token)
+            .execute(p)
+            .await?;
+            Ok(())
+        })
+    }
+
+    /// Records that the claimed payment settled (`receipt_key`: rail-qualified transaction or
+    /// receipt reference, unique across payments), before the key is minted.
+    pub async fn record_signup_settled(
+        &self,
+        reference: &str,
+        token: &str,
+        receipt_key: &str,
+        settled_ref: &str,
+        response_header: Option<&str>,
+    ) -> DbResult<SettleRecordOutcome> {
+        let result: DbResult<u64> = with_writer!(self, p => {
+            sqlx::query(
+                "UPDATE signup_payments SET settled_ref = $1, receipt_key = $2, response_header = $3 \
+                 WHERE reference = $4 AND claim_token = $5 AND state = 'pending'",
+            )
+            .bind(settled_ref)
+            .bind(receipt_key)
+            .bind(response_header)
+            .bind(reference)
+            .bind(token)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected())
+        });
+        match result {
+            Ok(1) => Ok(SettleRecordOutcome::Recorded),
+            Ok(_) => Ok(SettleRecordOutcome::Lost),
+            Err(e) if is_unique_violation(&e) => {
+                let key_id: Option<Option<String>> = with_writer!(self, p => {
+                    sqlx::query_scalar("SELECT key_id FROM signup_payments WHERE receipt_key = $1")
+                        .bind(receipt_key)
+                        .fetch_optional(p)
+                        .await?
+                });
+                // This claim's payment is another claim's: drop this claim (it bought nothing).
+                with_writer!(self, p => {
+                    sqlx::query("DELETE FROM signup_payments WHERE reference = $1 AND claim_token = $2 AND state = 'pending'")
+                        .bind(reference)
+                        .bind(token)
+                        .execute(p)
+                        .await?
+                        .rows_affected()
+                });
+                Ok(SettleRecordOutcome::AlreadyUsed { key_id: key_id.flatten() })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Mints the key a settled claim bought and marks the payment used, in one transaction.
+    /// Returns false (nothing written) when the claim is no longer this request's.
+    pub async fn finish_signup(&self, reference: &str, token: &str, m: &SignupMint<'_>) -> DbResult<bool> {
+        let now = now_ms();
+        let scopes = serde_json::to_string(m.key.scopes).unwrap_or_else(|_| "[]".into());
+        with_writer!(self, p => {
+            let mut tx = p.begin().await?;
+            let done = sqlx::query(
+                "UPDATE signup_payments SET state = 'done', key_id = $1, idem_hash = $2, balance_mcents = $3, \
+                 scopes = $4, name = $5, done_at = $6 \
+                 WHERE reference = $7 AND claim_token = $8 AND state = 'pending' AND settled_ref IS NOT NULL",
+            )
+            .bind(m.key.key_id)
+            .bind(m.idem_hash)
+            .bind(m.key.balance_mcents)
+            .bind(&scopes)
+            .bind(m.key.name)
+            .bind(now)
+            .bind(reference)
+            .bind(token)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if done != 1 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            insert_key!(tx, &m.key, now);
+            tx.commit().await?;
+            Ok(true)
         })
     }
 

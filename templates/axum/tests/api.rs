@@ -107,10 +107,13 @@ async fn cors_on_public_routes_only(db: &TestDb) {
     let ep = ep();
     for res in [s.get("/v1/health").await, s.get("/v1/nope").await, s.call(ep.name(), None, &sample(ep)).await] {
         assert_eq!(res.headers()["access-control-allow-origin"], "*");
-        assert_eq!(res.headers()["access-control-allow-headers"], "Authorization, Content-Type");
+        assert_eq!(
+            res.headers()["access-control-allow-headers"],
+            "Authorization, Content-Type, Idempotency-Key, PAYMENT-SIGNATURE, X-PAYMENT"
+        );
         assert_eq!(
             res.headers()["access-control-expose-headers"],
-            "X-Request-Id, X-Charged-Mcents, X-Balance-Mcents, Retry-After"
+            "X-Request-Id, X-Charged-Mcents, X-Balance-Mcents, Retry-After, WWW-Authenticate, PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, Payment-Receipt"
         );
     }
     for path in [format!("/v1/{}", ep.name()), "/v1/me".into(), "/v1/pricing".into()] {

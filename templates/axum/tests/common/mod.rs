@@ -10,7 +10,7 @@ use gateway::generated::{Endpoint, GATEWAY};
 use gateway::handler::Handlers;
 use gateway::keys::{generate_api_key, generate_key_id, sha256_hex};
 use gateway::store::NewKey;
-use gateway::{AppState, GeneratedHandlers, RateLimiter, Store};
+use gateway::{AppState, GeneratedHandlers, RateLimiter, Signup, Store};
 use serde_json::Value;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::sqlite::SqliteConnectOptions;
@@ -120,6 +120,18 @@ impl TestDb {
         TestServer::start(state).await
     }
 
+    /// A server whose POST /v1/signup uses these payment rails.
+    pub async fn server_with_signup(&self, signup: Signup) -> TestServer {
+        let state = AppState::with_signup(
+            self.new_store().await,
+            self.new_limiter().await,
+            Some(ADMIN_KEY.to_string()),
+            Arc::new(GeneratedHandlers),
+            signup,
+        );
+        TestServer::start(state).await
+    }
+
     /// Creates a key directly in the database (as the mint route does, without its hourly
     /// limit), so tests can create as many keys as they need.
     pub async fn seed_key(&self, balance: i64, scopes: &[&str], name: Option<&str>) -> SeededKey {
@@ -145,6 +157,12 @@ impl TestDb {
         for (table, sql) in [
             ("api_keys", "SELECT key_hash, key_id, COALESCE(name, ''), scopes FROM api_keys"),
             ("ledger", "SELECT kind, COALESCE(endpoint, ''), request_id FROM ledger"),
+            (
+                "signup_payments",
+                "SELECT reference, state, rail, claim_token, COALESCE(settled_ref, ''), COALESCE(receipt_key, ''), \
+                 COALESCE(response_header, ''), COALESCE(idem_hash, ''), COALESCE(key_id, ''), COALESCE(scopes, ''), \
+                 COALESCE(name, '') FROM signup_payments",
+            ),
         ] {
             let rows: Vec<Vec<String>> = match &self.store {
                 Store::Sqlite { read: p, .. } => sqlx::query(sql).fetch_all(p).await.unwrap().iter().map(row_strings_sqlite).collect(),
@@ -240,6 +258,8 @@ impl TestServer {
             .await
             .unwrap();
         });
+        // The project's reqwest uses rustls on ring: its process-wide provider must be installed.
+        gateway::signup::install_tls_provider();
         TestServer { base: format!("http://{addr}"), client: reqwest::Client::new(), stop: Some(tx) }
     }
 

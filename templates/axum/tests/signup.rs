@@ -1,0 +1,886 @@
+//! POST /v1/signup (docs/contract.md, 3.9), end to end over HTTP: the offer (402), both rails,
+//! idempotent replays, refusals, the hourly signup budget and concurrent submissions of one
+//! payment (one key, whichever instance). x402 runs against a deterministic facilitator served
+//! by this test over HTTP; MPP against deterministic `mpp::ChargeMethod`s defined here (the
+//! real chain / Stripe paths are configuration only). Every test runs on SQLite, and on
+//! PostgreSQL (+ Redis) when TEST_DATABASE_URL is set.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use common::*;
+use gateway::generated::{GATEWAY, SIGNUP};
+use gateway::keys::sha256_hex;
+use gateway::signup::{Method, MppRail, Signup, SignupMethod, derived_key};
+use mpp::protocol::core::{Base64UrlJson, PaymentChallenge, PaymentCredential, Receipt, format_authorization, parse_www_authenticate};
+use mpp::protocol::intents::ChargeRequest;
+use mpp::protocol::traits::{ChargeMethod, VerificationError};
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, mpsc};
+
+backend_tests!(
+    disabled_signup_is_not_served,
+    offer_and_request_checks,
+    unconfigured_rails_answer_503,
+    mpp_pays_replays_and_refuses,
+    mpp_concurrent_submissions_mint_once,
+    signup_budget_is_its_own,
+    x402_pays_and_replays,
+    x402_refusals,
+    x402_v1_payment,
+    x402_facilitator_failures,
+    x402_concurrent_submissions_mint_once,
+);
+
+const SECRET: &str = "test-mpp-secret-0123456789abcdef-0123456789";
+const IDEM: &str = "idem-0123456789abcdef0123456789abcdef";
+const PAY_TO: &str = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C";
+const PAYER: &str = "0x1111111111111111111111111111111111111111";
+
+// ------------------------------------------------------------------------ a test MPP method
+
+/// Makes a request wait inside verification until the test lets it go.
+struct Gate {
+    entered: mpsc::UnboundedSender<()>,
+    release: Semaphore,
+}
+
+impl Gate {
+    fn new() -> (Arc<Gate>, mpsc::UnboundedReceiver<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Arc::new(Gate { entered: tx, release: Semaphore::new(0) }), rx)
+    }
+
+    async fn pass(&self) {
+        let _ = self.entered.send(());
+        self.release.acquire().await.unwrap().forget();
+    }
+}
+
+/// A deterministic charge method: the payload `{"proof": P}` pays unless P is "bad"; the
+/// receipt reference is "ref-" + P.
+#[derive(Clone)]
+struct TestMethod {
+    name: &'static str,
+    verified: Arc<AtomicUsize>,
+    gate: Option<Arc<Gate>>,
+}
+
+impl ChargeMethod for TestMethod {
+    fn method(&self) -> &str {
+        self.name
+    }
+
+    fn verify(
+        &self,
+        credential: &PaymentCredential,
+        _request: &ChargeRequest,
+    ) -> impl Future<Output = Result<Receipt, VerificationError>> + Send {
+        let proof = credential.payload.get("proof").and_then(Value::as_str).unwrap_or("").to_string();
+        let this = self.clone();
+        async move {
+            if let Some(g) = &this.gate {
+                g.pass().await;
+            }
+            this.verified.fetch_add(1, Ordering::SeqCst);
+            if proof == "bad" || proof.is_empty() {
+                return Err(VerificationError::transaction_failed("proof refused"));
+            }
+            Ok(Receipt::success(this.name, format!("ref-{proof}")))
+        }
+    }
+}
+
+fn method_request(name: &str) -> ChargeRequest {
+    ChargeRequest {
+        amount: (SIGNUP.price_mcents * 10).to_string(),
+        currency: format!("0x{}", "c".repeat(40)),
+        recipient: Some(format!("acct-{name}")),
+        ..Default::default()
+    }
+}
+
+struct MppTest {
+    verified: Arc<AtomicUsize>,
+    gate: Option<Arc<Gate>>,
+}
+
+impl MppTest {
+    fn new() -> MppTest {
+        MppTest { verified: Arc::new(AtomicUsize::new(0)), gate: None }
+    }
+
+    fn rail(&self) -> MppRail {
+        let methods: Vec<Arc<dyn SignupMethod>> = ["alpha", "beta"]
+            .into_iter()
+            .map(|name| {
+                let m = TestMethod { name, verified: self.verified.clone(), gate: self.gate.clone() };
+                Arc::new(Method::new(m, method_request(name))) as Arc<dyn SignupMethod>
+            })
+            .collect();
+        MppRail::new(SECRET, methods).unwrap()
+    }
+}
+
+/// The first challenge of a 402 (method "alpha").
+fn challenges(res: &reqwest::Response) -> Vec<PaymentChallenge> {
+    res.headers()
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| parse_www_authenticate(v.to_str().unwrap()).unwrap())
+        .collect()
+}
+
+fn mpp_credential(challenge: &PaymentChallenge, proof: &str) -> String {
+    format_authorization(&PaymentCredential::new(challenge.to_echo(), json!({ "proof": proof }))).unwrap()
+}
+
+async fn offer(s: &TestServer) -> reqwest::Response {
+    s.client.post(s.url("/v1/signup")).send().await.unwrap()
+}
+
+async fn signup(s: &TestServer, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut req = s.client.post(s.url("/v1/signup"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
+}
+
+/// The minted key works: /v1/me shows the signup balance, scopes and name; one mint row.
+async fn assert_key_works(s: &TestServer, body: &Value, name: Option<&str>) {
+    let key = body["key"].as_str().unwrap();
+    assert!(key.starts_with(GATEWAY.key_prefix) && key.len() == GATEWAY.key_prefix.len() + 64, "{body}");
+    let me = s.me(key).await;
+    assert_eq!(me["key_id"], body["key_id"]);
+    assert_eq!(me["balance_mcents"], SIGNUP.balance_mcents);
+    assert_eq!(me["scopes"], json!(SIGNUP.scopes));
+    assert_eq!(me["name"], json!(name));
+    let ledger = s.ledger(key).await;
+    assert_eq!(ledger.len(), 1);
+    assert_eq!(ledger[0]["kind"], "mint");
+    assert_eq!(ledger[0]["amount_mcents"], SIGNUP.balance_mcents);
+}
+
+fn skip_disabled() -> bool {
+    if !SIGNUP.enabled {
+        eprintln!("[signup] is disabled in mcpay.toml: only the 404 is tested");
+    }
+    !SIGNUP.enabled
+}
+
+// ------------------------------------------------------------------------ route and offer
+
+async fn disabled_signup_is_not_served(db: &TestDb) {
+    let s = db.server().await;
+    let pricing = json_of(s.get("/v1/pricing").await).await;
+    if SIGNUP.enabled {
+        assert_eq!(
+            pricing["signup"],
+            json!({"path": "/v1/signup", "price_mcents": SIGNUP.price_mcents, "balance_mcents": SIGNUP.balance_mcents,
+                   "scopes": SIGNUP.scopes, "rails": SIGNUP.rails})
+        );
+        return;
+    }
+    assert_eq!(pricing["signup"], Value::Null);
+    expect_error(offer(&s).await, 404, "not_found", false).await;
+}
+
+async fn offer_and_request_checks(db: &TestDb) {
+    if skip_disabled() {
+        return;
+    }
+    let mpp = MppTest::new();
+    let s = db.server_with_signup(Signup::new(x402_rail(&url_of_nothing().await), Some(mpp.rail()))).await;
+
+    let res = offer(&s).await;
+    assert_eq!(res.headers()["cache-control"], "no-store");
+    assert_eq!(res.headers()["access-control-allow-origin"], "*");
+    let found = challenges(&res);
+    assert_eq!(found.len(), 2, "one WWW-Authenticate per method");
+    assert_eq!(found[0].method.as_str(), "alpha");
+    assert_eq!(found[1].method.as_str(), "beta");
+    for c in &found {
+        assert_eq!(c.intent.as_str(), "charge");
+        assert_eq!(c.realm, s.addr(), "realm: [signup.mpp] realm, or the request's host");
+        assert!(c.verify(SECRET), "HMAC-bound id");
+        assert!(!c.is_expired());
+        let req: ChargeRequest = c.request.decode().unwrap();
+        assert_eq!(req.amount, method_request(c.method.as_str()).amount);
+    }
+    let header = res.headers().get("payment-required").map(|v| v.to_str().unwrap().to_string());
+    let body = expect_error(res, 402, "payment_required", true).await;
+    assert_eq!(body["price_mcents"], SIGNUP.price_mcents);
+    assert_eq!(body["balance_mcents"], SIGNUP.balance_mcents);
+    assert_eq!(body["scopes"], json!(SIGNUP.scopes));
+    assert!(body["error"]["message"].as_str().unwrap().starts_with("Pay to sign up"));
+    if x402_configured() {
+        let header = header.expect("PAYMENT-REQUIRED");
+        let decoded = String::from_utf8(B64.decode(&header).unwrap()).unwrap();
+        assert_eq!(B64.encode(decoded.as_bytes()), header, "standard base64 with padding");
+        assert!(decoded.contains(&expected_requirement()), "the requirement, byte for byte: {decoded}");
+        let required: Value = serde_json::from_str(&decoded).unwrap();
+        assert_eq!(required["x402Version"], 2);
+        assert_eq!(required["error"], body["error"]["message"]);
+        for k in ["x402Version", "resource", "accepts", "extensions"] {
+            assert_eq!(body[k], required[k], "{k}: body and header carry the same offer");
+        }
+        assert_eq!(
+            body["resource"],
+            json!({"url": format!("http://{}/v1/signup", s.addr()), "description": body["resource"]["description"], "mimeType": "application/json"})
+        );
+        assert_eq!(body["accepts"].as_array().unwrap().len(), 1);
+        assert_eq!(body["extensions"], json!({}));
+    } else {
+        assert!(header.is_none());
+        assert!(body.get("x402Version").is_none());
+    }
+
+    // Step 3: the optional body and the Idempotency-Key; step 4: one credential.
+    let pay = mpp_credential(&found[0], "p-checks");
+    let url = s.url("/v1/signup");
+    let post = |ct: Option<&str>, body: &str| {
+        let mut r = s.client.post(&url).header("Authorization", &pay);
+        if let Some(ct) = ct {
+            r = r.header("Content-Type", ct);
+        }
+        r.body(body.to_string()).send()
+    };
+    expect_error(post(Some("text/plain"), "hi").await.unwrap(), 415, "unsupported_media_type", true).await;
+    expect_error(post(Some("application/json"), "{").await.unwrap(), 400, "invalid_json", true).await;
+    expect_error(post(Some("application/json"), r#"{"nom":"x"}"#).await.unwrap(), 400, "invalid_input", true).await;
+    expect_error(post(Some("application/json"), r#"{"name":"bad/name"}"#).await.unwrap(), 400, "invalid_input", true).await;
+    expect_error(post(Some("application/json"), "[]").await.unwrap(), 400, "invalid_input", true).await;
+    let big = format!(r#"{{"name":"{}"}}"#, "a".repeat(GATEWAY.max_body_bytes as usize));
+    expect_error(post(Some("application/json"), &big).await.unwrap(), 413, "body_too_large", true).await;
+    for bad in ["short", &"a".repeat(129), &format!("{}!", "a".repeat(40))] {
+        let res = signup(&s, &[("Authorization", &pay), ("Idempotency-Key", bad)]).await;
+        expect_error(res, 400, "invalid_input", true).await;
+    }
+    let two = s.client.post(&url).header("Authorization", &pay).header("X-PAYMENT", "e30=").send().await.unwrap();
+    expect_error(two, 400, "invalid_payment", true).await;
+    let two = s.client.post(&url).header("Authorization", format!("{pay}, {pay}")).send().await.unwrap();
+    expect_error(two, 400, "invalid_payment", true).await;
+    // Another Authorization scheme is not a payment credential.
+    let bearer = signup(&s, &[("Authorization", &format!("Bearer {}{}", GATEWAY.key_prefix, "a".repeat(64)))]).await;
+    expect_error(bearer, 402, "payment_required", true).await;
+    assert_eq!(mpp.verified.load(Ordering::SeqCst), 0, "nothing was verified");
+
+    // Routing: POST only; the preflight advertises it.
+    let res = s.get("/v1/signup").await;
+    assert_eq!(res.headers()["allow"], "POST, OPTIONS");
+    expect_error(res, 405, "method_not_allowed", false).await;
+    let res = s.client.request(reqwest::Method::OPTIONS, &url).send().await.unwrap();
+    assert_eq!(res.status(), 204);
+    assert_eq!(res.headers()["access-control-allow-methods"], "POST, OPTIONS");
+
+    // An empty body with any Content-Type (or a JSON name) is fine: this one pays.
+    let res = post(Some("application/json"), r#"{"name":"agent-7"}"#).await.unwrap();
+    assert_eq!(res.status(), 201);
+    let body = json_of(res).await;
+    assert_key_works(&s, &body, Some("agent-7")).await;
+}
+
+async fn unconfigured_rails_answer_503(db: &TestDb) {
+    if skip_disabled() {
+        return;
+    }
+    // The rails of mcpay.toml with no secret in the environment.
+    let rails = Signup::from_settings(&Default::default());
+    let readiness = rails.ready();
+    let s = db.server_with_signup(rails).await;
+    match readiness {
+        Err(message) => {
+            for res in [offer(&s).await, signup(&s, &[("Authorization", "Payment !!!")]).await] {
+                let body = expect_error(res, 503, "signup_unavailable", false).await;
+                assert_eq!(body["error"]["message"], message);
+            }
+            assert!(
+                ["X402_PAY_TO", "MPP_SECRET_KEY", "--features", "TEMPO_RECIPIENT", "STRIPE_SECRET_KEY"].iter().any(|k| message.contains(k)),
+                "names what to set: {message}"
+            );
+        }
+        // Only an x402 rail whose payee is in mcpay.toml needs no secret.
+        Ok(()) => {
+            assert!(SIGNUP.mpp.is_none() && SIGNUP.x402.is_some_and(|x| !x.pay_to.is_empty()));
+            expect_error(offer(&s).await, 402, "payment_required", true).await;
+        }
+    }
+    let err = MppRail::new("too-short", vec![]).unwrap_err();
+    assert!(err.contains("MPP_SECRET_KEY"), "{err}");
+}
+
+// ------------------------------------------------------------------------ MPP
+
+async fn mpp_pays_replays_and_refuses(db: &TestDb) {
+    if skip_disabled() {
+        return;
+    }
+    let mpp = MppTest::new();
+    let s = db.server_with_signup(Signup::new(None, Some(mpp.rail()))).await;
+    let found = challenges(&offer(&s).await);
+    let challenge = &found[1];
+
+    // Pay (method "beta") with an Idempotency-Key.
+    let pay = mpp_credential(challenge, "p1");
+    let res = signup(&s, &[("Authorization", &pay), ("Idempotency-Key", IDEM)]).await;
+    assert_eq!(res.status(), 201);
+    let receipt = res.headers().get("payment-receipt").unwrap().to_str().unwrap().to_string();
+    let receipt = mpp::parse_receipt(&receipt).unwrap();
+    assert!(receipt.is_success());
+    assert_eq!(receipt.reference, "ref-p1");
+    assert_eq!(receipt.method.as_str(), "beta");
+    let rid = res.headers()["x-request-id"].to_str().unwrap().to_string();
+    let minted = json_of(res).await;
+    assert_eq!(minted["ok"], true);
+    assert_eq!(minted["payment"], json!({"rail": "mpp", "reference": "ref-p1"}));
+    assert_eq!(minted["request_id"], rid);
+    assert_eq!(minted["name"], Value::Null);
+    // The key is derived from the Idempotency-Key and the payment reference.
+    assert_eq!(minted["key"], derived_key(IDEM, &format!("mpp:{}", challenge.id)));
+    assert_key_works(&s, &minted, None).await;
+    assert_eq!(mpp.verified.load(Ordering::SeqCst), 1);
+
+    // Replays never verify again: the same Idempotency-Key gets the same body back …
+    let res = signup(&s, &[("Authorization", &pay), ("Idempotency-Key", IDEM)]).await;
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().get("payment-receipt").is_some());
+    let replayed = json_of(res).await;
+    assert_eq!(replayed["replayed"], true);
+    for k in ["key", "key_id", "balance_mcents", "scopes", "name", "payment"] {
+        assert_eq!(replayed[k], minted[k], "{k}");
+    }
+    // … any other request is refused with the key id it bought.
+    let other = format!("{}x", &IDEM[..IDEM.len() - 1]);
+    for headers in [vec![("Authorization", pay.as_str())], vec![("Authorization", pay.as_str()), ("Idempotency-Key", other.as_str())]] {
+        let body = expect_error(signup(&s, &headers).await, 409, "payment_already_used", true).await;
+        assert_eq!(body["key_id"], minted["key_id"]);
+    }
+    assert_eq!(mpp.verified.load(Ordering::SeqCst), 1);
+
+    // Refusals: 402 payment_invalid with the MPP problem type, and the offer again.
+    let problem = |p: &str| format!("https://paymentauth.org/problems/{p}");
+    let realm = challenge.realm.clone();
+    let request = Base64UrlJson::from_typed(&method_request("alpha")).unwrap();
+    let future = mpp::expires::minutes(5);
+    let cases: Vec<(String, String)> = vec![
+        ("Payment !!!".into(), problem("malformed-credential")),
+        ("Payment e30".into(), problem("malformed-credential")),
+        // Tampered: the echoed request changed, the id did not.
+        {
+            let mut t = found[0].clone();
+            t.request = Base64UrlJson::from_typed(&ChargeRequest { amount: "1".into(), ..method_request("alpha") }).unwrap();
+            (mpp_credential(&t, "p2"), problem("invalid-challenge"))
+        },
+        // Another server's secret.
+        {
+            let c = PaymentChallenge::with_secret_key_full(
+                "another-secret-0123456789abcdef-0123", &realm, "alpha", "charge", request.clone(), Some(future.as_str()), None, None, None, None,
+            );
+            (mpp_credential(&c, "p2"), problem("invalid-challenge"))
+        },
+        // Our secret, another realm.
+        {
+            let c = PaymentChallenge::with_secret_key_full(
+                SECRET, "other.example.com", "alpha", "charge", request.clone(), Some(future.as_str()), None, None, None, None,
+            );
+            (mpp_credential(&c, "p2"), problem("invalid-challenge"))
+        },
+        // Our secret and realm, expired.
+        {
+            let c = PaymentChallenge::with_secret_key_full(
+                SECRET, &realm, "alpha", "charge", request.clone(), Some("2020-01-01T00:00:00Z"), None, None, None, None,
+            );
+            (mpp_credential(&c, "p2"), problem("payment-expired"))
+        },
+        // Our secret and realm, another price.
+        {
+            let cheap = Base64UrlJson::from_typed(&ChargeRequest { amount: "1".into(), ..method_request("alpha") }).unwrap();
+            let c = PaymentChallenge::with_secret_key_full(SECRET, &realm, "alpha", "charge", cheap, Some(future.as_str()), None, None, None, None);
+            (mpp_credential(&c, "p2"), problem("invalid-challenge"))
+        },
+        // A method that is not offered.
+        {
+            let c = PaymentChallenge::with_secret_key_full(SECRET, &realm, "gamma", "charge", request.clone(), Some(future.as_str()), None, None, None, None);
+            (mpp_credential(&c, "p2"), problem("invalid-challenge"))
+        },
+    ];
+    for (credential, expected) in cases {
+        let res = signup(&s, &[("Authorization", &credential)]).await;
+        assert_eq!(challenges(&res).len(), 2, "the offer again");
+        let body = expect_error(res, 402, "payment_invalid", true).await;
+        assert_eq!(body["problem"], expected, "{credential}");
+    }
+    assert_eq!(mpp.verified.load(Ordering::SeqCst), 1, "refused before verification");
+
+    // Refused by the method: the claim is given back, so the same challenge can be paid again.
+    let bad = mpp_credential(&found[0], "bad");
+    let body = expect_error(signup(&s, &[("Authorization", &bad)]).await, 402, "payment_invalid", true).await;
+    assert_eq!(body["problem"], problem("verification-failed"));
+    let res = signup(&s, &[("Authorization", &mpp_credential(&found[0], "p3"))]).await;
+    assert_eq!(res.status(), 201);
+    let second = json_of(res).await;
+    assert_ne!(second["key"], minted["key"]);
+    assert_key_works(&s, &second, None).await;
+    // Without an Idempotency-Key the key is random and cannot be shown again.
+    let again = signup(&s, &[("Authorization", &mpp_credential(&found[0], "p3"))]).await;
+    expect_error(again, 409, "payment_already_used", true).await;
+
+    // The same receipt bought through another challenge is the same payment.
+    let fresh = challenges(&offer(&s).await);
+    let reuse = signup(&s, &[("Authorization", &mpp_credential(&fresh[0], "p3")), ("Idempotency-Key", IDEM)]).await;
+    let body = expect_error(reuse, 409, "payment_already_used", true).await;
+    assert_eq!(body["key_id"], second["key_id"]);
+
+    // Nothing stored holds a key or an Idempotency-Key.
+    let dump = db.dump().await;
+    for secret in [minted["key"].as_str().unwrap(), second["key"].as_str().unwrap(), IDEM] {
+        assert!(!dump.contains(secret), "stored: {secret}");
+    }
+    assert!(dump.contains(&sha256_hex(IDEM)));
+}
+
+async fn mpp_concurrent_submissions_mint_once(db: &TestDb) {
+    if skip_disabled() {
+        return;
+    }
+    let (gate, mut entered) = Gate::new();
+    let mpp = MppTest { verified: Arc::new(AtomicUsize::new(0)), gate: Some(gate.clone()) };
+    // Two instances on one database.
+    let a = db.server_with_signup(Signup::new(None, Some(mpp.rail()))).await;
+    let b = db.server_with_signup(Signup::new(None, Some(mpp.rail()))).await;
+    let found = challenges(&offer(&a).await);
+    let pay = mpp_credential(&found[0], "same");
+    let first = {
+        let (client, url, pay) = (a.client.clone(), a.url("/v1/signup"), pay.clone());
+        tokio::spawn(async move {
+            client.post(url).header("Authorization", pay).header("Idempotency-Key", IDEM).send().await.unwrap()
+        })
+    };
+    entered.recv().await.unwrap();
+    // While the first request is verifying, every other submission, on either instance, loses.
+    // (Both instances serve one host, the realm of the challenge.)
+    let host = a.addr();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let s = if i % 2 == 0 { &a } else { &b };
+        let (client, url, pay, host) = (s.client.clone(), s.url("/v1/signup"), pay.clone(), host.clone());
+        tasks.push(tokio::spawn(async move {
+            client.post(url).header("Host", host).header("Authorization", pay).header("Idempotency-Key", IDEM).send().await.unwrap()
+        }));
+    }
+    for t in tasks {
+        let res = t.await.unwrap();
+        let retry: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!(retry >= 1);
+        expect_error(res, 409, "payment_in_progress", true).await;
+    }
+    gate.release.add_permits(1);
+    let res = first.await.unwrap();
+    assert_eq!(res.status(), 201);
+    let minted = json_of(res).await;
+    assert_eq!(mpp.verified.load(Ordering::SeqCst), 1, "verified once");
+    // Afterwards: the replay from the other instance.
+    gate.release.add_permits(100);
+    let res = signup(&b, &[("Host", &host), ("Authorization", &pay), ("Idempotency-Key", IDEM)]).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(json_of(res).await["key"], minted["key"]);
+    assert_eq!(mpp.verified.load(Ordering::SeqCst), 1);
+    assert_eq!(db.dump().await.matches("\"done\"").count(), 1, "one payment record");
+}
+
+async fn signup_budget_is_its_own(db: &TestDb) {
+    if skip_disabled() {
+        return;
+    }
+    let mpp = MppTest::new();
+    let mut signup_cfg = Signup::new(None, Some(mpp.rail()));
+    signup_cfg.per_hour = 2;
+    let s = db.server_with_signup(signup_cfg).await;
+    // A refused payment gives its slot back.
+    for _ in 0..3 {
+        let c = challenges(&offer(&s).await);
+        expect_error(signup(&s, &[("Authorization", &mpp_credential(&c[0], "bad"))]).await, 402, "payment_invalid", true).await;
+    }
+    let mut paid = Vec::new();
+    for proof in ["b1", "b2"] {
+        let c = challenges(&offer(&s).await);
+        let credential = mpp_credential(&c[0], proof);
+        assert_eq!(signup(&s, &[("Authorization", &credential)]).await.status(), 201);
+        paid.push(credential);
+    }
+    let fresh = challenges(&offer(&s).await);
+    let res = signup(&s, &[("Authorization", &mpp_credential(&fresh[0], "b3"))]).await;
+    let retry: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let body = expect_error(res, 429, "rate_limited", true).await;
+    assert_eq!(body["retry_after_seconds"], retry);
+    assert!((1..=3600).contains(&retry));
+    assert_eq!(mpp.verified.load(Ordering::SeqCst), 5, "the limited request was not verified");
+    // A used payment is still answered (replay check comes first).
+    expect_error(signup(&s, &[("Authorization", &paid[0])]).await, 409, "payment_already_used", true).await;
+    // The admin mint budget is separate.
+    let res = s.mint(&json!({"balance_mcents": 10, "scopes": [SIGNUP.scopes[0]]}), ADMIN_KEY).await;
+    assert_eq!(res.status(), 201);
+}
+
+// ------------------------------------------------------------------------ x402
+
+fn x402_configured() -> bool {
+    cfg!(feature = "x402") && SIGNUP.enabled && SIGNUP.x402.is_some()
+}
+
+fn skip_x402() -> bool {
+    if !x402_configured() {
+        eprintln!("no [signup.x402] in mcpay.toml (or the x402 feature is off): skipped");
+    }
+    !x402_configured()
+}
+
+/// The requirement every target emits for this manifest, byte for byte.
+fn expected_requirement() -> String {
+    let x = SIGNUP.x402.unwrap();
+    format!(
+        r#"{{"scheme":"exact","network":"{}","amount":"{}","asset":"{}","payTo":"{}","maxTimeoutSeconds":{},"extra":{{"name":"{}","version":"{}"}}}}"#,
+        x.network, x.amount, x.asset, PAY_TO, x.max_timeout_seconds, x.asset_name, x.asset_version
+    )
+}
+
+#[cfg(feature = "x402")]
+fn x402_rail(facilitator: &str) -> Option<gateway::signup::X402Rail> {
+    let cfg = SIGNUP.x402?;
+    Some(gateway::signup::X402Rail::new(&cfg, facilitator, PAY_TO).unwrap())
+}
+
+#[cfg(not(feature = "x402"))]
+fn x402_rail(_: &str) -> Option<gateway::signup::X402Rail> {
+    None
+}
+
+/// A URL nothing listens on.
+async fn url_of_nothing() -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    drop(l);
+    url
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Answer {
+    Ok,
+    /// verify: isValid false; settle: success false (HTTP 200).
+    Refuse,
+    Http500,
+}
+
+/// A deterministic facilitator: /verify and /settle over HTTP, as the x402 spec defines them.
+struct Facilitator {
+    url: String,
+    state: Arc<FacilitatorState>,
+}
+
+struct FacilitatorState {
+    verify: Mutex<Answer>,
+    settle: Mutex<Answer>,
+    calls: Mutex<Vec<(&'static str, Value)>>,
+    gate: Option<Arc<Gate>>,
+}
+
+type Reply = (StatusCode, [(&'static str, &'static str); 1], String);
+
+fn reply(status: StatusCode, body: Value) -> Reply {
+    (status, [("content-type", "application/json")], body.to_string())
+}
+
+async fn facilitator_verify(State(st): State<Arc<FacilitatorState>>, body: Bytes) -> Reply {
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    st.calls.lock().unwrap().push(("verify", body.clone()));
+    if let Some(g) = &st.gate {
+        g.pass().await;
+    }
+    let from = body["paymentPayload"]["payload"]["authorization"]["from"].clone();
+    match *st.verify.lock().unwrap() {
+        Answer::Ok => reply(StatusCode::OK, json!({ "isValid": true, "payer": from })),
+        Answer::Refuse => reply(StatusCode::OK, json!({ "isValid": false, "invalidReason": "invalid_exact_evm_payload_signature", "payer": from })),
+        Answer::Http500 => reply(StatusCode::INTERNAL_SERVER_ERROR, json!({ "error": "boom" })),
+    }
+}
+
+async fn facilitator_settle(State(st): State<Arc<FacilitatorState>>, body: Bytes) -> Reply {
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    st.calls.lock().unwrap().push(("settle", body.clone()));
+    let auth = &body["paymentPayload"]["payload"]["authorization"];
+    let network = body["paymentRequirements"]["network"].clone();
+    match *st.settle.lock().unwrap() {
+        Answer::Ok => {
+            let tx = format!("0x{}", sha256_hex(auth["nonce"].as_str().unwrap_or("")));
+            reply(StatusCode::OK, json!({ "success": true, "transaction": tx, "network": network, "payer": auth["from"] }))
+        }
+        Answer::Refuse => {
+            reply(StatusCode::OK, json!({ "success": false, "errorReason": "insufficient_funds", "transaction": "", "network": network }))
+        }
+        Answer::Http500 => reply(StatusCode::INTERNAL_SERVER_ERROR, json!({ "error": "boom" })),
+    }
+}
+
+impl Facilitator {
+    async fn start(gate: Option<Arc<Gate>>) -> Facilitator {
+        let state = Arc::new(FacilitatorState {
+            verify: Mutex::new(Answer::Ok),
+            settle: Mutex::new(Answer::Ok),
+            calls: Mutex::new(Vec::new()),
+            gate,
+        });
+        let app = axum::Router::new()
+            .route("/facilitator/verify", post(facilitator_verify))
+            .route("/facilitator/settle", post(facilitator_settle))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/facilitator", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Facilitator { url, state }
+    }
+
+    fn set(&self, verify: Answer, settle: Answer) {
+        *self.state.verify.lock().unwrap() = verify;
+        *self.state.settle.lock().unwrap() = settle;
+    }
+
+    fn calls(&self, path: &str) -> Vec<Value> {
+        self.state.calls.lock().unwrap().iter().filter(|(p, _)| *p == path).map(|(_, b)| b.clone()).collect()
+    }
+}
+
+fn nonce(n: u64) -> String {
+    format!("0x{n:064x}")
+}
+
+/// An EIP-3009 authorization for the offer (the facilitator here does not check signatures).
+fn authorization(nonce: &str) -> Value {
+    let x = SIGNUP.x402.unwrap();
+    json!({
+        "signature": format!("0x{}", "ab".repeat(65)),
+        "authorization": {
+            "from": PAYER, "to": PAY_TO, "value": x.amount,
+            "validAfter": "0", "validBefore": "99999999999", "nonce": nonce,
+        }
+    })
+}
+
+fn v2_header(accepted: &Value, nonce: &str) -> String {
+    B64.encode(json!({ "x402Version": 2, "accepted": accepted, "payload": authorization(nonce) }).to_string())
+}
+
+async fn accepted_requirement(s: &TestServer) -> Value {
+    let body = json_of(offer(s).await).await;
+    body["accepts"][0].clone()
+}
+
+fn reference(nonce: &str) -> String {
+    let x = SIGNUP.x402.unwrap();
+    format!("x402:{}:{}:{}:{}", x.network, x.asset, PAYER, nonce).to_lowercase()
+}
+
+async fn x402_pays_and_replays(db: &TestDb) {
+    if skip_x402() {
+        return;
+    }
+    let f = Facilitator::start(None).await;
+    let s = db.server_with_signup(Signup::new(x402_rail(&f.url), None)).await;
+    let accepted = accepted_requirement(&s).await;
+    assert_eq!(accepted.to_string(), expected_requirement());
+    let pay = v2_header(&accepted, &nonce(1));
+    let res = signup(&s, &[("PAYMENT-SIGNATURE", &pay), ("Idempotency-Key", IDEM)]).await;
+    assert_eq!(res.status(), 201);
+    let settled: Value = serde_json::from_slice(&B64.decode(res.headers()["payment-response"].as_bytes()).unwrap()).unwrap();
+    assert_eq!(settled["success"], true);
+    let tx = format!("0x{}", sha256_hex(&nonce(1)));
+    assert_eq!(settled["transaction"], tx);
+    let minted = json_of(res).await;
+    assert_eq!(minted["payment"], json!({"rail": "x402", "reference": tx}));
+    assert_eq!(minted["key"], derived_key(IDEM, &reference(&nonce(1))));
+    assert_key_works(&s, &minted, None).await;
+    // The facilitator got {x402Version, paymentPayload, paymentRequirements}, verify then settle.
+    for path in ["verify", "settle"] {
+        let calls = f.calls(path);
+        assert_eq!(calls.len(), 1, "{path}");
+        assert_eq!(calls[0]["x402Version"], 2);
+        assert_eq!(calls[0]["paymentRequirements"], accepted);
+        assert_eq!(calls[0]["paymentPayload"]["accepted"], accepted);
+        assert_eq!(calls[0]["paymentPayload"]["payload"], authorization(&nonce(1)));
+    }
+
+    // The same payment again: replay with the same Idempotency-Key, refusal otherwise.
+    let res = signup(&s, &[("PAYMENT-SIGNATURE", &pay), ("Idempotency-Key", IDEM)]).await;
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().get("payment-response").is_some());
+    let replayed = json_of(res).await;
+    assert_eq!(replayed["replayed"], true);
+    assert_eq!(replayed["key"], minted["key"]);
+    assert_eq!(replayed["payment"], minted["payment"]);
+    let body = expect_error(signup(&s, &[("PAYMENT-SIGNATURE", &pay)]).await, 409, "payment_already_used", true).await;
+    assert_eq!(body["key_id"], minted["key_id"]);
+    // The same authorization re-encoded (another signature, same payer and nonce) is the same payment.
+    let mut other = json!({ "x402Version": 2, "accepted": accepted, "payload": authorization(&nonce(1)) });
+    other["payload"]["signature"] = json!(format!("0x{}", "cd".repeat(65)));
+    let res = signup(&s, &[("PAYMENT-SIGNATURE", &B64.encode(other.to_string()))]).await;
+    expect_error(res, 409, "payment_already_used", true).await;
+    assert_eq!(f.calls("verify").len(), 1, "a used payment is never verified again");
+    assert_eq!(f.calls("settle").len(), 1);
+}
+
+async fn x402_refusals(db: &TestDb) {
+    if skip_x402() {
+        return;
+    }
+    let f = Facilitator::start(None).await;
+    let s = db.server_with_signup(Signup::new(x402_rail(&f.url), None)).await;
+    let accepted = accepted_requirement(&s).await;
+    let mut cheaper = accepted.clone();
+    cheaper["amount"] = json!("1");
+    let mut other_pay_to = accepted.clone();
+    other_pay_to["payTo"] = json!(PAYER);
+    let mut wrong_value = json!({ "x402Version": 2, "accepted": accepted, "payload": authorization(&nonce(5)) });
+    wrong_value["payload"]["authorization"]["value"] = json!("1");
+    let mut no_nonce = json!({ "x402Version": 2, "accepted": accepted, "payload": authorization(&nonce(5)) });
+    no_nonce["payload"]["authorization"]["nonce"] = json!("0x12");
+    for bad in [
+        "not base64!".to_string(),
+        B64.encode("not json"),
+        B64.encode(json!({ "x402Version": 1, "accepted": accepted, "payload": authorization(&nonce(5)) }).to_string()),
+        v2_header(&cheaper, &nonce(5)),
+        v2_header(&other_pay_to, &nonce(5)),
+        B64.encode(wrong_value.to_string()),
+        B64.encode(no_nonce.to_string()),
+    ] {
+        let res = signup(&s, &[("PAYMENT-SIGNATURE", &bad)]).await;
+        assert!(res.headers().get("payment-required").is_some(), "the offer again");
+        let body = expect_error(res, 402, "payment_invalid", true).await;
+        assert_eq!(body["accepts"][0], accepted);
+    }
+    let pay = v2_header(&accepted, &nonce(5));
+    let two = signup(&s, &[("PAYMENT-SIGNATURE", &pay), ("X-PAYMENT", &pay)]).await;
+    expect_error(two, 400, "invalid_payment", true).await;
+    let two = s.client.post(s.url("/v1/signup")).header("PAYMENT-SIGNATURE", &pay).header("PAYMENT-SIGNATURE", &pay).send().await.unwrap();
+    expect_error(two, 400, "invalid_payment", true).await;
+    assert!(f.calls("verify").is_empty(), "nothing reached the facilitator");
+}
+
+async fn x402_v1_payment(db: &TestDb) {
+    if skip_x402() {
+        return;
+    }
+    let f = Facilitator::start(None).await;
+    let s = db.server_with_signup(Signup::new(x402_rail(&f.url), None)).await;
+    let accepted = accepted_requirement(&s).await;
+    let x = SIGNUP.x402.unwrap();
+    let v1 = |network: &str, scheme: &str, n: u64| {
+        B64.encode(json!({ "x402Version": 1, "scheme": scheme, "network": network, "payload": authorization(&nonce(n)) }).to_string())
+    };
+    for bad in [v1(x.network, "upto", 7), v1("eip155:1", "exact", 7), v1("solana", "exact", 7)] {
+        let res = signup(&s, &[("X-PAYMENT", &bad)]).await;
+        expect_error(res, 402, "payment_invalid", true).await;
+    }
+    let res = signup(&s, &[("X-PAYMENT", &v1(x.network, "exact", 7))]).await;
+    assert_eq!(res.status(), 201);
+    assert!(res.headers().get("payment-response").is_none());
+    let settled: Value = serde_json::from_slice(&B64.decode(res.headers()["x-payment-response"].as_bytes()).unwrap()).unwrap();
+    assert_eq!(settled["success"], true);
+    assert_key_works(&s, &json_of(res).await, None).await;
+    // Converted to v2: the facilitator sees our requirement as `accepted`.
+    let verify = &f.calls("verify")[0];
+    assert_eq!(verify["x402Version"], 2);
+    assert_eq!(verify["paymentPayload"]["x402Version"], 2);
+    assert_eq!(verify["paymentPayload"]["accepted"], accepted);
+    assert_eq!(verify["paymentPayload"]["payload"], authorization(&nonce(7)));
+    // The v1 network name of the same chain is ours too (e.g. "base" for eip155:8453).
+    let v1_name = match x.network {
+        "eip155:8453" => Some("base"),
+        "eip155:84532" => Some("base-sepolia"),
+        _ => None,
+    };
+    if let Some(name) = v1_name {
+        assert_eq!(signup(&s, &[("X-PAYMENT", &v1(name, "exact", 8))]).await.status(), 201);
+    }
+}
+
+async fn x402_facilitator_failures(db: &TestDb) {
+    if skip_x402() {
+        return;
+    }
+    let f = Facilitator::start(None).await;
+    let mut rails = Signup::new(x402_rail(&f.url), None);
+    rails.per_hour = 1;
+    let s = db.server_with_signup(rails).await;
+    let accepted = accepted_requirement(&s).await;
+    let pay = v2_header(&accepted, &nonce(9));
+    // Each failure gives the claim and the budget slot back (the budget here is one signup).
+    f.set(Answer::Refuse, Answer::Ok);
+    let body = expect_error(signup(&s, &[("PAYMENT-SIGNATURE", &pay)]).await, 402, "payment_invalid", true).await;
+    assert!(body["error"]["message"].as_str().unwrap().contains("invalid_exact_evm_payload_signature"));
+    assert_eq!(f.calls("settle").len(), 0, "an invalid payment is not settled");
+    f.set(Answer::Ok, Answer::Refuse);
+    let res = signup(&s, &[("PAYMENT-SIGNATURE", &pay)]).await;
+    assert!(res.headers().get("payment-required").is_some());
+    let body = expect_error(res, 402, "payment_failed", true).await;
+    assert!(body["error"]["message"].as_str().unwrap().contains("insufficient_funds"));
+    f.set(Answer::Http500, Answer::Ok);
+    expect_error(signup(&s, &[("PAYMENT-SIGNATURE", &pay)]).await, 502, "payment_unavailable", true).await;
+    f.set(Answer::Ok, Answer::Http500);
+    expect_error(signup(&s, &[("PAYMENT-SIGNATURE", &pay)]).await, 502, "payment_unavailable", true).await;
+    let down = db.server_with_signup(Signup::new(x402_rail(&url_of_nothing().await), None)).await;
+    expect_error(signup(&down, &[("PAYMENT-SIGNATURE", &pay)]).await, 502, "payment_unavailable", true).await;
+    // The payer can still pay with the same authorization.
+    f.set(Answer::Ok, Answer::Ok);
+    let res = signup(&s, &[("PAYMENT-SIGNATURE", &pay)]).await;
+    assert_eq!(res.status(), 201);
+    assert_key_works(&s, &json_of(res).await, None).await;
+    let other = v2_header(&accepted, &nonce(10));
+    expect_error(signup(&s, &[("PAYMENT-SIGNATURE", &other)]).await, 429, "rate_limited", true).await;
+}
+
+async fn x402_concurrent_submissions_mint_once(db: &TestDb) {
+    if skip_x402() {
+        return;
+    }
+    let (gate, mut entered) = Gate::new();
+    let f = Facilitator::start(Some(gate.clone())).await;
+    let a = db.server_with_signup(Signup::new(x402_rail(&f.url), None)).await;
+    let b = db.server_with_signup(Signup::new(x402_rail(&f.url), None)).await;
+    let accepted = accepted_requirement(&a).await;
+    let pay = v2_header(&accepted, &nonce(11));
+    let first = {
+        let (client, url, pay) = (a.client.clone(), a.url("/v1/signup"), pay.clone());
+        tokio::spawn(async move { client.post(url).header("PAYMENT-SIGNATURE", pay).send().await.unwrap() })
+    };
+    entered.recv().await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let s = if i % 2 == 0 { &a } else { &b };
+        let (client, url, pay) = (s.client.clone(), s.url("/v1/signup"), pay.clone());
+        tasks.push(tokio::spawn(async move { client.post(url).header("PAYMENT-SIGNATURE", pay).send().await.unwrap() }));
+    }
+    for t in tasks {
+        let res = t.await.unwrap();
+        assert!(res.headers().get("retry-after").is_some());
+        expect_error(res, 409, "payment_in_progress", true).await;
+    }
+    gate.release.add_permits(1);
+    let res = first.await.unwrap();
+    assert_eq!(res.status(), 201);
+    let minted = json_of(res).await;
+    gate.release.add_permits(100);
+    let body = expect_error(signup(&b, &[("PAYMENT-SIGNATURE", &pay)]).await, 409, "payment_already_used", true).await;
+    assert_eq!(body["key_id"], minted["key_id"]);
+    assert_eq!(f.calls("verify").len(), 1);
+    assert_eq!(f.calls("settle").len(), 1);
+}
