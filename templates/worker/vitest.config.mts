@@ -2,17 +2,33 @@ import { cloudflareTest } from "@cloudflare/vitest-pool-workers";
 import { defineConfig } from "vitest/config";
 
 // Tests run inside workerd (the Cloudflare Workers runtime) with the bindings from wrangler.jsonc.
-// ADMIN_KEY is injected here for tests only; production uses `npx wrangler secret put ADMIN_KEY`.
+// ADMIN_KEY and MPP_SECRET_KEY are injected here for tests only; production uses
+// `npx wrangler secret put ...`. No x402 facilitator, Tempo or Stripe secret is set: the signup
+// tests use a deterministic facilitator and MPP method defined in test/signup-helpers.ts.
 export default defineConfig({
   plugins: [
     cloudflareTest({
       wrangler: { configPath: "./wrangler.jsonc" },
       miniflare: {
-        bindings: { ADMIN_KEY: "test-admin-key-0123456789abcdef0123456789abcdef" },
+        bindings: {
+          ADMIN_KEY: "test-admin-key-0123456789abcdef0123456789abcdef",
+          MPP_SECRET_KEY: "test-mpp-secret-0123456789abcdef0123456789abcdef",
+        },
       },
     }),
   ],
+  // Pre-bundle the payment libraries once (much faster test start-up). mppx imports the MCP SDK
+  // only for its MCP transport (not installed here): left external.
   test: {
     testTimeout: 30_000,
+    deps: {
+      optimizer: {
+        ssr: {
+          enabled: true,
+          include: ["mppx", "mppx/server", "mppx/client", "@x402/core/http", "@x402/core/types", "@x402/core/schemas", "@x402/core/utils"],
+          rolldownOptions: { external: [/^node:/, /^cloudflare:/, /^@modelcontextprotocol\//] },
+        },
+      },
+    },
   },
 });

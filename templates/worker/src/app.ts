@@ -1,5 +1,7 @@
-// The HTTP gateway. `createApp(handlers)` builds the worker; src/index.ts wires in the generated
-// handlers, tests can inject their own (e.g. failing ones) without any test-only production code.
+// The HTTP gateway. `createApp(handlers, options)` builds the worker; src/index.ts wires in the
+// generated handlers and the production payment rails, tests inject their own handlers (e.g.
+// failing ones), signup settings, x402 facilitator and MPP methods without any test-only
+// production code.
 import {
   CALL_TYPES,
   DESCRIPTION,
@@ -21,6 +23,13 @@ import { generateApiKey, generateKeyId, parseBearer, secretsEqual, sha256Hex } f
 import { isCallType } from "./lib/manifest-util";
 import { parseMintInput } from "./lib/mint";
 import { checkShape } from "./lib/shape";
+import { SIGNUP_PATH, handleSignup, pricingSignup, resolveSignup, type SignupOptions } from "./lib/signup";
+import type { SignupConfig } from "./lib/signup-config";
+
+export interface AppOptions {
+  /** POST /v1/signup: its settings and payment rails (default: mcpay.toml and the environment). */
+  readonly signup?: SignupOptions;
+}
 
 export interface App {
   fetch(request: Request, env: AppEnv, ctx: ExecutionContext): Promise<Response>;
@@ -66,7 +75,7 @@ async function health(): Promise<Response> {
   return json(200, { ok: true, status: "ok", service: PROJECT.name, version: PROJECT.version });
 }
 
-async function pricing(): Promise<Response> {
+async function pricing(signup: SignupConfig): Promise<Response> {
   const endpoints = CALL_TYPES.map((name: CallType) => ({
     name,
     method: "POST",
@@ -80,7 +89,7 @@ async function pricing(): Promise<Response> {
       Object.entries(INPUT_SHAPE[name]).map(([field, spec]) => [field, { type: spec.type, required: spec.required }]),
     ),
   }));
-  return json(200, { ok: true, unit: "mcents", mcents_per_cent: 1000, endpoints });
+  return json(200, { ok: true, unit: "mcents", mcents_per_cent: 1000, signup: pricingSignup(signup), endpoints });
 }
 
 async function me(r: RequestInfo): Promise<Response> {
@@ -301,15 +310,32 @@ async function runAndSettle(
 
 // ---------------------------------------------------------------- router
 
-function buildRoutes(handlers: Handlers): Map<string, Route> {
+function signupRoute(options: SignupOptions | undefined): RouteHandler {
+  const resolved = resolveSignup(options);
+  return async (r) => {
+    // The payment is verified, settled and turned into a key under waitUntil: a client that
+    // disconnects cannot leave a taken payment without its key (a retry gets it, see 3.9).
+    const work = handleSignup(resolved, r.request, r.env, r.requestId, GATEWAY.keyPrefix, GATEWAY.maxBodyBytes);
+    r.ctx.waitUntil(work.then(
+      () => undefined,
+      () => undefined,
+    ));
+    return work;
+  };
+}
+
+function buildRoutes(handlers: Handlers, options: AppOptions): Map<string, Route> {
+  const signup = resolveSignup(options.signup).config;
   const routes = new Map<string, Route>([
     ["/v1/health", { method: "GET", handle: health }],
-    ["/v1/pricing", { method: "GET", handle: pricing }],
+    ["/v1/pricing", { method: "GET", handle: () => pricing(signup) }],
     ["/v1/me", { method: "GET", handle: me }],
     ["/v1/me/ledger", { method: "GET", handle: myLedger }],
     ["/v1/leaderboard", { method: "GET", handle: leaderboard }],
     ["/v1/admin/mint", { method: "POST", handle: mint }],
   ]);
+  // Served only when [signup] enabled = true; otherwise 404 like any unknown path.
+  if (signup.enabled) routes.set(SIGNUP_PATH, { method: "POST", handle: signupRoute(options.signup) });
   for (const ep of CALL_TYPES) {
     const path = `/v1/${ep}`;
     // Built-in routes win; create-mcpay refuses endpoint names that collide with them.
@@ -318,8 +344,8 @@ function buildRoutes(handlers: Handlers): Map<string, Route> {
   return routes;
 }
 
-export function createApp(handlers: Handlers): App {
-  const routes = buildRoutes(handlers);
+export function createApp(handlers: Handlers, options: AppOptions = {}): App {
+  const routes = buildRoutes(handlers, options);
 
   async function dispatch(r: RequestInfo, admin: boolean): Promise<Response> {
     const route = routes.get(r.url.pathname);

@@ -78,8 +78,10 @@ describe("CORS on public routes", () => {
   it("adds CORS headers to /v1 responses, errors included", async () => {
     for (const res of [await fetchSelf("/v1/health"), await fetchSelf("/v1/nope"), await callPaid(EP, null, SAMPLE)]) {
       expect(res.headers.get("Access-Control-Allow-Origin")).toBe("*");
-      expect(res.headers.get("Access-Control-Allow-Headers")).toBe("Authorization, Content-Type");
-      expect(res.headers.get("Access-Control-Expose-Headers")).toBe("X-Request-Id, X-Charged-Mcents, X-Balance-Mcents, Retry-After");
+      expect(res.headers.get("Access-Control-Allow-Headers")).toBe("Authorization, Content-Type, Idempotency-Key, PAYMENT-SIGNATURE, X-PAYMENT");
+      expect(res.headers.get("Access-Control-Expose-Headers")).toBe(
+        "X-Request-Id, X-Charged-Mcents, X-Balance-Mcents, Retry-After, WWW-Authenticate, PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, Payment-Receipt",
+      );
     }
   });
 

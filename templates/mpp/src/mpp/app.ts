@@ -11,6 +11,7 @@ import { CALL_TYPES, GATEWAY, type CallType } from "../generated/manifest";
 import { FAILURE_POLICY, LLMS_TXT, MPP, SKILL_MD } from "../generated/mpp";
 import { readJsonBody } from "../lib/body";
 import type { Handlers } from "../lib/handler";
+import type { SignupOptions } from "../lib/signup";
 import { HttpError, json } from "../lib/http";
 import { isCallType } from "../lib/manifest-util";
 import type { MppEnv } from "./env";
@@ -26,6 +27,8 @@ export interface MppAppOptions {
   /** Payment methods and secret for a request's environment. */
   payments: (env: MppEnv) => PaymentSetupResult;
   limits?: SandboxLimits;
+  /** POST /v1/signup (default: mcpay.toml [signup] and the environment). */
+  signup?: SignupOptions;
 }
 
 export interface MppApp {
@@ -146,7 +149,7 @@ function text(body: string, type: string, requestId: string): Response {
 }
 
 export function createMppApp(options: MppAppOptions): MppApp {
-  const base = createApp(options.handlers);
+  const base = createApp(options.handlers, options.signup ? { signup: options.signup } : {});
   const g: Gateway = { options, limits: options.limits ?? DEFAULT_LIMITS };
   return {
     async fetch(request, env, ctx) {

@@ -1,88 +1,20 @@
-// Production payment methods, built from mcpay.toml ([mpp].methods) and the worker's secrets.
+// Production payment methods of the MPP-paid routes, built from mcpay.toml ([mpp].methods) and the
+// worker's secrets by the shared builder (src/lib/mpp-methods.ts, also used by POST /v1/signup).
 // Tests never come through here: they build their own PaymentSetup with a deterministic method
 // (see test/mpp/helpers.ts), so no test method is reachable from the production configuration.
-import type { Method } from "mppx";
-import { stripe, tempo } from "mppx/server";
 import { MPP, type MppMethodKey } from "../generated/mpp";
+import { buildPayments, type PaymentSetupResult } from "../lib/mpp-methods";
 import type { MppEnv } from "./env";
-import { durableStore } from "./store";
 
-/** What a gateway needs to take payments: mppx server methods and how to price one call with each. */
-export interface PaymentSetup {
-  readonly methods: readonly Method.AnyServer[];
-  /** The compose entries ([method key, request options]) for a call priced `mcents`. */
-  readonly offers: (mcents: number) => ReadonlyArray<readonly [string, Record<string, unknown>]>;
-  /** HMAC key of challenge ids (≥ 32 bytes). */
-  readonly secretKey: string;
-}
-
-export type PaymentSetupResult = { ok: true; setup: PaymentSetup } | { ok: false; problems: string[] };
-
-/** mcents → a decimal amount in dollars ("0.01" for 1000 mcents); tokens with ≥ 5 decimals represent it exactly. */
-export function mcentsToDollars(mcents: number): string {
-  const whole = Math.floor(mcents / 100_000);
-  const frac = String(mcents % 100_000).padStart(5, "0").replace(/0+$/, "");
-  return frac ? `${whole}.${frac}` : `${whole}`;
-}
-
-/** Card payments are in whole cents: the price is rounded up. */
-export function mcentsToCents(mcents: number): string {
-  return mcentsToDollars(Math.ceil(mcents / 1000) * 1000);
-}
-
-export const MIN_SECRET_BYTES = 32;
-
-export function secretKeyProblem(secret: string | undefined): string | null {
-  if (!secret) return "MPP_SECRET_KEY is not set";
-  if (new TextEncoder().encode(secret).byteLength < MIN_SECRET_BYTES) return `MPP_SECRET_KEY must be at least ${MIN_SECRET_BYTES} bytes`;
-  return null;
-}
+export {
+  MIN_SECRET_BYTES,
+  mcentsToCents,
+  mcentsToDollars,
+  secretKeyProblem,
+  type PaymentSetup,
+  type PaymentSetupResult,
+} from "../lib/mpp-methods";
 
 export function productionPayments(env: MppEnv, methods: readonly MppMethodKey[] = MPP.methods): PaymentSetupResult {
-  const problems: string[] = [];
-  const secretProblem = secretKeyProblem(env.MPP_SECRET_KEY);
-  if (secretProblem) problems.push(secretProblem);
-  const servers: Method.AnyServer[] = [];
-  const tempoCommon = (): Record<string, unknown> => {
-    const p: Record<string, unknown> = { recipient: env.TEMPO_RECIPIENT, store: durableStore(env.PAYMENTS) };
-    if (env.TEMPO_CURRENCY) p.currency = env.TEMPO_CURRENCY;
-    if (env.TEMPO_TESTNET === "1" || env.TEMPO_TESTNET === "true") p.testnet = true;
-    if (env.TEMPO_RPC_URL && env.TEMPO_CHAIN_ID) p.rpcUrl = { [Number(env.TEMPO_CHAIN_ID)]: env.TEMPO_RPC_URL };
-    return p;
-  };
-  for (const m of methods) {
-    if (m === "tempo/charge" || m === "tempo/session") {
-      if (!env.TEMPO_RECIPIENT) {
-        problems.push(`${m}: TEMPO_RECIPIENT is not set`);
-        continue;
-      }
-      // mppx's own Tempo implementations; their parameter types are generic over literal
-      // configurations, so the runtime-built configuration is passed untyped.
-      servers.push(m === "tempo/charge" ? tempo.charge(tempoCommon() as never) : tempo.session(tempoCommon() as never));
-    } else if (m === "stripe/charge") {
-      if (!env.STRIPE_SECRET_KEY || !env.STRIPE_NETWORK_ID) {
-        problems.push("stripe/charge: STRIPE_SECRET_KEY and STRIPE_NETWORK_ID must be set");
-        continue;
-      }
-      servers.push(
-        stripe.charge({
-          secretKey: env.STRIPE_SECRET_KEY,
-          networkId: env.STRIPE_NETWORK_ID,
-          currency: "usd",
-          decimals: 2,
-          paymentMethodTypes: ["card"],
-        } as never) as Method.AnyServer,
-      );
-    }
-  }
-  if (problems.length > 0) return { ok: false, problems };
-  return {
-    ok: true,
-    setup: {
-      methods: servers,
-      secretKey: env.MPP_SECRET_KEY!,
-      offers: (mcents) =>
-        methods.map((m) => [m, { amount: m === "stripe/charge" ? mcentsToCents(mcents) : mcentsToDollars(mcents) }] as const),
-    },
-  };
+  return buildPayments(env, methods);
 }

@@ -6,6 +6,7 @@ import { Mppx, Transport } from "mppx/server";
 import type { CallType } from "../generated/manifest";
 import { MPP } from "../generated/mpp";
 import type { MppEnv } from "./env";
+import type { PaidResult } from "../lib/mpp-methods";
 import type { PaymentSetup } from "./methods";
 import { paymentObject } from "./store";
 import { priceOf } from "./tools";
@@ -42,32 +43,7 @@ export interface AcceptedPayment {
   receipt: Receipt.Receipt;
 }
 
-/**
- * What an mppx 200 means. Either a paid call (with its receipt: no valid receipt means NOT paid),
- * or a payment-management exchange (e.g. a Tempo session's channel open / top-up / close) for
- * which mppx supplies its own answer: then the tool must not run.
- */
-export type PaidResult<R> =
-  | { kind: "paid"; receipt: Receipt.Receipt }
-  | { kind: "management"; response: R }
-  | { kind: "unpaid" };
-
-export function classifyHttp(withReceipt: (r?: unknown) => unknown): PaidResult<Response> {
-  const marker = crypto.randomUUID();
-  try {
-    const probe = withReceipt(new Response(null, { status: 299, headers: { "X-Mcpay-Probe": marker } })) as Response;
-    if (probe.headers.get("X-Mcpay-Probe") !== marker) {
-      // Not our response: mppx answered a management request itself.
-      return { kind: "management", response: probe };
-    }
-    const header = probe.headers.get("Payment-Receipt");
-    if (!header) return { kind: "unpaid" };
-    const receipt = Receipt.deserialize(header);
-    return receipt.status === "success" ? { kind: "paid", receipt } : { kind: "unpaid" };
-  } catch {
-    return { kind: "unpaid" };
-  }
-}
+export { classifyHttp, type PaidResult } from "../lib/mpp-methods";
 
 export function classifyMcp(withReceipt: (r?: unknown) => unknown): PaidResult<Record<string, unknown>> {
   const marker = crypto.randomUUID();

@@ -1,29 +1,22 @@
-// PaymentDO: durable payment state. One object per name, so unrelated payments never contend:
+// PaymentDO for the mpp target: the worker's payment object (src/lib/payment-do.ts: signup
+// payments and mppx's atomic store, e.g. Tempo payment channels and transaction replay markers)
+// plus, one object per name:
 //   "claim:<challenge id>"   a charge credential is consumed here, atomically, before any work runs;
-//   "credit:<token>"         a one-time credit issued after a gateway-side failure;
-//   "store:<mppx key>"       mppx's atomic store (Tempo payment channels: accepted cumulative amount
-//                            and spent, transaction-hash replay markers, ...), one object per key, so
-//                            all updates of one channel are handled serially, by compare-and-set.
+//   "credit:<token>"         a one-time credit issued after a gateway-side failure.
 // Every method is a single synchronous SQLite transaction in a single-threaded object.
-import { DurableObject } from "cloudflare:workers";
+import { PaymentDO as BasePaymentDO } from "../lib/payment-do";
 
 const SCHEMA = [
   `CREATE TABLE IF NOT EXISTS claims (k TEXT PRIMARY KEY, expires_at INTEGER NOT NULL, claimed_at INTEGER NOT NULL)`,
   `CREATE TABLE IF NOT EXISTS credits (token TEXT PRIMARY KEY, tool TEXT NOT NULL, expires_at INTEGER NOT NULL, redeemed_at INTEGER)`,
-  `CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT NOT NULL, version INTEGER NOT NULL)`,
 ];
 
-export class PaymentDO extends DurableObject {
-  private readonly sql: SqlStorage;
+export class PaymentDO extends BasePaymentDO {
   private ready = false;
-
-  constructor(ctx: DurableObjectState, env: unknown) {
-    super(ctx, env as never);
-    this.sql = ctx.storage.sql;
-  }
 
   private init(): void {
     if (this.ready) return;
+    this.initBase();
     for (const s of SCHEMA) this.sql.exec(s);
     this.ready = true;
   }
@@ -54,6 +47,7 @@ export class PaymentDO extends DurableObject {
   /**
    * Forgets claims and credits once they have expired: an expired challenge is refused by its
    * expiry anyway (claims are kept a minute longer than the challenge), an expired credit is void.
+   * Signup records and mppx's store are never dropped.
    */
   override async alarm(): Promise<void> {
     this.init();
@@ -65,9 +59,10 @@ export class PaymentDO extends DurableObject {
       .one().t;
     const kv = this.sql.exec<{ n: number }>("SELECT COUNT(*) AS n FROM kv").one().n;
     if (next !== null) await this.ctx.storage.setAlarm(next);
-    else if (kv === 0) {
+    else if (kv === 0 && !this.holdsSignupState()) {
       await this.ctx.storage.deleteAll();
       this.ready = false;
+      this.resetBase();
     }
   }
 
@@ -98,42 +93,5 @@ export class PaymentDO extends DurableObject {
       this.sql.exec("UPDATE credits SET redeemed_at = ? WHERE token = ?", now, token);
       return true;
     });
-  }
-
-  // ------------------------------------------------------------ mppx atomic store (CAS)
-
-  kvGet(key: string): { value: string | null; version: number } {
-    this.init();
-    const row = this.sql.exec<{ v: string; version: number }>("SELECT v, version FROM kv WHERE k = ?", key).toArray()[0];
-    return row ? { value: row.v, version: row.version } : { value: null, version: 0 };
-  }
-
-  /** Sets (or deletes, with null) `key` if its version is still `expected`. */
-  kvCompareAndSet(key: string, expected: number, value: string | null): boolean {
-    this.init();
-    return this.ctx.storage.transactionSync(() => {
-      const cur = this.kvGet(key);
-      if (cur.version !== expected) return false;
-      if (value === null) this.sql.exec("DELETE FROM kv WHERE k = ?", key);
-      else
-        this.sql.exec(
-          "INSERT INTO kv (k, v, version) VALUES (?, ?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v, version = excluded.version",
-          key,
-          value,
-          expected + 1,
-        );
-      return true;
-    });
-  }
-
-  kvPut(key: string, value: string): void {
-    this.init();
-    const cur = this.kvGet(key);
-    this.kvCompareAndSet(key, cur.version, value);
-  }
-
-  kvDelete(key: string): void {
-    this.init();
-    this.sql.exec("DELETE FROM kv WHERE k = ?", key);
   }
 }

@@ -1,4 +1,7 @@
-// A single small object holding the admin mint rate limit (GATEWAY.mintsPerHour, rolling hour).
+// A single small object holding the gateway-wide hourly budgets (rolling hour), each in its own
+// table so they never share a budget:
+//   mints    admin mints (POST /v1/admin/mint), GATEWAY.mintsPerHour;
+//   signups  pay-to-mint signups (POST /v1/signup), [signup] signups_per_hour.
 import { DurableObject } from "cloudflare:workers";
 import { GATEWAY } from "../generated/manifest";
 import type { AppEnv } from "./env";
@@ -6,6 +9,10 @@ import type { AppEnv } from "./env";
 const HOUR_MS = 3_600_000;
 
 export type MintPermit = { ok: true } | { ok: false; retryAfterSeconds: number };
+/** A signup permit names its slot in the budget, so a signup whose payment then fails gives it back. */
+export type SignupPermit = { ok: true; permit: number } | { ok: false; retryAfterSeconds: number };
+
+type Bucket = "mints" | "signups";
 
 export class AdminDO extends DurableObject<AppEnv> {
   private readonly sql: SqlStorage;
@@ -15,22 +22,41 @@ export class AdminDO extends DurableObject<AppEnv> {
     this.sql = ctx.storage.sql;
     this.sql.exec("CREATE TABLE IF NOT EXISTS mints (ts INTEGER NOT NULL)");
     this.sql.exec("CREATE INDEX IF NOT EXISTS mints_ts ON mints (ts)");
+    this.sql.exec("CREATE TABLE IF NOT EXISTS signups (id INTEGER PRIMARY KEY AUTOINCREMENT, ts INTEGER NOT NULL)");
+    this.sql.exec("CREATE INDEX IF NOT EXISTS signups_ts ON signups (ts)");
+  }
+
+  /** Takes one slot of `bucket` (at most `limit` per rolling hour): the new row id, or how long to wait. */
+  private acquire(bucket: Bucket, limit: number): { ok: true; id: number } | { ok: false; retryAfterSeconds: number } {
+    const now = Date.now();
+    return this.ctx.storage.transactionSync(() => {
+      this.sql.exec(`DELETE FROM ${bucket} WHERE ts <= ?`, now - HOUR_MS);
+      const w = this.sql
+        .exec<{ n: number; oldest: number | null }>(`SELECT COUNT(*) AS n, MIN(ts) AS oldest FROM ${bucket}`)
+        .one();
+      if (w.n >= limit) {
+        const waitMs = (w.oldest ?? now) + HOUR_MS - now;
+        return { ok: false as const, retryAfterSeconds: Math.max(1, Math.ceil(waitMs / 1000)) };
+      }
+      const id = this.sql.exec<{ id: number }>(`INSERT INTO ${bucket} (ts) VALUES (?) RETURNING rowid AS id`, now).one().id;
+      return { ok: true as const, id };
+    });
   }
 
   /** Consumes one mint from the hourly budget, or says how long to wait. */
   acquireMint(): MintPermit {
-    const now = Date.now();
-    return this.ctx.storage.transactionSync((): MintPermit => {
-      this.sql.exec("DELETE FROM mints WHERE ts <= ?", now - HOUR_MS);
-      const w = this.sql
-        .exec<{ n: number; oldest: number | null }>("SELECT COUNT(*) AS n, MIN(ts) AS oldest FROM mints")
-        .one();
-      if (w.n >= GATEWAY.mintsPerHour) {
-        const waitMs = (w.oldest ?? now) + HOUR_MS - now;
-        return { ok: false, retryAfterSeconds: Math.max(1, Math.ceil(waitMs / 1000)) };
-      }
-      this.sql.exec("INSERT INTO mints (ts) VALUES (?)", now);
-      return { ok: true };
-    });
+    const r = this.acquire("mints", GATEWAY.mintsPerHour);
+    return r.ok ? { ok: true } : r;
+  }
+
+  /** Consumes one signup from its own hourly budget (`limit` = [signup] signups_per_hour). */
+  acquireSignup(limit: number): SignupPermit {
+    const r = this.acquire("signups", limit);
+    return r.ok ? { ok: true, permit: r.id } : r;
+  }
+
+  /** Gives a signup slot back: its payment was refused, so no signup happened. */
+  releaseSignup(permit: number): void {
+    this.sql.exec("DELETE FROM signups WHERE id = ?", permit);
   }
 }

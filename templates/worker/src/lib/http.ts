@@ -18,7 +18,15 @@ export type ErrorCode =
   | "admin_disabled"
   | "invalid_admin_key"
   | "handler_failed"
-  | "internal_error";
+  | "internal_error"
+  | "invalid_payment"
+  | "payment_required"
+  | "payment_invalid"
+  | "payment_failed"
+  | "payment_already_used"
+  | "payment_in_progress"
+  | "payment_unavailable"
+  | "signup_unavailable";
 
 const MESSAGES: Record<ErrorCode, string> = {
   not_found: "No such route.",
@@ -36,6 +44,14 @@ const MESSAGES: Record<ErrorCode, string> = {
   invalid_admin_key: "Invalid admin key.",
   handler_failed: "The endpoint handler failed.",
   internal_error: "Internal error.",
+  invalid_payment: "Send at most one payment credential (PAYMENT-SIGNATURE, X-PAYMENT or Authorization: Payment).",
+  payment_required: "Payment required.",
+  payment_invalid: "The payment is malformed, not for this offer, or was refused.",
+  payment_failed: "The payment could not be settled.",
+  payment_already_used: "This payment has already bought a key.",
+  payment_in_progress: "This payment is being processed by another request; retry shortly.",
+  payment_unavailable: "The payment service is unavailable; nothing was charged. Retry later.",
+  signup_unavailable: "Signup is not configured on this gateway.",
 };
 
 const BASE_HEADERS: Readonly<Record<string, string>> = {
@@ -44,9 +60,11 @@ const BASE_HEADERS: Readonly<Record<string, string>> = {
   "X-Content-Type-Options": "nosniff",
 };
 
+/** A JSON response. `headers` override the base headers; a repeated header (e.g. one
+ *  WWW-Authenticate per payment method, given as [name, value] pairs) stays repeated. */
 export function json(status: number, body: unknown, headers?: HeadersInit): Response {
-  const h = new Headers(BASE_HEADERS);
-  if (headers) new Headers(headers).forEach((v, k) => h.set(k, v));
+  const h = new Headers(headers);
+  for (const [k, v] of Object.entries(BASE_HEADERS)) if (!h.has(k)) h.set(k, v);
   return new Response(JSON.stringify(body), { status, headers: h });
 }
 
@@ -87,8 +105,9 @@ export class HttpError extends Error {
 
 export const CORS_HEADERS: Readonly<Record<string, string>> = {
   "Access-Control-Allow-Origin": "*",
-  "Access-Control-Allow-Headers": "Authorization, Content-Type",
-  "Access-Control-Expose-Headers": "X-Request-Id, X-Charged-Mcents, X-Balance-Mcents, Retry-After",
+  "Access-Control-Allow-Headers": "Authorization, Content-Type, Idempotency-Key, PAYMENT-SIGNATURE, X-PAYMENT",
+  "Access-Control-Expose-Headers":
+    "X-Request-Id, X-Charged-Mcents, X-Balance-Mcents, Retry-After, WWW-Authenticate, PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, Payment-Receipt",
 };
 
 /** Returns a copy of `res` with extra headers set (the body is streamed through, not copied). */

@@ -154,6 +154,19 @@ export class KeyDO extends DurableObject<AppEnv> {
   }
 
   /**
+   * Creates the key once: minting into an object that already holds a key (a signup retried with
+   * the same derived key) returns the existing key's public record and credits nothing.
+   * Null when the arguments are refused.
+   */
+  initOnce(args: InitArgs): { created: boolean; keyId: string; name: string | null } | null {
+    if (this.initialized) {
+      const a = this.account();
+      return a ? { created: false, keyId: a.key_id, name: a.name } : null;
+    }
+    return this.init(args).ok ? { created: true, keyId: args.keyId, name: args.name } : null;
+  }
+
+  /**
    * Atomically checks and charges one call to `endpoint`. Order: key exists → known endpoint →
    * scope → per-minute rate limit → balance. Nothing is written unless the charge succeeds.
    */
