@@ -22,7 +22,23 @@ import type { SignupConfig } from "../src/lib/signup-config";
 import type { FacilitatorFactory } from "../src/lib/signup-x402";
 import { BASE, SCOPE, dumpSql } from "./helpers";
 
-export const signupEnv = env as AppEnv;
+/**
+ * The test environment without any payment setting a developer's .dev.vars may hold (tests that
+ * need one set it explicitly); MPP_SECRET_KEY is the test value from vitest.config.mts.
+ */
+export const signupEnv: AppEnv = {
+  ...(env as AppEnv),
+  X402_PAY_TO: undefined,
+  X402_FACILITATOR_URL: undefined,
+  X402_FACILITATOR_AUTHORIZATION: undefined,
+  TEMPO_RECIPIENT: undefined,
+  TEMPO_CURRENCY: undefined,
+  TEMPO_TESTNET: undefined,
+  TEMPO_RPC_URL: undefined,
+  TEMPO_CHAIN_ID: undefined,
+  STRIPE_SECRET_KEY: undefined,
+  STRIPE_NETWORK_ID: undefined,
+};
 export const SECRET = signupEnv.MPP_SECRET_KEY!;
 export const REALM = new URL(BASE).hostname;
 export const SIGNUP_URL = `${BASE}/v1/signup`;

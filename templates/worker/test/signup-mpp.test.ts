@@ -184,6 +184,20 @@ describe("signup over MPP: one payment, one key", () => {
     expect(body.key_id).toBe(a.key_id);
   });
 
+  it("a forged credential carrying a paid challenge's id learns nothing about it (402, not 409)", async () => {
+    const { app } = signupApp();
+    const credential = await mppCredential(app);
+    expect((await call(app, signupRequest({ Authorization: credential }))).status).toBe(201);
+    const paid = Credential.deserialize(credential).challenge;
+    // Same id, another expiry (everything else as offered): the HMAC no longer matches, so the
+    // payment record is not consulted.
+    const forged = credentialFor({ ...paid, expires: new Date(Date.parse(paid.expires!) + 60_000).toISOString() });
+    const res = await call(app, signupRequest({ Authorization: forged }));
+    const body = await expectError(res, 402, "payment_invalid");
+    expect(body.problem).toBe(PROBLEMS + "invalid-challenge");
+    expect(body).not.toHaveProperty("key_id");
+  });
+
   it("one credential sent concurrently mints exactly one key", async () => {
     const { app } = signupApp();
     const credential = await mppCredential(app);

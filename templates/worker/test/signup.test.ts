@@ -562,11 +562,11 @@ describe("signup: @x402/core's HTTP facilitator client (production path, fetch s
   const env = { ...signupEnv, X402_FACILITATOR_URL: FACILITATOR + "/" };
 
   function stubFetch(answer: (path: string, body: any) => Response | Promise<Response>) {
-    const calls: Array<{ url: string; body: any }> = [];
+    const calls: Array<{ url: string; body: any; authorization: string | null }> = [];
     vi.spyOn(globalThis, "fetch").mockImplementation(async (input: RequestInfo | URL, init?: RequestInit) => {
       const url = typeof input === "string" ? input : input instanceof URL ? input.href : input.url;
       const body = JSON.parse(String(init?.body ?? "null"));
-      calls.push({ url, body });
+      calls.push({ url, body, authorization: new Headers(init?.headers).get("Authorization") });
       return answer(new URL(url).pathname, body);
     });
     return calls;
@@ -590,6 +590,18 @@ describe("signup: @x402/core's HTTP facilitator client (production path, fetch s
       expect(c.body.paymentPayload.payload.authorization.nonce).toBe(nonce);
     }
     expect(decodePaymentResponseHeader(res.headers.get("PAYMENT-RESPONSE")!).transaction).toBe(txHashFor(nonce));
+    expect(calls.map((c) => c.authorization)).toEqual([null, null]);
+  });
+
+  it("X402_FACILITATOR_AUTHORIZATION is sent to the facilitator as Authorization", async () => {
+    const { app } = signupApp({ facilitator: null });
+    const nonce = freshNonce();
+    const calls = stubFetch((path) =>
+      path.endsWith("/verify") ? Response.json({ isValid: true }) : Response.json({ success: true, transaction: txHashFor(nonce), network: REQUIREMENT.network }),
+    );
+    const res = await call(app, signupRequest({ "PAYMENT-SIGNATURE": paymentSignature({ nonce }) }), { ...env, X402_FACILITATOR_AUTHORIZATION: "Bearer fac-key" });
+    expect(res.status).toBe(201);
+    expect(calls.map((c) => c.authorization)).toEqual(["Bearer fac-key", "Bearer fac-key"]);
   });
 
   it.each([
