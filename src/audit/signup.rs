@@ -62,24 +62,64 @@ fn decode_required(r: &Reply) -> Result<Value> {
     serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("PAYMENT-REQUIRED is not JSON: {e}"))
 }
 
-/// `Payment k="v", …` → the parameters.
-fn auth_params(header: &str) -> Option<Vec<(String, String)>> {
-    let rest = header.trim().strip_prefix("Payment ")?;
-    let mut out = Vec::new();
-    for part in rest.split(", ") {
-        let (k, v) = part.split_once('=')?;
-        out.push((k.trim().to_string(), v.trim().trim_matches('"').to_string()));
+/// Every `Payment` challenge in the WWW-Authenticate header lines (a server may send one line per
+/// challenge or join them with commas, RFC 9110 §11.6.1), as its parameters.
+fn challenges(r: &Reply) -> Vec<Vec<(String, String)>> {
+    let mut out: Vec<(String, Vec<(String, String)>)> = Vec::new();
+    for line in r.headers.get_all("www-authenticate").iter().filter_map(|v| v.to_str().ok()) {
+        out.extend(parse_challenges(line));
     }
-    Some(out)
+    out.into_iter().filter(|(scheme, _)| scheme.eq_ignore_ascii_case("payment")).map(|(_, p)| p).collect()
 }
 
-fn challenges(r: &Reply) -> Vec<Vec<(String, String)>> {
-    r.headers
-        .get_all("www-authenticate")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .filter_map(auth_params)
-        .collect()
+/// `Scheme k=v, k="v", Other k=v` → [(scheme, params)].
+fn parse_challenges(line: &str) -> Vec<(String, Vec<(String, String)>)> {
+    let b = line.as_bytes();
+    let mut i = 0;
+    let mut out: Vec<(String, Vec<(String, String)>)> = Vec::new();
+    let skip = |i: &mut usize| {
+        while *i < b.len() && (b[*i] == b' ' || b[*i] == b',' || b[*i] == b'\t') {
+            *i += 1;
+        }
+    };
+    let token = |i: &mut usize| {
+        let s = *i;
+        while *i < b.len() && !matches!(b[*i], b' ' | b',' | b'=' | b'\t') {
+            *i += 1;
+        }
+        line[s..*i].to_string()
+    };
+    loop {
+        skip(&mut i);
+        if i >= b.len() {
+            break;
+        }
+        let t = token(&mut i);
+        if i < b.len() && b[i] == b'=' {
+            i += 1;
+            let v = if i < b.len() && b[i] == b'"' {
+                i += 1;
+                let mut v = Vec::new();
+                while i < b.len() && b[i] != b'"' {
+                    if b[i] == b'\\' && i + 1 < b.len() {
+                        i += 1;
+                    }
+                    v.push(b[i]);
+                    i += 1;
+                }
+                i += 1;
+                String::from_utf8_lossy(&v).into_owned()
+            } else {
+                token(&mut i)
+            };
+            if let Some(last) = out.last_mut() {
+                last.1.push((t, v));
+            }
+        } else {
+            out.push((t, Vec::new()));
+        }
+    }
+    out
 }
 
 fn param<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
@@ -291,4 +331,19 @@ pub fn scenarios() -> Vec<Scenario> {
             },
         },
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_challenges;
+
+    #[test]
+    fn challenges_in_one_line_or_many() {
+        let one = parse_challenges(r#"Payment id="a", realm="r", method="tempo", intent="charge", Payment id="b", realm="r", method="stripe", intent="charge", description="x, Payment y=1""#);
+        assert_eq!(one.len(), 2, "{one:?}");
+        assert_eq!(one[1].1.iter().find(|(k, _)| k == "method").unwrap().1, "stripe");
+        assert_eq!(one[1].1.iter().find(|(k, _)| k == "description").unwrap().1, "x, Payment y=1");
+        let bearer = parse_challenges(r#"Bearer realm="api""#);
+        assert_eq!(bearer[0].0, "Bearer");
+    }
 }
