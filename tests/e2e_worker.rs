@@ -10,3 +10,11 @@ mod common;
 fn worker_project_installs_typechecks_and_passes_its_own_tests() {
     common::node::workers_project_end_to_end("worker", true);
 }
+
+/// The x402 harness on its own: payments sent straight to its facilitator settle on chain once;
+/// bad authorizations and replays are refused (so the signup checks above prove something).
+#[test]
+#[ignore = "needs Node.js >= 20 and npm; run with --include-ignored"]
+fn chain_harness_settles_real_payments_and_refuses_bad_ones() {
+    common::chain::run_selftest();
+}
