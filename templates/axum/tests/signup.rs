@@ -420,6 +420,25 @@ async fn mpp_pays_replays_and_refuses(db: &TestDb) {
         assert_eq!(body["problem"], expected, "{credential}");
     }
     assert_eq!(mpp.verified.load(Ordering::SeqCst), 1, "refused before verification");
+    // The challenge id is checked before the payment record is looked at: a forged credential
+    // that reuses the paid challenge's id replays nothing, even with the Idempotency-Key.
+    for forged in [
+        {
+            let mut t = challenge.clone();
+            t.realm = "other.example.com".into();
+            t
+        },
+        {
+            let mut t = challenge.clone();
+            t.expires = Some(mpp::expires::minutes(30));
+            t
+        },
+    ] {
+        let res = signup(&s, &[("Authorization", &mpp_credential(&forged, "p1")), ("Idempotency-Key", IDEM)]).await;
+        let body = expect_error(res, 402, "payment_invalid", true).await;
+        assert_eq!(body["problem"], problem("invalid-challenge"));
+        assert!(body.get("key").is_none());
+    }
 
     // Refused by the method: the claim is given back, so the same challenge can be paid again.
     let bad = mpp_credential(&found[0], "bad");
@@ -577,6 +596,8 @@ enum Answer {
     Ok,
     /// verify: isValid false; settle: success false (HTTP 200).
     Refuse,
+    /// The same refusals with an error status (as e.g. the x402-rs facilitator answers them).
+    RefuseWithStatus,
     Http500,
 }
 
@@ -609,6 +630,10 @@ async fn facilitator_verify(State(st): State<Arc<FacilitatorState>>, body: Bytes
     match *st.verify.lock().unwrap() {
         Answer::Ok => reply(StatusCode::OK, json!({ "isValid": true, "payer": from })),
         Answer::Refuse => reply(StatusCode::OK, json!({ "isValid": false, "invalidReason": "invalid_exact_evm_payload_signature", "payer": from })),
+        Answer::RefuseWithStatus => reply(
+            StatusCode::BAD_REQUEST,
+            json!({ "isValid": false, "invalidReason": "invalid_exact_evm_payload_authorization_valid_before", "invalidReasonDetails": "expired", "payer": "" }),
+        ),
         Answer::Http500 => reply(StatusCode::INTERNAL_SERVER_ERROR, json!({ "error": "boom" })),
     }
 }
@@ -626,6 +651,10 @@ async fn facilitator_settle(State(st): State<Arc<FacilitatorState>>, body: Bytes
         Answer::Refuse => {
             reply(StatusCode::OK, json!({ "success": false, "errorReason": "insufficient_funds", "transaction": "", "network": network }))
         }
+        Answer::RefuseWithStatus => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({ "success": false, "network": "", "transaction": "", "errorReason": "unexpected_settle_error", "errorMessage": "reverted", "payer": "" }),
+        ),
         Answer::Http500 => reply(StatusCode::INTERNAL_SERVER_ERROR, json!({ "error": "boom" })),
     }
 }
@@ -833,6 +862,13 @@ async fn x402_facilitator_failures(db: &TestDb) {
     assert!(res.headers().get("payment-required").is_some());
     let body = expect_error(res, 402, "payment_failed", true).await;
     assert!(body["error"]["message"].as_str().unwrap().contains("insufficient_funds"));
+    f.set(Answer::RefuseWithStatus, Answer::Ok);
+    let body = expect_error(signup(&s, &[("PAYMENT-SIGNATURE", &pay)]).await, 402, "payment_invalid", true).await;
+    assert!(body["error"]["message"].as_str().unwrap().contains("valid_before (expired)"), "{body}");
+    f.set(Answer::Ok, Answer::RefuseWithStatus);
+    let body = expect_error(signup(&s, &[("PAYMENT-SIGNATURE", &pay)]).await, 402, "payment_failed", true).await;
+    assert!(body["error"]["message"].as_str().unwrap().contains("unexpected_settle_error (reverted)"), "{body}");
+    // Not an answer about the payment: the facilitator is unavailable.
     f.set(Answer::Http500, Answer::Ok);
     expect_error(signup(&s, &[("PAYMENT-SIGNATURE", &pay)]).await, 502, "payment_unavailable", true).await;
     f.set(Answer::Ok, Answer::Http500);

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{HeaderMap, HeaderName, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
@@ -179,7 +179,6 @@ pub fn http_client() -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .connect_timeout(std::time::Duration::from_secs(10))
-        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| e.to_string())
 }
@@ -207,6 +206,7 @@ pub fn valid_idempotency_key(k: &str) -> bool {
 // ---------------------------------------------------------------------------- the request
 
 /// Where the request came to: the x402 resource URL and the default MPP realm.
+#[cfg_attr(not(feature = "x402"), allow(dead_code))]
 struct Origin {
     scheme: &'static str,
     host: String,
@@ -232,6 +232,7 @@ impl Origin {
         Origin { scheme: if https { "https" } else { "http" }, host }
     }
 
+    #[cfg_attr(not(feature = "x402"), allow(dead_code))]
     fn resource(&self) -> Value {
         json!({
             "url": format!("{}://{}{}", self.scheme, self.host, PATH),
@@ -241,6 +242,7 @@ impl Origin {
     }
 }
 
+#[cfg_attr(not(feature = "x402"), allow(dead_code))]
 enum Credential {
     X402 { value: Vec<u8>, v1: bool },
     Mpp(String),
@@ -285,12 +287,8 @@ async fn read_name(headers: &HeaderMap, body: Body) -> Result<Option<String>, Ap
     }
     if !is_json_content_type(headers) {
         // A body of unknown length may still be empty.
-        if declared.is_none() {
-            if let Ok(b) = read_bounded(headers, body, GATEWAY.max_body_bytes, true).await {
-                if b.is_empty() {
-                    return Ok(None);
-                }
-            }
+        if declared.is_none() && read_bounded(headers, body, GATEWAY.max_body_bytes, true).await.is_ok_and(|b| b.is_empty()) {
+            return Ok(None);
         }
         return Err(ApiError::new(415, "unsupported_media_type")
             .message("A signup body must be application/json ({\"name\": …}) or empty.")
@@ -350,7 +348,7 @@ fn payment_error(signup: &Signup, origin: &Origin, code: &'static str, message: 
         for k in ["x402Version", "resource", "accepts", "extensions"] {
             err = err.extra(k, required[k].clone());
         }
-        err = err.header(HeaderName::from_static("payment-required"), header);
+        err = err.header(axum::http::HeaderName::from_static("payment-required"), header);
     }
     if let Some(rail) = signup.mpp_rail() {
         let realm = rail.realm(&origin.host);
@@ -378,7 +376,7 @@ fn offer_message() -> String {
 enum Payment {
     #[cfg(feature = "x402")]
     X402(x402::X402Payment),
-    Mpp(self::mpp::MppPayment),
+    Mpp(Box<self::mpp::MppPayment>),
 }
 
 impl Payment {
@@ -448,10 +446,10 @@ pub async fn signup(app: &Arc<AppState>, req: Request, request_id: &str) -> Resu
         Credential::Mpp(value) => {
             let rail = signup.mpp_rail().ok_or_else(ApiError::internal)?;
             let realm = rail.realm(&origin.host);
-            Payment::Mpp(
+            Payment::Mpp(Box::new(
                 rail.check(realm, &value)
                     .map_err(|r| payment_error(signup, &origin, "payment_invalid", r.message, Some(r.problem)))?,
-            )
+            ))
         }
     };
     // 7-12 in a task of their own: once a payment is claimed, a client that goes away cannot

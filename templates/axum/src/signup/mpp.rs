@@ -135,6 +135,8 @@ impl MppRail {
 
     /// The rail described by `[signup.mpp]` and the environment.
     pub fn from_settings(cfg: &SignupMppConfig, settings: &SignupSettings) -> Result<MppRail, String> {
+        // The methods' HTTP clients (Stripe API, Tempo RPC) need the process-wide TLS provider.
+        super::install_tls_provider();
         let mut methods: Vec<Arc<dyn SignupMethod>> = Vec::new();
         for name in cfg.methods {
             methods.push(method_from_settings(name, settings)?);
@@ -273,14 +275,16 @@ fn tempo_method(settings: &SignupSettings) -> Result<Arc<dyn SignupMethod>, Stri
     if !is_evm_address(recipient) {
         return Err(format!("TEMPO_RECIPIENT={recipient:?} is not a 0x address (40 hex digits)."));
     }
-    let currency = settings.tempo_currency.clone().unwrap_or_else(|| t::DEFAULT_CURRENCY.to_string());
-    if !is_evm_address(&currency) {
-        return Err(format!("TEMPO_CURRENCY={currency:?} is not a token address (0x + 40 hex digits)."));
-    }
     let rpc_url = settings.tempo_rpc_url.clone().unwrap_or_else(|| t::DEFAULT_RPC_URL.to_string());
     let provider = mpp::server::tempo_provider(&rpc_url).map_err(|e| format!("TEMPO_RPC_URL: {e}"))?;
     // The chain the RPC serves (the crate's own rule: Moderato testnet when the URL says so).
-    let chain_id = if rpc_url.contains("moderato") { t::MODERATO_CHAIN_ID } else { t::CHAIN_ID };
+    let testnet = rpc_url.contains("moderato");
+    let chain_id = if testnet { t::MODERATO_CHAIN_ID } else { t::CHAIN_ID };
+    let default_currency = if testnet { t::DEFAULT_CURRENCY_TESTNET } else { t::DEFAULT_CURRENCY_MAINNET };
+    let currency = settings.tempo_currency.clone().unwrap_or_else(|| default_currency.to_string());
+    if !is_evm_address(&currency) {
+        return Err(format!("TEMPO_CURRENCY={currency:?} is not a token address (0x + 40 hex digits)."));
+    }
     let method = mpp::server::TempoChargeMethod::new(provider).with_store(Arc::new(mpp::MemoryStore::new()));
     let request = ChargeRequest {
         amount: dollar_base_units(SIGNUP.price_mcents, 6),
@@ -385,5 +389,37 @@ mod tests {
         assert!(MppRail::from_settings(&cfg, &none).unwrap_err().contains("MPP_SECRET_KEY"));
         let short = SignupSettings { mpp_secret_key: Some("short".into()), ..Default::default() };
         assert!(MppRail::from_settings(&cfg, &short).unwrap_err().contains("32 bytes"));
+    }
+
+    /// With the features on, the crate's methods are built from the settings and offered with
+    /// the signup's price (checked with `cargo test --features tempo,stripe`).
+    #[cfg(all(feature = "tempo", feature = "stripe"))]
+    #[test]
+    fn configured_methods_offer_the_price() {
+        let settings = SignupSettings {
+            mpp_secret_key: Some("s".repeat(32)),
+            tempo_recipient: Some(format!("0x{}", "1".repeat(40))),
+            stripe_secret_key: Some("sk_test_x".into()),
+            stripe_network_id: Some("net".into()),
+            ..Default::default()
+        };
+        let cfg = SignupMppConfig { methods: &["tempo/charge", "stripe/charge"], realm: "", challenge_ttl_seconds: 300 };
+        let rail = MppRail::from_settings(&cfg, &settings).unwrap();
+        let names: Vec<&str> = rail.methods().map(|m| m.name()).collect();
+        assert_eq!(names, ["tempo", "stripe"]);
+        let tempo = rail.methods().next().unwrap().request().clone();
+        assert_eq!(tempo.amount, dollar_base_units(SIGNUP.price_mcents, 6));
+        assert_eq!(tempo.recipient.as_deref(), Some(settings.tempo_recipient.as_deref().unwrap()));
+        assert_eq!(tempo.method_details.unwrap()["chainId"], mpp::protocol::methods::tempo::CHAIN_ID);
+        let stripe = rail.methods().nth(1).unwrap().request().clone();
+        assert_eq!(stripe.amount, ((SIGNUP.price_mcents + 999) / 1000).to_string());
+        assert_eq!(stripe.currency, "usd");
+        let challenges = rail.challenges("api.example.com", "Sign up");
+        assert_eq!(challenges.len(), 2);
+        for c in challenges {
+            let c = mpp::parse_www_authenticate(&c).unwrap();
+            assert!(c.verify(&"s".repeat(32)));
+            assert_eq!(c.realm, "api.example.com");
+        }
     }
 }

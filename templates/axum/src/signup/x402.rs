@@ -11,7 +11,7 @@ use x402_types::chain::ChainId;
 use x402_types::proto::{v1, v2};
 use x402_types::util::Base64Bytes;
 
-use crate::config::SignupSettings;
+use crate::config::{SignupSettings, redact_url};
 use crate::generated::SignupX402Config;
 
 use super::{PayError, Settled};
@@ -31,7 +31,7 @@ pub struct X402Rail {
 
 impl std::fmt::Debug for X402Rail {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("X402Rail").field("facilitator", &self.facilitator).field("pay_to", &self.pay_to).finish()
+        f.debug_struct("X402Rail").field("facilitator", &redact_url(&self.facilitator)).field("pay_to", &self.pay_to).finish()
     }
 }
 
@@ -180,7 +180,10 @@ impl X402Rail {
         Ok(X402Payment { reference, v1, payer: from.to_string(), payload })
     }
 
-    async fn call(&self, path: &str, p: &X402Payment, timeout: Duration) -> Result<Value, PayError> {
+    /// POSTs `{x402Version, paymentPayload, paymentRequirements}` to `{facilitator}/{path}`.
+    /// Returns whether the answer was 2xx, and its JSON body. Unreachable, or a non-2xx answer
+    /// that is not JSON: the facilitator is unavailable.
+    async fn call(&self, path: &str, p: &X402Payment, timeout: Duration) -> Result<(bool, Value), PayError> {
         let body = v2::VerifyRequest {
             x402_version: v2::X402Version2,
             payment_payload: &p.payload,
@@ -188,30 +191,34 @@ impl X402Rail {
         };
         let url = format!("{}/{path}", self.facilitator);
         let res = self.client.post(&url).json(&body).timeout(timeout).send().await.map_err(|e| {
-            tracing::warn!(error = %e, url = %url, "x402 facilitator unreachable");
+            tracing::warn!(error = %e, url = %redact_url(&url), "x402 facilitator unreachable");
             PayError::Unavailable("The x402 facilitator is unreachable.".into())
         })?;
         let status = res.status();
+        let value = res.json::<Value>().await;
         if !status.is_success() {
-            tracing::warn!(status = status.as_u16(), url = %url, "x402 facilitator error");
-            return Err(PayError::Unavailable(format!("The x402 facilitator answered HTTP {} to /{path}.", status.as_u16())));
+            tracing::warn!(status = status.as_u16(), url = %redact_url(&url), "x402 facilitator answered an error status");
         }
-        res.json::<Value>().await.map_err(|_| PayError::Unavailable(format!("The x402 facilitator's /{path} answer is not JSON.")))
+        match value {
+            Ok(v) if v.is_object() => Ok((status.is_success(), v)),
+            _ => Err(PayError::Unavailable(format!("The x402 facilitator answered HTTP {} to /{path}.", status.as_u16()))),
+        }
     }
 
-    /// Step 10: the facilitator's `/verify` must answer `isValid: true` for this payer.
+    /// Step 10: the facilitator's `/verify` must answer `isValid: true` for this payer. An answer
+    /// `isValid: false` refuses the payment (facilitators send it with 200 or 4xx); any other
+    /// non-2xx answer means the facilitator is unavailable.
     pub async fn verify(&self, p: &X402Payment) -> Result<(), PayError> {
-        let v = self.call("verify", p, VERIFY_TIMEOUT).await?;
+        let (ok, v) = self.call("verify", p, VERIFY_TIMEOUT).await?;
         match v.get("isValid").and_then(Value::as_bool) {
-            Some(true) => {}
+            Some(true) if ok => {}
             Some(false) => {
-                let reason = v.get("invalidReason").and_then(Value::as_str).unwrap_or("refused by the facilitator");
-                return Err(PayError::Invalid { message: format!("Payment refused: {reason}"), problem: None });
+                return Err(PayError::Invalid { message: format!("Payment refused: {}", reason(&v, "invalidReason", "invalidReasonDetails")), problem: None });
             }
-            None => return Err(PayError::Unavailable("The x402 facilitator's /verify answer has no isValid.".into())),
+            _ => return Err(PayError::Unavailable("The x402 facilitator's /verify answer is not a verification.".into())),
         }
         match v.get("payer").and_then(Value::as_str) {
-            Some(payer) if !payer.eq_ignore_ascii_case(&p.payer) => Err(PayError::Invalid {
+            Some(payer) if !payer.is_empty() && !payer.eq_ignore_ascii_case(&p.payer) => Err(PayError::Invalid {
                 message: "The facilitator verified another payer than the authorization's.".into(),
                 problem: None,
             }),
@@ -220,12 +227,15 @@ impl X402Rail {
     }
 
     /// Step 11: the facilitator's `/settle` must answer `success: true` with the transaction
-    /// (an HTTP 200 with `success: false` is a failure).
+    /// (an answer `success: false`, even with HTTP 200, is a failure).
     pub async fn settle(&self, p: &X402Payment) -> Result<Settled, PayError> {
-        let v = self.call("settle", p, SETTLE_TIMEOUT).await?;
-        if v.get("success").and_then(Value::as_bool) != Some(true) {
-            let reason = v.get("errorReason").and_then(Value::as_str).unwrap_or("settlement failed");
-            return Err(PayError::Failed(format!("Payment not settled: {reason}")));
+        let (ok, v) = self.call("settle", p, SETTLE_TIMEOUT).await?;
+        match v.get("success").and_then(Value::as_bool) {
+            Some(true) if ok => {}
+            Some(false) => {
+                return Err(PayError::Failed(format!("Payment not settled: {}", reason(&v, "errorReason", "errorMessage"))));
+            }
+            _ => return Err(PayError::Unavailable("The x402 facilitator's /settle answer is not a settlement.".into())),
         }
         let Some(tx) = v.get("transaction").and_then(Value::as_str).filter(|t| !t.is_empty()) else {
             return Err(PayError::Failed("The facilitator reported success without a transaction.".into()));
@@ -237,6 +247,17 @@ impl X402Rail {
             response_header: header,
         })
     }
+}
+
+/// A facilitator's reason, with its details when given (bounded: it is echoed to the client).
+fn reason(v: &Value, key: &str, details: &str) -> String {
+    let snake: String = key.chars().flat_map(|c| if c.is_ascii_uppercase() { vec!['_', c.to_ascii_lowercase()] } else { vec![c] }).collect();
+    let r = v.get(key).or_else(|| v.get(&snake)).and_then(Value::as_str).unwrap_or("refused by the facilitator");
+    let text = match v.get(details).and_then(Value::as_str).filter(|d| !d.is_empty()) {
+        Some(d) => format!("{r} ({d})"),
+        None => r.to_string(),
+    };
+    text.chars().take(300).collect()
 }
 
 #[cfg(test)]
