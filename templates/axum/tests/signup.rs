@@ -596,8 +596,9 @@ enum Answer {
     Ok,
     /// verify: isValid false; settle: success false (HTTP 200).
     Refuse,
-    /// The same refusals with an error status (as e.g. the x402-rs facilitator answers them).
+    /// The same refusals with a 4xx status (as e.g. the x402-rs facilitator answers them).
     RefuseWithStatus,
+    /// 500 (on /settle with a `success: false` body: a 5xx is an outage, whatever its body says).
     Http500,
 }
 
@@ -652,10 +653,13 @@ async fn facilitator_settle(State(st): State<Arc<FacilitatorState>>, body: Bytes
             reply(StatusCode::OK, json!({ "success": false, "errorReason": "insufficient_funds", "transaction": "", "network": network }))
         }
         Answer::RefuseWithStatus => reply(
-            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::BAD_REQUEST,
             json!({ "success": false, "network": "", "transaction": "", "errorReason": "unexpected_settle_error", "errorMessage": "reverted", "payer": "" }),
         ),
-        Answer::Http500 => reply(StatusCode::INTERNAL_SERVER_ERROR, json!({ "error": "boom" })),
+        Answer::Http500 => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({ "success": false, "network": "", "transaction": "", "errorReason": "unexpected_settle_error", "payer": "" }),
+        ),
     }
 }
 
@@ -868,7 +872,7 @@ async fn x402_facilitator_failures(db: &TestDb) {
     f.set(Answer::Ok, Answer::RefuseWithStatus);
     let body = expect_error(signup(&s, &[("PAYMENT-SIGNATURE", &pay)]).await, 402, "payment_failed", true).await;
     assert!(body["error"]["message"].as_str().unwrap().contains("unexpected_settle_error (reverted)"), "{body}");
-    // Not an answer about the payment: the facilitator is unavailable.
+    // A 5xx (whatever its body says) or an unreachable facilitator is an outage.
     f.set(Answer::Http500, Answer::Ok);
     expect_error(signup(&s, &[("PAYMENT-SIGNATURE", &pay)]).await, 502, "payment_unavailable", true).await;
     f.set(Answer::Ok, Answer::Http500);

@@ -181,9 +181,9 @@ impl X402Rail {
     }
 
     /// POSTs `{x402Version, paymentPayload, paymentRequirements}` to `{facilitator}/{path}`.
-    /// Returns whether the answer was 2xx, and its JSON body. Unreachable, or a non-2xx answer
-    /// that is not JSON: the facilitator is unavailable.
-    async fn call(&self, path: &str, p: &X402Payment, timeout: Duration) -> Result<(bool, Value), PayError> {
+    /// Returns the answer's class and JSON body. Unreachable, timing out, a 5xx or any answer
+    /// that is not a JSON object: the facilitator is unavailable.
+    async fn call(&self, path: &str, p: &X402Payment, timeout: Duration) -> Result<(Answer, Value), PayError> {
         let body = v2::VerifyRequest {
             x402_version: v2::X402Version2,
             payment_payload: &p.payload,
@@ -199,19 +199,26 @@ impl X402Rail {
         if !status.is_success() {
             tracing::warn!(status = status.as_u16(), url = %redact_url(&url), "x402 facilitator answered an error status");
         }
+        let class = if status.is_success() {
+            Answer::Success
+        } else if status.is_client_error() {
+            Answer::ClientError
+        } else {
+            Answer::Other
+        };
         match value {
-            Ok(v) if v.is_object() => Ok((status.is_success(), v)),
+            Ok(v) if v.is_object() && class != Answer::Other => Ok((class, v)),
             _ => Err(PayError::Unavailable(format!("The x402 facilitator answered HTTP {} to /{path}.", status.as_u16()))),
         }
     }
 
     /// Step 10: the facilitator's `/verify` must answer `isValid: true` for this payer. An answer
-    /// `isValid: false` refuses the payment (facilitators send it with 200 or 4xx); any other
-    /// non-2xx answer means the facilitator is unavailable.
+    /// `isValid: false` refuses the payment (facilitators send it with 200 or a 4xx); any other
+    /// answer means the facilitator is unavailable.
     pub async fn verify(&self, p: &X402Payment) -> Result<(), PayError> {
-        let (ok, v) = self.call("verify", p, VERIFY_TIMEOUT).await?;
+        let (class, v) = self.call("verify", p, VERIFY_TIMEOUT).await?;
         match v.get("isValid").and_then(Value::as_bool) {
-            Some(true) if ok => {}
+            Some(true) if class == Answer::Success => {}
             Some(false) => {
                 return Err(PayError::Invalid { message: format!("Payment refused: {}", reason(&v, "invalidReason", "invalidReasonDetails")), problem: None });
             }
@@ -227,11 +234,11 @@ impl X402Rail {
     }
 
     /// Step 11: the facilitator's `/settle` must answer `success: true` with the transaction
-    /// (an answer `success: false`, even with HTTP 200, is a failure).
+    /// (an answer `success: false`, with HTTP 200 or a 4xx, is a failure).
     pub async fn settle(&self, p: &X402Payment) -> Result<Settled, PayError> {
-        let (ok, v) = self.call("settle", p, SETTLE_TIMEOUT).await?;
+        let (class, v) = self.call("settle", p, SETTLE_TIMEOUT).await?;
         match v.get("success").and_then(Value::as_bool) {
-            Some(true) if ok => {}
+            Some(true) if class == Answer::Success => {}
             Some(false) => {
                 return Err(PayError::Failed(format!("Payment not settled: {}", reason(&v, "errorReason", "errorMessage"))));
             }
@@ -247,6 +254,14 @@ impl X402Rail {
             response_header: header,
         })
     }
+}
+
+/// The class of a facilitator's HTTP answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Success,
+    ClientError,
+    Other,
 }
 
 /// A facilitator's reason, with its details when given (bounded: it is echoed to the client).
