@@ -29,6 +29,9 @@ pub struct SignupSettings {
     pub x402_facilitator_url: Option<String>,
     /// X402_PAY_TO: overrides `[signup.x402] pay_to` (required when that is empty).
     pub x402_pay_to: Option<String>,
+    /// X402_FACILITATOR_AUTHORIZATION: sent as `Authorization` to the facilitator's /verify and
+    /// /settle (for a facilitator that takes a static credential, e.g. `Bearer …`).
+    pub x402_facilitator_authorization: Option<String>,
     /// MPP_SECRET_KEY: binds MPP challenge ids (HMAC-SHA256), at least 32 bytes.
     pub mpp_secret_key: Option<String>,
     /// TEMPO_RECIPIENT (required for tempo/charge), TEMPO_CURRENCY and TEMPO_RPC_URL (optional).
@@ -45,6 +48,7 @@ impl SignupSettings {
         SignupSettings {
             x402_facilitator_url: non_empty("X402_FACILITATOR_URL"),
             x402_pay_to: non_empty("X402_PAY_TO"),
+            x402_facilitator_authorization: non_empty("X402_FACILITATOR_AUTHORIZATION"),
             mpp_secret_key: std::env::var("MPP_SECRET_KEY").ok().filter(|k| !k.is_empty()),
             tempo_recipient: non_empty("TEMPO_RECIPIENT"),
             tempo_currency: non_empty("TEMPO_CURRENCY"),
@@ -61,6 +65,7 @@ impl std::fmt::Debug for SignupSettings {
         f.debug_struct("SignupSettings")
             .field("x402_facilitator_url", &self.x402_facilitator_url)
             .field("x402_pay_to", &self.x402_pay_to)
+            .field("x402_facilitator_authorization", &set(&self.x402_facilitator_authorization))
             .field("mpp_secret_key", &set(&self.mpp_secret_key))
             .field("tempo_recipient", &self.tempo_recipient)
             .field("tempo_currency", &self.tempo_currency)

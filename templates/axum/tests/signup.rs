@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -37,6 +37,7 @@ backend_tests!(
     x402_refusals,
     x402_v1_payment,
     x402_facilitator_failures,
+    x402_facilitator_authorization,
     x402_concurrent_submissions_mint_once,
 );
 
@@ -583,6 +584,17 @@ fn x402_rail(_: &str) -> Option<gateway::signup::X402Rail> {
     None
 }
 
+/// The rail of [`x402_rail`], sending `authorization` to the facilitator.
+#[cfg(feature = "x402")]
+fn x402_rail_with_authorization(facilitator: &str, authorization: &str) -> Option<gateway::signup::X402Rail> {
+    Some(x402_rail(facilitator)?.with_authorization(authorization).unwrap())
+}
+
+#[cfg(not(feature = "x402"))]
+fn x402_rail_with_authorization(_: &str, _: &str) -> Option<gateway::signup::X402Rail> {
+    None
+}
+
 /// A URL nothing listens on.
 async fn url_of_nothing() -> String {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -611,7 +623,8 @@ struct Facilitator {
 struct FacilitatorState {
     verify: Mutex<Answer>,
     settle: Mutex<Answer>,
-    calls: Mutex<Vec<(&'static str, Value)>>,
+    /// Each call: path, JSON body, `Authorization` header.
+    calls: Mutex<Vec<(&'static str, Value, Option<String>)>>,
     gate: Option<Arc<Gate>>,
 }
 
@@ -621,9 +634,13 @@ fn reply(status: StatusCode, body: Value) -> Reply {
     (status, [("content-type", "application/json")], body.to_string())
 }
 
-async fn facilitator_verify(State(st): State<Arc<FacilitatorState>>, body: Bytes) -> Reply {
+fn authorization_of(headers: &HeaderMap) -> Option<String> {
+    headers.get("authorization").map(|v| v.to_str().unwrap().to_string())
+}
+
+async fn facilitator_verify(State(st): State<Arc<FacilitatorState>>, headers: HeaderMap, body: Bytes) -> Reply {
     let body: Value = serde_json::from_slice(&body).unwrap();
-    st.calls.lock().unwrap().push(("verify", body.clone()));
+    st.calls.lock().unwrap().push(("verify", body.clone(), authorization_of(&headers)));
     if let Some(g) = &st.gate {
         g.pass().await;
     }
@@ -639,9 +656,9 @@ async fn facilitator_verify(State(st): State<Arc<FacilitatorState>>, body: Bytes
     }
 }
 
-async fn facilitator_settle(State(st): State<Arc<FacilitatorState>>, body: Bytes) -> Reply {
+async fn facilitator_settle(State(st): State<Arc<FacilitatorState>>, headers: HeaderMap, body: Bytes) -> Reply {
     let body: Value = serde_json::from_slice(&body).unwrap();
-    st.calls.lock().unwrap().push(("settle", body.clone()));
+    st.calls.lock().unwrap().push(("settle", body.clone(), authorization_of(&headers)));
     let auth = &body["paymentPayload"]["payload"]["authorization"];
     let network = body["paymentRequirements"]["network"].clone();
     match *st.settle.lock().unwrap() {
@@ -689,7 +706,12 @@ impl Facilitator {
     }
 
     fn calls(&self, path: &str) -> Vec<Value> {
-        self.state.calls.lock().unwrap().iter().filter(|(p, _)| *p == path).map(|(_, b)| b.clone()).collect()
+        self.state.calls.lock().unwrap().iter().filter(|(p, ..)| *p == path).map(|(_, b, _)| b.clone()).collect()
+    }
+
+    /// The `Authorization` header of each call, in order.
+    fn authorizations(&self) -> Vec<Option<String>> {
+        self.state.calls.lock().unwrap().iter().map(|(.., a)| a.clone()).collect()
     }
 }
 
@@ -769,6 +791,23 @@ async fn x402_pays_and_replays(db: &TestDb) {
     expect_error(res, 409, "payment_already_used", true).await;
     assert_eq!(f.calls("verify").len(), 1, "a used payment is never verified again");
     assert_eq!(f.calls("settle").len(), 1);
+    // No credential of the gateway's or the buyer's reaches the facilitator unless configured.
+    assert_eq!(f.authorizations(), [None, None]);
+}
+
+/// X402_FACILITATOR_AUTHORIZATION is the `Authorization` of every facilitator call; a buyer's
+/// `Authorization` header is never forwarded in its place.
+async fn x402_facilitator_authorization(db: &TestDb) {
+    if skip_x402() {
+        return;
+    }
+    let f = Facilitator::start(None).await;
+    let s = db.server_with_signup(Signup::new(x402_rail_with_authorization(&f.url, "Bearer fac-key"), None)).await;
+    let accepted = accepted_requirement(&s).await;
+    let pay = v2_header(&accepted, &nonce(12));
+    let res = signup(&s, &[("PAYMENT-SIGNATURE", &pay), ("Authorization", "Bearer buyer-secret")]).await;
+    assert_eq!(res.status(), 201);
+    assert_eq!(f.authorizations(), [Some("Bearer fac-key".to_string()), Some("Bearer fac-key".to_string())]);
 }
 
 async fn x402_refusals(db: &TestDb) {

@@ -27,11 +27,17 @@ pub struct X402Rail {
     pay_to: String,
     requirement: Value,
     client: reqwest::Client,
+    /// `Authorization` sent to the facilitator (X402_FACILITATOR_AUTHORIZATION), if any.
+    authorization: Option<reqwest::header::HeaderValue>,
 }
 
 impl std::fmt::Debug for X402Rail {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("X402Rail").field("facilitator", &redact_url(&self.facilitator)).field("pay_to", &self.pay_to).finish()
+        f.debug_struct("X402Rail")
+            .field("facilitator", &redact_url(&self.facilitator))
+            .field("pay_to", &self.pay_to)
+            .field("authorization", &self.authorization.as_ref().map(|_| "<set>"))
+            .finish()
     }
 }
 
@@ -108,18 +114,37 @@ impl X402Rail {
             pay_to: pay_to.to_string(),
             requirement,
             client,
+            authorization: None,
         })
     }
 
+    /// The same rail, sending `authorization` as the `Authorization` header of every facilitator
+    /// call (a facilitator that takes a static credential). Refused when it is not a valid header
+    /// value.
+    pub fn with_authorization(mut self, authorization: &str) -> Result<X402Rail, String> {
+        let mut value = reqwest::header::HeaderValue::from_str(authorization.trim())
+            .ok()
+            .filter(|v| !v.is_empty())
+            .ok_or("X402_FACILITATOR_AUTHORIZATION is not a valid HTTP header value (one line of visible ASCII, e.g. `Bearer …`).")?;
+        value.set_sensitive(true);
+        self.authorization = Some(value);
+        Ok(self)
+    }
+
     /// The rail described by `[signup.x402]` and the environment (X402_FACILITATOR_URL and
-    /// X402_PAY_TO override the manifest).
+    /// X402_PAY_TO override the manifest; X402_FACILITATOR_AUTHORIZATION is sent to the
+    /// facilitator).
     pub fn from_settings(cfg: &SignupX402Config, settings: &SignupSettings) -> Result<X402Rail, String> {
         let url = settings.x402_facilitator_url.as_deref().unwrap_or(cfg.facilitator_url);
         let pay_to = settings.x402_pay_to.as_deref().unwrap_or(cfg.pay_to);
         if pay_to.is_empty() {
             return Err("The x402 rail needs a payee: set the X402_PAY_TO secret (your 0x address) or [signup.x402] pay_to.".into());
         }
-        X402Rail::new(cfg, url, pay_to)
+        let rail = X402Rail::new(cfg, url, pay_to)?;
+        match settings.x402_facilitator_authorization.as_deref() {
+            Some(auth) => rail.with_authorization(auth),
+            None => Ok(rail),
+        }
     }
 
     /// The offered requirement (`accepts[0]`).
@@ -190,7 +215,11 @@ impl X402Rail {
             payment_requirements: &self.requirement,
         };
         let url = format!("{}/{path}", self.facilitator);
-        let res = self.client.post(&url).json(&body).timeout(timeout).send().await.map_err(|e| {
+        let mut req = self.client.post(&url).json(&body).timeout(timeout);
+        if let Some(auth) = &self.authorization {
+            req = req.header(reqwest::header::AUTHORIZATION, auth.clone());
+        }
+        let res = req.send().await.map_err(|e| {
             tracing::warn!(error = %e, url = %redact_url(&url), "x402 facilitator unreachable");
             PayError::Unavailable("The x402 facilitator is unreachable.".into())
         })?;
@@ -315,5 +344,13 @@ mod tests {
             ..Default::default()
         };
         assert!(X402Rail::from_settings(&cfg(), &url).unwrap_err().contains("X402_FACILITATOR_URL"));
+        let auth = |a: &str| SignupSettings {
+            x402_pay_to: Some(format!("0x{}", "a".repeat(40))),
+            x402_facilitator_authorization: Some(a.into()),
+            ..Default::default()
+        };
+        assert!(X402Rail::from_settings(&cfg(), &auth("Bearer a\nb")).unwrap_err().contains("X402_FACILITATOR_AUTHORIZATION"));
+        let rail = X402Rail::from_settings(&cfg(), &auth("Bearer fac-key")).unwrap();
+        assert!(!format!("{rail:?}").contains("fac-key"), "Debug shows no credential: {rail:?}");
     }
 }
