@@ -127,10 +127,10 @@ impl ApiError {
                 }
             }
         }
-        if self.status == StatusCode::UNAUTHORIZED {
-            if let Ok(v) = HeaderValue::from_str(&format!("Bearer realm=\"{PROJECT_NAME}\"")) {
-                h.insert(header::WWW_AUTHENTICATE, v);
-            }
+        if self.status == StatusCode::UNAUTHORIZED
+            && let Ok(v) = HeaderValue::from_str(&format!("Bearer realm=\"{PROJECT_NAME}\""))
+        {
+            h.insert(header::WWW_AUTHENTICATE, v);
         }
         res
     }

@@ -87,7 +87,7 @@ impl LocalLimiter {
         let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let now = Self::now_ms(&mut st);
         st.ops += 1;
-        if st.ops % 4096 == 0 {
+        if st.ops.is_multiple_of(4096) {
             // Forget idle buckets so memory stays bounded by the active keys.
             st.buckets.retain(|_, q| q.back().is_some_and(|(t, _)| t + window_ms > now));
         }
@@ -106,10 +106,10 @@ impl LocalLimiter {
 
     fn release(&self, bucket: &str, token: &str) {
         let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(q) = st.buckets.get_mut(bucket) {
-            if let Some(i) = q.iter().position(|(_, t)| t == token) {
-                q.remove(i);
-            }
+        if let Some(q) = st.buckets.get_mut(bucket)
+            && let Some(i) = q.iter().position(|(_, t)| t == token)
+        {
+            q.remove(i);
         }
     }
 }

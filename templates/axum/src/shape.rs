@@ -59,10 +59,10 @@ pub fn as_safe_integer(v: &Value) -> Option<i64> {
 pub fn normalize_integers(input: &mut Value, shape: &[FieldSpec]) {
     let Some(obj) = input.as_object_mut() else { return };
     for spec in shape.iter().filter(|s| s.ty == FieldType::Integer) {
-        if let Some(v) = obj.get_mut(spec.name) {
-            if let Some(i) = as_safe_integer(v) {
-                *v = Value::from(i);
-            }
+        if let Some(v) = obj.get_mut(spec.name)
+            && let Some(i) = as_safe_integer(v)
+        {
+            *v = Value::from(i);
         }
     }
 }

@@ -748,7 +748,7 @@ async fn me_ledger_and_leaderboard(db: &TestDb) {
     let entries = lb["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 2, "keys that never called are not ranked");
     // Ordered by xp desc, calls desc, key_id asc.
-    let mut expected = vec![(n * ep.xp(), n, a.key_id.clone(), "alice"), (ep.xp(), 1, b.key_id.clone(), "")];
+    let mut expected = [(n * ep.xp(), n, a.key_id.clone(), "alice"), (ep.xp(), 1, b.key_id.clone(), "")];
     expected.sort_by(|x, y| y.0.cmp(&x.0).then(y.1.cmp(&x.1)).then(x.2.cmp(&y.2)));
     for (i, (xp, calls, key_id, name)) in expected.iter().enumerate() {
         let e = &entries[i];
