@@ -7,7 +7,9 @@
 //!   context) and makes a handler: the user's file, created once, never overwritten;
 //! - a path under a `generated/` folder is generated: regenerated whole by `sync`;
 //! - a file name starting with one `_` is output with a `.` (`_gitignore` → `.gitignore`), so that
-//!   packaging keeps it.
+//!   packaging keeps it;
+//! - a file under `_partials/` is not output: it is a piece other templates include by its full
+//!   name (`{% include "worker/_partials/x.md.tera" %}`), e.g. a README section two targets share.
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +24,8 @@ static TEMPLATES: Dir<'static> = include_dir!("$CARGO_MANIFEST_DIR/templates");
 
 const ENDPOINT_PART: &str = "__endpoint__";
 const TERA_SUFFIX: &str = ".tera";
+/// Template pieces that are included, not output.
+const PARTIALS_DIR: &str = "_partials/";
 /// The manifest is written from the edited TOML document, not rendered.
 const MANIFEST_TEMPLATE: &str = "shared/mcpay.toml";
 
@@ -66,7 +70,7 @@ fn all_files<'a>(dir: &'a Dir<'a>, out: &mut Vec<&'a File<'a>>) {
 }
 
 /// The template files of a target: (path inside the target's tree, file), target files overriding
-/// shared ones.
+/// shared ones; partials included.
 fn target_files(target: &str) -> Result<Vec<(String, &'static File<'static>)>> {
     let mut layers = vec![TEMPLATES.get_dir("shared").expect("shared templates")];
     for name in layers_of(target) {
@@ -82,9 +86,6 @@ fn target_files(target: &str) -> Result<Vec<(String, &'static File<'static>)>> {
                 continue;
             }
             let rel = full.strip_prefix(base.path().to_str().unwrap()).unwrap().trim_start_matches('/');
-            if rel.starts_with("_samples/") {
-                continue;
-            }
             files.retain(|(p, _)| p != rel);
             files.push((rel.to_string(), f));
         }
@@ -118,14 +119,16 @@ fn engine_with<'a>(files: impl IntoIterator<Item = &'a File<'a>>) -> Result<Tera
     tera.autoescape_on(Vec::<&str>::new());
     tera.register_filter("json", json_filter);
     tera.register_filter("rust", rust_filter);
+    let mut sources = Vec::new();
     for f in files {
         let name = f.path().to_str().expect("template paths are UTF-8");
         if name.ends_with(TERA_SUFFIX) {
             let text = f.contents_utf8().with_context(|| format!("template {name} is not UTF-8"))?;
-            tera.add_raw_template(name, text)
-                .map_err(|e| anyhow!("template {name} does not parse: {e}"))?;
+            sources.push((name, text));
         }
     }
+    // One batch: a template may include a partial that sorts after it.
+    tera.add_raw_templates(sources).map_err(|e| anyhow!("a template does not parse: {e}"))?;
     Ok(tera)
 }
 
@@ -175,6 +178,9 @@ pub fn render(spec: &Spec, manifest_text: &str) -> Result<Plan> {
         kind: FileKind::Manifest,
     }];
     for (rel, file) in templates {
+        if rel.starts_with(PARTIALS_DIR) {
+            continue;
+        }
         let kind = kind_of(&rel);
         let out = output_path(&rel);
         if kind == FileKind::Handler {

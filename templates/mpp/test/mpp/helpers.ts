@@ -1,7 +1,8 @@
-// Test-only payment plumbing. "test/charge" is a deterministic MPP method, defined here as mppx's
-// own tests define theirs (Method.from + Method.toServer): a credential pays when its payload
-// token is "paid". It exists only in the test app built below, never in src/: the production
-// app (src/index.ts) builds its methods from mcpay.toml and the environment.
+// Test-only payment plumbing. "test/charge" and "other/charge" are the deterministic MPP methods of
+// the signup tests (../signup-helpers.ts), defined as mppx's own tests define theirs
+// (Method.from + Method.toServer): a credential pays when its payload token is "paid"; "test/session"
+// is defined below. They exist only in the test app built here, never in src/: the production app
+// (src/index.ts) builds its methods from mcpay.toml and the environment.
 import { env } from "cloudflare:workers";
 import { createExecutionContext, waitOnExecutionContext } from "cloudflare:test";
 import { Challenge, Credential, Errors, Method, type Store, z } from "mppx";
@@ -11,45 +12,15 @@ import type { MppEnv } from "../../src/mpp/env";
 import type { PaymentSetupResult } from "../../src/mpp/methods";
 import type { SandboxLimits } from "../../src/mpp/sandbox";
 import { durableStore } from "../../src/mpp/store";
+import { otherChargeServer, testChargeServer } from "../signup-helpers";
 
 export const BASE = "https://gateway.test";
 export const REALM = "gateway.test";
 export const mppEnv = env as unknown as MppEnv;
 export const SECRET = mppEnv.MPP_SECRET_KEY!;
 
-export const testCharge = Method.from({
-  name: "test",
-  intent: "charge",
-  schema: {
-    credential: { payload: z.object({ token: z.string() }) },
-    request: z.object({ amount: z.string(), currency: z.string(), recipient: z.string() }),
-  },
-});
-
-/** Verifications performed, by challenge id (to prove what ran and what did not). */
-export const verified: string[] = [];
-
-export const testChargeServer = Method.toServer(testCharge, {
-  defaults: { currency: "usd-test", recipient: "acct-test" },
-  async verify({ credential }) {
-    if (credential.payload.token !== "paid") throw new Errors.VerificationFailedError({ reason: "test token refused" });
-    verified.push(credential.challenge.id);
-    return { method: "test", reference: `test-${credential.challenge.id}`, status: "success", timestamp: new Date().toISOString() } as const;
-  },
-});
-
-/** A second deterministic charge method, to check one challenge per offered method. */
-export const otherCharge = Method.from({
-  name: "other",
-  intent: "charge",
-  schema: { credential: { payload: z.object({ token: z.string() }) }, request: z.object({ amount: z.string() }) },
-});
-export const otherChargeServer = Method.toServer(otherCharge, {
-  async verify({ credential }) {
-    if (credential.payload.token !== "paid") throw new Errors.VerificationFailedError({ reason: "test token refused" });
-    return { method: "other", reference: `other-${credential.challenge.id}`, status: "success", timestamp: new Date().toISOString() } as const;
-  },
-});
+/** Challenge ids that test/charge accepted (to prove what ran and what did not). */
+export { mppVerified as verified } from "../signup-helpers";
 
 /**
  * A deterministic session method shaped like tempo/session: the payer signs off-chain cumulative
