@@ -44,8 +44,8 @@ fn services() -> Vec<(&'static str, String)> {
 #[ignore = "builds a generated Rust project (minutes); run with --include-ignored"]
 fn axum_project_builds_locked_and_passes_its_own_tests() {
     // Signups are sold over x402 on a local chain (paid for real below). The MPP rail's tempo and
-    // stripe methods are Cargo features left off by default; the project's own tests pay over MPP
-    // with a test method.
+    // stripe methods are Cargo features left off by default (built and unit-tested below); the
+    // project's own tests pay over MPP with a test method.
     let chain = common::chain::Chain::start();
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("api");
@@ -58,6 +58,10 @@ fn axum_project_builds_locked_and_passes_its_own_tests() {
     cargo(&dir, &["test", "--locked"], &[]);
     enable_signup(&dir, &chain.manifest_toml());
     cargo(&dir, &["test", "--locked"], &[]);
+    // The opt-in MPP methods (the mpp crate's tempo and stripe clients) build from the shipped
+    // lockfile and their unit tests pass; a build without the x402 rail still compiles.
+    cargo(&dir, &["test", "--locked", "--lib", "--features", "tempo,stripe"], &[]);
+    cargo(&dir, &["check", "--locked", "--all-targets", "--no-default-features"], &[]);
     let svc = services();
     let svc_env: Vec<(&str, &str)> = svc.iter().map(|(k, v)| (*k, v.as_str())).collect();
     if svc.len() == 2 {
