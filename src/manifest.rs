@@ -173,6 +173,9 @@ pub struct SignupX402 {
     pub pay_to: String,
     /// Facilitator verifying and settling payments (`X402_FACILITATOR_URL` overrides it).
     pub facilitator_url: String,
+    /// JSON-RPC endpoint of the network, where pending settlements are looked up (`X402_RPC_URL`
+    /// overrides it; one of the two must be set for the rail to be served).
+    pub rpc_url: String,
     /// How long a signed authorization may take to settle.
     pub max_timeout_seconds: u64,
 }
@@ -187,6 +190,7 @@ impl Default for SignupX402 {
             asset_decimals: 6,
             pay_to: String::new(),
             facilitator_url: "https://www.x402.org/facilitator".into(),
+            rpc_url: String::new(),
             max_timeout_seconds: 120,
         }
     }
@@ -353,6 +357,11 @@ impl Manifest {
                 || x.facilitator_url.contains(char::is_whitespace)
             {
                 out.push(format!("signup.x402.facilitator_url: {:?} must be an http(s) URL, e.g. \"https://www.x402.org/facilitator\"", x.facilitator_url));
+            }
+            if !x.rpc_url.is_empty()
+                && (!(x.rpc_url.starts_with("https://") || x.rpc_url.starts_with("http://")) || x.rpc_url.contains(char::is_whitespace))
+            {
+                out.push(format!("signup.x402.rpc_url: {:?} must be an http(s) JSON-RPC URL of the network, e.g. \"https://sepolia.base.org\", or empty to use the X402_RPC_URL secret", x.rpc_url));
             }
             range(&mut out, "signup.x402.max_timeout_seconds", x.max_timeout_seconds, 10, 3600);
         }
@@ -599,7 +608,7 @@ mod tests {
         let (_, m) = load(&on);
         assert_eq!(m.problems(), vec!["signup: a signup needs a payment rail; add a [signup.x402] table, a [signup.mpp] table, or both".to_string()]);
 
-        let bad = format!("{on}\n[signup.x402]\nnetwork = \"base\"\nasset = \"0x12\"\npay_to = \"nope\"\nasset_decimals = 4\nfacilitator_url = \"ftp://x\"\n[signup.mpp]\nmethods = [\"tempo/session\"]\n");
+        let bad = format!("{on}\n[signup.x402]\nnetwork = \"base\"\nasset = \"0x12\"\npay_to = \"nope\"\nasset_decimals = 4\nfacilitator_url = \"ftp://x\"\nrpc_url = \"localhost:8545\"\n[signup.mpp]\nmethods = [\"tempo/session\"]\n");
         let (_, m) = load(&bad);
         let p = m.problems().join("\n");
         for needle in [
@@ -608,6 +617,7 @@ mod tests {
             "signup.x402.pay_to: \"nope\" must be a 0x address (40 hex digits), or empty to use the X402_PAY_TO secret",
             "signup.x402.asset_decimals: 4 is out of range; use 5 to 18 (USDC: 6)",
             "signup.x402.facilitator_url: \"ftp://x\" must be an http(s) URL",
+            "signup.x402.rpc_url: \"localhost:8545\" must be an http(s) JSON-RPC URL",
             "signup.mpp.methods: unknown method \"tempo/session\"; use tempo/charge, stripe/charge",
         ] {
             assert!(p.contains(needle), "missing {needle:?} in:\n{p}");
@@ -616,7 +626,7 @@ mod tests {
         // The commented-out rail tables of the default manifest are valid as written.
         let uncommented: String = on
             .lines()
-            .map(|l| if l.starts_with("# [signup.") || l.starts_with("# network") || l.starts_with("# asset") || l.starts_with("# pay_to") || l.starts_with("# facilitator_url") || l.starts_with("# max_timeout") || l.starts_with("# methods") || l.starts_with("# realm") || l.starts_with("# challenge_ttl") { l[2..].to_string() } else { l.to_string() })
+            .map(|l| if l.starts_with("# [signup.") || l.starts_with("# network") || l.starts_with("# asset") || l.starts_with("# pay_to") || l.starts_with("# facilitator_url") || l.starts_with("# rpc_url") || l.starts_with("# max_timeout") || l.starts_with("# methods") || l.starts_with("# realm") || l.starts_with("# challenge_ttl") { l[2..].to_string() } else { l.to_string() })
             .collect::<Vec<_>>()
             .join("\n");
         let (_, m) = load(&uncommented);

@@ -17,8 +17,21 @@ import { dirname, join } from "node:path";
 import { x402Facilitator } from "@x402/core/facilitator";
 import { toFacilitatorEvmSigner } from "@x402/evm";
 import { ExactEvmScheme } from "@x402/evm/exact/facilitator";
-import { createPublicClient, createWalletClient, defineChain, getAddress, http, publicActions, toHex } from "viem";
+import {
+  createPublicClient,
+  createWalletClient,
+  defineChain,
+  getAddress,
+  http,
+  isAddress,
+  parseAbi,
+  parseAbiItem,
+  publicActions,
+  toHex,
+} from "viem";
 import { mnemonicToAccount, nonceManager, privateKeyToAccount } from "viem/accounts";
+
+import { b64json, handSigned } from "./lib.mjs";
 
 const require = createRequire(import.meta.url);
 const log = (...a) => console.error("chain:", ...a);
@@ -33,6 +46,8 @@ function arg(name, fallback) {
 }
 const anvilPort = Number(arg("port"));
 const facilitatorPort = Number(arg("facilitator-port"));
+// How long the facilitator waits for a settlement's receipt before answering `settlement_pending`.
+const CONFIRMATION_TIMEOUT_MS = Number(arg("confirmation-timeout-ms", "2000"));
 const CHAIN_ID = 31337;
 const NETWORK = `eip155:${CHAIN_ID}`;
 const rpcUrl = `http://127.0.0.1:${anvilPort}`;
@@ -183,7 +198,7 @@ function buildFacilitator() {
       sendTransaction: (a) => wallet.sendTransaction(a),
       waitForTransactionReceipt: (a) => wallet.waitForTransactionReceipt(a),
     },
-    { confirmationTimeoutMs: 30_000 },
+    { confirmationTimeoutMs: CONFIRMATION_TIMEOUT_MS },
   );
   const exact = new ExactEvmScheme(signer);
 
@@ -222,45 +237,202 @@ function buildFacilitator() {
     .onSettleFailure(async ({ error }) => log("settle failed:", error?.message ?? error));
 }
 
-function serve(facilitator) {
+// ---- the fault layer and the control API ------------------------------------------------------
+// The gateways call the facilitator through this server. `POST /__control/fault` makes /settle lie
+// about what happened (the real settle still runs, except in "error_before_settle"):
+//   none                 the facilitator's own answer
+//   error_before_settle  500 without settling (nothing moved)
+//   error_after_settle   the real settle runs, then the answer is a 500
+//   reset_after_settle   the real settle runs, then the connection is reset (no answer)
+//   hang_after_settle    the real settle runs, then no answer is ever sent (until the fault is cleared)
+// and `{"verify": "error"}` makes /verify answer 500 (nothing moved). The official facilitator's own
+// `settlement_pending` comes from turning anvil's automine off (`POST /__control/automine`): the
+// receipt wait (CONFIRMATION_TIMEOUT_MS) then times out with the transaction sent but not mined.
+const SETTLE_FAULTS = ["none", "error_before_settle", "error_after_settle", "reset_after_settle", "hang_after_settle"];
+const VERIFY_FAULTS = ["none", "error"];
+const faults = { settle: "none", verify: "none" };
+const stats = { verify: 0, settle: 0, settleRan: 0, settleFaulted: 0 };
+const hung = new Set();
+const releaseHung = () => {
+  for (const res of hung) res.destroy();
+  hung.clear();
+};
+
+const AUTHORIZATION_USED = parseAbiItem("event AuthorizationUsed(address indexed authorizer, bytes32 indexed nonce)");
+const TRANSFER = parseAbiItem("event Transfer(address indexed from, address indexed to, uint256 value)");
+const balanceAbi = parseAbi(["function balanceOf(address) view returns (uint256)", "function authorizationState(address, bytes32) view returns (bool)"]);
+
+async function chainStats(asset, query) {
+  const from = query.get("from");
+  const nonce = query.get("nonce");
+  const used = await pub.getLogs({ address: asset, event: AUTHORIZATION_USED, fromBlock: 0n, toBlock: "latest" });
+  const toPayTo = await pub.getLogs({ address: asset, event: TRANSFER, args: { to: payTo.address }, fromBlock: 0n, toBlock: "latest" });
+  const out = {
+    ...stats,
+    faults: { ...faults },
+    automine: await pub.request({ method: "anvil_getAutomine" }),
+    blockNumber: String(await pub.getBlockNumber()),
+    authorizationUsed: used.length,
+    transfersToPayTo: toPayTo.length,
+    receivedByPayTo: String(toPayTo.reduce((a, l) => a + l.args.value, 0n)),
+    payToBalance: String(await pub.readContract({ address: asset, abi: balanceAbi, functionName: "balanceOf", args: [payTo.address] })),
+  };
+  if (from && nonce) {
+    if (!isAddress(from) || !/^0x[0-9a-fA-F]{64}$/.test(nonce)) throw new HttpError(400, "from must be an address and nonce 32 bytes of hex");
+    out.authorization = {
+      from: getAddress(from),
+      nonce,
+      usedEvents: used.filter((l) => l.args.authorizer === getAddress(from) && l.args.nonce.toLowerCase() === nonce.toLowerCase()).length,
+      state: await pub.readContract({ address: asset, abi: balanceAbi, functionName: "authorizationState", args: [getAddress(from), nonce] }),
+    };
+  }
+  return out;
+}
+
+class HttpError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+/** Signs a v2 PaymentPayload for one offered requirement (the `exact` EIP-3009 authorization). */
+async function pay(info, body) {
+  const accepted = body.accepted ?? body.paymentRequired?.accepts?.[0];
+  if (!accepted || typeof accepted !== "object") throw new HttpError(400, "give `accepted` (one accepts entry) or `paymentRequired`");
+  for (const k of ["payTo", "asset", "amount", "extra"]) if (!accepted[k]) throw new HttpError(400, `accepted.${k} is missing`);
+  const who = body.payer ?? "payer";
+  if (who !== "payer" && who !== "poor") throw new HttpError(400, 'payer must be "payer" or "poor"');
+  const fromKey = who === "poor" ? poorPayerKey : payerKey;
+  const over = {};
+  if (body.validBeforeOffset !== undefined) {
+    if (!Number.isInteger(body.validBeforeOffset)) throw new HttpError(400, "validBeforeOffset must be an integer number of seconds");
+    over.validBefore = String(Math.floor(Date.now() / 1000) + body.validBeforeOffset);
+  }
+  if (body.nonce !== undefined) over.nonce = body.nonce;
+  const requirement = { ...accepted, maxTimeoutSeconds: accepted.maxTimeoutSeconds ?? 60 };
+  const payload = {
+    x402Version: 2,
+    ...(body.resource ?? body.paymentRequired?.resource ? { resource: body.resource ?? body.paymentRequired.resource } : {}),
+    accepted,
+    payload: await handSigned(info, requirement, { fromKey, over }),
+  };
+  const value = b64json(payload);
+  return { header: "PAYMENT-SIGNATURE", value, headers: { "PAYMENT-SIGNATURE": value }, payload };
+}
+
+async function readJson(req) {
+  let size = 0;
+  const chunks = [];
+  for await (const c of req) {
+    size += c.length;
+    if (size > 1 << 20) throw new HttpError(413, "body too large");
+    chunks.push(c);
+  }
+  const text = Buffer.concat(chunks).toString("utf8");
+  if (text.trim() === "") return {};
+  try {
+    return JSON.parse(text);
+  } catch {
+    throw new HttpError(400, "invalid JSON");
+  }
+}
+
+function serve(facilitator, info) {
   const send = (res, status, body) => {
-    const text = JSON.stringify(body);
+    const text = JSON.stringify(body, (_, x) => (typeof x === "bigint" ? x.toString() : x));
     res.writeHead(status, { "content-type": "application/json", "content-length": Buffer.byteLength(text) });
     res.end(text);
   };
+
+  async function control(req, res, path, query) {
+    const route = `${req.method} ${path}`;
+    if (route === "GET /__control" || route === "GET /__control/") return send(res, 200, info);
+    if (route === "GET /__control/stats") return send(res, 200, await chainStats(info.asset, query));
+    if (route === "GET /__control/balance") {
+      const address = query.get("address");
+      if (!address || !isAddress(address)) throw new HttpError(400, "?address=0x… is required");
+      const balance = await pub.readContract({ address: info.asset, abi: balanceAbi, functionName: "balanceOf", args: [getAddress(address)] });
+      return send(res, 200, { address: getAddress(address), balance: String(balance) });
+    }
+    if (req.method !== "POST") throw new HttpError(404, `no route ${route}`);
+    const body = await readJson(req);
+    if (path === "/__control/fault") {
+      if (body.settle !== undefined && !SETTLE_FAULTS.includes(body.settle)) throw new HttpError(400, `settle must be one of ${SETTLE_FAULTS}`);
+      if (body.verify !== undefined && !VERIFY_FAULTS.includes(body.verify)) throw new HttpError(400, `verify must be one of ${VERIFY_FAULTS}`);
+      if (body.settle !== undefined) faults.settle = body.settle;
+      if (body.verify !== undefined) faults.verify = body.verify;
+      if (faults.settle !== "hang_after_settle") releaseHung();
+      log("faults:", JSON.stringify(faults));
+      return send(res, 200, { faults });
+    }
+    if (path === "/__control/automine") {
+      if (typeof body.enabled !== "boolean") throw new HttpError(400, '{"enabled": true|false} is required');
+      await pub.request({ method: "evm_setAutomine", params: [body.enabled] });
+      log("automine:", body.enabled);
+      return send(res, 200, { automine: await pub.request({ method: "anvil_getAutomine" }) });
+    }
+    if (path === "/__control/mine") {
+      const blocks = body.blocks ?? 1;
+      if (!Number.isInteger(blocks) || blocks < 1 || blocks > 1000) throw new HttpError(400, "blocks must be 1..1000");
+      for (let i = 0; i < blocks; i++) await pub.request({ method: "evm_mine", params: [] });
+      return send(res, 200, { blockNumber: String(await pub.getBlockNumber()) });
+    }
+    if (path === "/__control/pay") return send(res, 200, await pay(info, body));
+    if (path === "/__control/reset") {
+      faults.settle = "none";
+      faults.verify = "none";
+      releaseHung();
+      await pub.request({ method: "evm_setAutomine", params: [true] });
+      await pub.request({ method: "evm_mine", params: [] });
+      return send(res, 200, { faults });
+    }
+    throw new HttpError(404, `no route ${route}`);
+  }
+
   const server = createServer(async (req, res) => {
-    const path = new URL(req.url ?? "/", "http://localhost").pathname;
+    const url = new URL(req.url ?? "/", "http://localhost");
+    const path = url.pathname;
     try {
+      if (path === "/__control" || path.startsWith("/__control/")) return await control(req, res, path, url.searchParams);
       if (req.method === "GET" && path === "/supported") return send(res, 200, facilitator.getSupported());
       if (req.method !== "POST" || (path !== "/verify" && path !== "/settle")) {
         return send(res, 404, { error: `no route ${req.method} ${path}` });
       }
-      let size = 0;
-      const chunks = [];
-      for await (const c of req) {
-        size += c.length;
-        if (size > 1 << 20) return send(res, 413, { error: "body too large" });
-        chunks.push(c);
-      }
-      let body;
-      try {
-        body = JSON.parse(Buffer.concat(chunks).toString("utf8"));
-      } catch {
-        return send(res, 400, { error: "invalid JSON" });
-      }
+      const body = await readJson(req);
       const { paymentPayload, paymentRequirements } = body ?? {};
       if (!paymentPayload || typeof paymentPayload !== "object" || !paymentRequirements || typeof paymentRequirements !== "object") {
         return send(res, 400, { error: "Missing paymentPayload or paymentRequirements" });
       }
-      log(`${path} x402Version=${paymentPayload.x402Version}`);
-      const result =
-        path === "/verify"
-          ? await facilitator.verify(paymentPayload, paymentRequirements)
-          : await facilitator.settle(paymentPayload, paymentRequirements);
-      return send(res, 200, result);
+      log(`${path} x402Version=${paymentPayload.x402Version} faults=${JSON.stringify(faults)}`);
+      if (path === "/verify") {
+        stats.verify++;
+        if (faults.verify === "error") return send(res, 500, { error: "injected fault: verify failed" });
+        return send(res, 200, await facilitator.verify(paymentPayload, paymentRequirements));
+      }
+      stats.settle++;
+      const fault = faults.settle;
+      if (fault === "error_before_settle") {
+        stats.settleFaulted++;
+        return send(res, 500, { error: "injected fault: the facilitator failed before settling" });
+      }
+      stats.settleRan++;
+      const result = await facilitator.settle(paymentPayload, paymentRequirements);
+      if (fault === "none") return send(res, 200, result);
+      stats.settleFaulted++;
+      log(`settle ran (${JSON.stringify(result)}); answering with the fault ${fault}`);
+      if (fault === "error_after_settle") return send(res, 500, { error: "injected fault: the facilitator failed after settling" });
+      if (fault === "reset_after_settle") return req.socket.destroy();
+      // hang_after_settle: never answer; the socket is closed when the fault is cleared, or after 10 minutes.
+      hung.add(res);
+      res.on("close", () => hung.delete(res));
+      setTimeout(() => res.destroy(), 600_000).unref();
+      return;
     } catch (e) {
+      const status = e instanceof HttpError ? e.status : 500;
       log(`${path} error:`, e?.message ?? e);
-      return send(res, 500, { error: e instanceof Error ? e.message : String(e) });
+      if (!res.headersSent) return send(res, status, { error: e instanceof Error ? e.message : String(e) });
+      res.destroy();
     }
   });
   return new Promise((resolve, reject) => {
@@ -273,22 +445,24 @@ function serve(facilitator) {
 await waitForRpc();
 const asset = await deployToken();
 log(`FiatTokenV2_2 at ${asset}`);
-await serve(buildFacilitator());
-process.stdout.write(
-  JSON.stringify({
-    rpcUrl,
-    chainId: CHAIN_ID,
-    network: NETWORK,
-    asset,
-    assetName: "USDC",
-    assetVersion: "2",
-    assetDecimals: 6,
-    payTo: payTo.address,
-    payer: payer.address,
-    payerKey,
-    poorPayer: poorPayer.address,
-    poorPayerKey,
-    facilitator: facilitatorAccount.address,
-    facilitatorUrl: `http://127.0.0.1:${facilitatorPort}`,
-  }) + "\n",
-);
+const facilitatorUrl = `http://127.0.0.1:${facilitatorPort}`;
+const info = {
+  rpcUrl,
+  chainId: CHAIN_ID,
+  network: NETWORK,
+  asset,
+  assetName: "USDC",
+  assetVersion: "2",
+  assetDecimals: 6,
+  payTo: payTo.address,
+  payer: payer.address,
+  payerKey,
+  poorPayer: poorPayer.address,
+  poorPayerKey,
+  facilitator: facilitatorAccount.address,
+  facilitatorUrl,
+  controlUrl: `${facilitatorUrl}/__control`,
+  confirmationTimeoutMs: CONFIRMATION_TIMEOUT_MS,
+};
+await serve(buildFacilitator(), info);
+process.stdout.write(JSON.stringify(info) + "\n");

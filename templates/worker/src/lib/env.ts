@@ -12,6 +12,14 @@ export type AppEnv = Env & {
   readonly X402_FACILITATOR_URL?: string;
   /** Optional Authorization header value sent to the facilitator (for facilitators that want an API key). */
   readonly X402_FACILITATOR_AUTHORIZATION?: string;
+  /** EVM JSON-RPC of the rail's chain (overrides [signup.x402] rpc_url): resolves payments whose settlement outcome is unknown. */
+  readonly X402_RPC_URL?: string;
+  /** Bound of one facilitator call (verify, settle) in milliseconds; default 60000. */
+  readonly X402_FACILITATOR_TIMEOUT_MS?: string;
+
+  // ---- signup (both rails)
+  /** Server secret of derived signup keys, at least 32 bytes; required whenever signup is enabled. */
+  readonly SIGNUP_SECRET?: string;
 
   // ---- MPP (the signup rail [signup.mpp]; the mpp target's paid routes)
   /** HMAC key of challenge ids, at least 32 bytes. */

@@ -22,6 +22,8 @@ export interface SignupConfig {
     readonly amount: string;
     readonly payTo: string;
     readonly facilitatorUrl: string;
+    /** JSON-RPC endpoint of the network (X402_RPC_URL overrides it); pending settlements are looked up there. */
+    readonly rpcUrl: string;
     readonly maxTimeoutSeconds: number;
   } | null;
   readonly mpp: {
