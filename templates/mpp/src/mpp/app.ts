@@ -17,7 +17,7 @@ import { isCallType } from "../lib/manifest-util";
 import type { MppEnv } from "./env";
 import { handleMcp } from "./mcp";
 import type { PaymentSetupResult } from "./methods";
-import { classifyHttp, consumePayment, credentialFromHttp, issueCredit, payHandler, realmFor, redeemCredit } from "./pay";
+import { classifyHttp, issueCredit, mppReference, newTrace, payHandler, realmFor, redeemCredit, type PaymentTrace } from "./pay";
 import type { SandboxLimits } from "./sandbox";
 import { DEFAULT_LIMITS } from "./sandbox";
 import { EXECUTE, parseCall, runTool, type ToolOutcome } from "./tools";
@@ -61,7 +61,7 @@ export async function settleOutcome(
   const credit = paidWithCredit ? null : await issueCredit(env, tool);
   return {
     ok: false,
-    status: outcome.code === "sandbox_timeout" ? 504 : 502,
+    status: 502,
     body: {
       ok: false,
       error: { code: outcome.code, message: outcome.message },
@@ -99,47 +99,137 @@ async function paidHttp(g: Gateway, tool: CallType, request: Request, env: MppEn
     return json(settled.status, { ...settled.body, request_id: requestId });
   }
 
-  // 2b. MPP.
+  // 2b. MPP: the challenge is claimed before the method verifies (src/mpp/pay.ts).
   const setup = g.options.payments(env);
   if (!setup.ok) {
     console.error(JSON.stringify({ msg: "payments not configured", problems: setup.problems }));
     return problem(503, "payments_unavailable", "Payments are not configured on this gateway.", requestId);
   }
-  const handler = payHandler(setup.setup, "http", realmFor(request), tool);
-  const result = await handler(request);
-  if (result.status === 402) return withRequestId(result.challenge as Response, requestId);
-  // 3. A 200 without a valid receipt is not a payment; a management exchange runs nothing.
+  const trace = newTrace();
+  const handler = payHandler(setup.setup, "http", realmFor(request), tool, env, trace);
+  // The claim → verify → mark sequence finishes even if the client goes away meanwhile.
+  const verifying = handler(request);
+  ctx.waitUntil(verifying.then(() => undefined, () => undefined));
+  let result: Awaited<typeof verifying>;
+  try {
+    result = await verifying;
+  } catch (err) {
+    if (trace.taken) return await notDelivered(env, tool, trace, requestId, err, false);
+    if (trace.pending) return paymentPending(trace, requestId);
+    throw err;
+  }
+  if (result.status === 402) {
+    if (trace.taken) return await notDelivered(env, tool, trace, requestId, "the payment method answered 402 after taking the payment", false);
+    if (trace.pending) {
+      await (result.challenge as Response).body?.cancel();
+      return paymentPending(trace, requestId);
+    }
+    if (trace.refused) return await challengeUsed(handler, request, requestId);
+    return withRequestId(result.challenge as Response, requestId);
+  }
+  // 3. A management exchange (e.g. a session's channel top-up) runs nothing.
   const paid = classifyHttp(result.withReceipt);
   if (paid.kind === "management") return withRequestId(paid.response, requestId);
-  const credential = credentialFromHttp(request);
-  if (paid.kind !== "paid" || !credential) {
-    console.error(JSON.stringify({ msg: "payment accepted without receipt or credential", request_id: requestId }));
-    return problem(500, "internal_error", "Payment could not be confirmed; nothing was run.", requestId);
+  if (paid.kind !== "paid") {
+    // mppx accepted the payment but gave no receipt: the payment may have been taken; never run
+    // for it, never answer 500 — keep it as a credit and name the reference.
+    return await notDelivered(env, tool, trace, requestId, "payment accepted without a receipt", false);
   }
-  // 4. Consume the payment durably, once, before running.
-  if (!(await consumePayment(env, credential))) {
-    const fresh = await handler(new Request(request.url, { method: "POST" }));
-    const res = fresh.status === 402 ? (fresh.challenge as Response) : new Response(null, { status: 402 });
-    const headers = new Headers(res.headers);
-    headers.set("Content-Type", "application/problem+json");
-    headers.set("Cache-Control", "no-store");
-    headers.set("X-Request-Id", requestId);
-    await res.body?.cancel();
-    return new Response(
-      JSON.stringify({
-        type: "https://paymentauth.org/problems/invalid-challenge",
-        title: "Credential already used",
-        status: 402,
-        detail: "This payment credential has already paid for an execution. Pay a fresh challenge.",
-      }),
-      { status: 402, headers },
-    );
+  // 4. Run, answer with the receipt. The payment is taken: from here on nothing ends in a 500.
+  let settled: Awaited<ReturnType<typeof settleOutcome>>;
+  try {
+    settled = await settleOutcome(env, tool, await runTool(tool, call.input, g.options.handlers, runCtx, g.limits), false);
+  } catch (err) {
+    return await notDelivered(env, tool, trace, requestId, err, true);
   }
-  // 5. Run, answer with the receipt.
-  const settled = await settleOutcome(env, tool, await runTool(tool, call.input, g.options.handlers, runCtx, g.limits), false);
-  if (!settled.ok) return json(settled.status, { ...settled.body, request_id: requestId }, { "X-Request-Id": requestId });
-  const res = result.withReceipt(json(200, { ...settled.body, request_id: requestId })) as Response;
-  return withRequestId(res, requestId);
+  if (!settled.ok) return json(settled.status, { ...settled.body, payment: paymentOf(trace, "paid"), request_id: requestId }, { "X-Request-Id": requestId });
+  const answer = { ...settled.body, request_id: requestId };
+  try {
+    return withRequestId(result.withReceipt(json(200, answer)) as Response, requestId);
+  } catch (err) {
+    console.error(JSON.stringify({ msg: "receipt could not be attached", request_id: requestId, reference: referenceOf(trace), error: String(err) }));
+    return json(200, { ...answer, payment: paymentOf(trace, "paid") }, { "X-Request-Id": requestId });
+  }
+}
+
+function referenceOf(trace: PaymentTrace): string | null {
+  const id = trace.taken?.challengeId ?? trace.pending?.challengeId ?? null;
+  return id === null ? null : mppReference(id);
+}
+
+/** The payment as shown in answers: the gateway's reference and the method's own (e.g. a transaction hash). */
+export function paymentOf(trace: PaymentTrace, state: "paid" | "pending"): Record<string, unknown> {
+  return { rail: "mpp", reference: referenceOf(trace), state, transaction: trace.taken?.reference ?? null };
+}
+
+/** The method failed without refusing: whether money moved is unknown. Never "no charge applied". */
+function paymentPending(trace: PaymentTrace, requestId: string): Response {
+  return json(
+    502,
+    {
+      ok: false,
+      error: {
+        code: "payment_unavailable",
+        message: "The payment method failed while verifying this payment; whether it was taken is not known. Keep the reference; the operator resolves it. Do not pay this challenge again.",
+      },
+      payment: paymentOf(trace, "pending"),
+      request_id: requestId,
+    },
+    { "X-Request-Id": requestId, "Cache-Control": "no-store" },
+  );
+}
+
+/**
+ * The payment was taken but the call could not be served (our failure): a one-time credit if one
+ * can be issued, and always the payment's reference. 502, never 500.
+ */
+async function notDelivered(env: MppEnv, tool: CallType, trace: PaymentTrace, requestId: string, err: unknown, ran: boolean): Promise<Response> {
+  const reference = referenceOf(trace);
+  console.error(JSON.stringify({ msg: "paid call not delivered", request_id: requestId, reference, transaction: trace.taken?.reference ?? null, error: String(err).slice(0, 500) }));
+  let credit: Awaited<ReturnType<typeof issueCredit>> | null = null;
+  try {
+    credit = await issueCredit(env, tool);
+  } catch (e) {
+    console.error(JSON.stringify({ msg: "credit could not be issued", request_id: requestId, reference, error: String(e).slice(0, 500) }));
+  }
+  return json(
+    502,
+    {
+      ok: false,
+      error: {
+        code: "delivery_failed",
+        message: credit
+          ? `Your payment was taken but the call ${ran ? "could not be completed" : "was not run"} on our side; use the credit to run it again without paying.`
+          : `Your payment was taken but the call ${ran ? "could not be completed" : "was not run"} on our side, and no credit could be issued; keep the payment reference and contact the operator.`,
+      },
+      charged: true,
+      credit,
+      payment: paymentOf(trace, "paid"),
+      policy: FAILURE_POLICY,
+      request_id: requestId,
+    },
+    { "X-Request-Id": requestId, "Cache-Control": "no-store" },
+  );
+}
+
+/** A payment for a challenge that another payment already claimed: refused before its method ran. */
+async function challengeUsed(handler: ReturnType<typeof payHandler>, request: Request, requestId: string): Promise<Response> {
+  const fresh = await handler(new Request(request.url, { method: "POST" }));
+  const res = fresh.status === 402 ? (fresh.challenge as Response) : new Response(null, { status: 402 });
+  const headers = new Headers(res.headers);
+  headers.set("Content-Type", "application/problem+json");
+  headers.set("Cache-Control", "no-store");
+  headers.set("X-Request-Id", requestId);
+  await res.body?.cancel();
+  return new Response(
+    JSON.stringify({
+      type: "https://paymentauth.org/problems/invalid-challenge",
+      title: "Credential already used",
+      status: 402,
+      detail: "This challenge has already been paid (or another payment for it is being verified); this payment was not taken. Pay a fresh challenge.",
+    }),
+    { status: 402, headers },
+  );
 }
 
 function text(body: string, type: string, requestId: string): Response {

@@ -1,7 +1,9 @@
 // execute_code as a prepaid-key endpoint (POST /v1/execute_code, scope "execute_code"): the worker
-// gateway charges the key, then calls this handler. A gateway-side failure (timeout, sandbox error)
-// throws, so the worker answers 502 handler_failed and refunds the charge (within the key's hourly
-// refund limit); an exception in the agent's code is a completed, charged call.
+// gateway charges the key, then calls this handler. Only a failure on our side (the sandbox could
+// not run: loader error, runtime crash) throws, so the worker answers 502 handler_failed and
+// refunds the charge (within the key's hourly refund limit). Everything the agent's code causes —
+// its exceptions, running past the wall-clock limit, tampering with the runner — is a completed,
+// charged call whose error is the result.
 import type { ExecuteCodeInput } from "../generated/manifest";
 import { MPP } from "../generated/mpp";
 import type { Handler } from "../lib/handler";
@@ -17,7 +19,9 @@ export const executeHandler: Handler<ExecuteCodeInput> = {
   async run(input, ctx) {
     const out = await runInSandbox((ctx.env as MppEnv).LOADER, input.code, input.input ?? null);
     if (out.kind === "ok") return { status: "ok", result: out.result, logs: out.logs, duration_ms: out.durationMs };
-    if (out.kind === "code_error") return { status: "error", error: out.error, logs: out.logs, duration_ms: out.durationMs };
-    throw new Error(out.kind === "timeout" ? "sandbox timeout" : `sandbox failed: ${out.detail}`);
+    if (out.kind === "code_error") {
+      return { status: "error", error: out.error, logs: out.logs, duration_ms: out.durationMs, ...(out.timedOut ? { timed_out: true } : {}) };
+    }
+    throw new Error(`sandbox failed: ${out.detail}`);
   },
 };

@@ -9,20 +9,18 @@ import { Server } from "@modelcontextprotocol/sdk/server/index.js";
 import { withoutCredentials } from "../lib/http";
 import { WebStandardStreamableHTTPServerTransport } from "@modelcontextprotocol/sdk/server/webStandardStreamableHttp.js";
 import { CallToolRequestSchema, ErrorCode, ListToolsRequestSchema, McpError, type CallToolResult } from "@modelcontextprotocol/sdk/types.js";
-import { Credential } from "mppx";
 import { CALL_TYPES, DESCRIPTION, INPUT_SHAPE, PRICE_MCENTS, PROJECT, SCOPE_FOR, type CallType } from "../generated/manifest";
 import { FAILURE_POLICY, MPP } from "../generated/mpp";
 import { parseBearer, sha256Hex } from "../lib/keys";
 import { isCallType } from "../lib/manifest-util";
 import type { Gateway } from "./app";
-import { settleOutcome } from "./app";
+import { paymentOf, settleOutcome } from "./app";
 import type { MppEnv } from "./env";
-import { classifyMcp, consumePayment, payHandler, realmFor, redeemCredit } from "./pay";
+import { classifyMcp, issueCredit, newTrace, payHandler, realmFor, redeemCredit, type PaymentTrace } from "./pay";
 import { EXECUTE, parseCall, runTool, type RunContext } from "./tools";
 
 export const PAYMENT_REQUIRED = -32042;
 export const VERIFICATION_FAILED = -32043;
-const CREDENTIAL_META = "org.paymentauth/credential";
 
 /**
  * A JSON-RPC error with exactly this code, message and data. (McpError prefixes its message with
@@ -96,6 +94,42 @@ export function paymentCapability(): Record<string, unknown> {
   return { methods };
 }
 
+/** The method failed without refusing: whether money moved is unknown (never "no charge applied"). */
+function paymentPending(trace: PaymentTrace): RpcError {
+  return new RpcError(ErrorCode.InternalError, "Payment outcome unknown", {
+    code: "payment_unavailable",
+    message: "The payment method failed while verifying this payment; whether it was taken is not known. Keep the reference; the operator resolves it. Do not pay this challenge again.",
+    payment: paymentOf(trace, "pending"),
+  });
+}
+
+/** The payment was taken but the call could not be served (ours): a credit if possible, and the reference. */
+async function notDelivered(env: MppEnv, tool: CallType, trace: PaymentTrace, requestId: string, err: unknown, ran: boolean): Promise<CallToolResult> {
+  const payment = paymentOf(trace, "paid");
+  console.error(JSON.stringify({ msg: "paid call not delivered", request_id: requestId, reference: payment.reference, error: String(err).slice(0, 500) }));
+  let credit: Awaited<ReturnType<typeof issueCredit>> | null = null;
+  try {
+    credit = await issueCredit(env, tool);
+  } catch (e) {
+    console.error(JSON.stringify({ msg: "credit could not be issued", request_id: requestId, reference: payment.reference, error: String(e).slice(0, 500) }));
+  }
+  return toolResult(
+    {
+      ok: false,
+      error: {
+        code: "delivery_failed",
+        message: `Your payment was taken but the call ${ran ? "could not be completed" : "was not run"} on our side; ${credit ? "use the credit to run it again without paying" : "keep the payment reference and contact the operator"}.`,
+      },
+      charged: true,
+      credit,
+      payment,
+      policy: FAILURE_POLICY,
+      request_id: requestId,
+    },
+    true,
+  );
+}
+
 function buildServer(g: Gateway, request: Request, env: MppEnv, ctx: ExecutionContext, requestId: string): Server {
   const server = new Server(
     { name: PROJECT.name, version: PROJECT.version },
@@ -132,9 +166,9 @@ function buildServer(g: Gateway, request: Request, env: MppEnv, ctx: ExecutionCo
       const bearer = parseBearer(auth);
       if (!bearer.ok) throw new McpError(ErrorCode.InvalidRequest, "Invalid API key.", { code: bearer.code });
       const stub = env.KEYS.get(env.KEYS.idFromName(await sha256Hex(bearer.key)));
-      // One HTTP request may carry a batch of tool calls: each call is charged and settled under
-      // its own id, so a failing call can only ever refund itself.
-      const callId = `${requestId}/${String(extra.requestId)}`;
+      // Every tools/call is charged and settled under its own id, made here (never from the
+      // client's JSON-RPC id), so a failing call can only ever refund itself.
+      const callId = `${requestId}/mcp/${crypto.randomUUID()}`;
       const charge = await stub.charge(tool, callId);
       if (!charge.ok) throw new McpError(ErrorCode.InvalidRequest, `Not charged: ${charge.code}.`, { ...charge, note: "no charge applied" });
       const outcome = await runTool(tool, call.input, g.options.handlers, { ...runCtx, keyId: charge.keyId, chargedMcents: charge.chargedMcents, balanceMcents: charge.balanceMcents }, g.limits);
@@ -161,24 +195,67 @@ function buildServer(g: Gateway, request: Request, env: MppEnv, ctx: ExecutionCo
       console.error(JSON.stringify({ msg: "payments not configured", problems: setup.problems }));
       throw new McpError(ErrorCode.InternalError, "Payments are not configured on this gateway.");
     }
-    const handler = payHandler(setup.setup, "mcp", realmFor(request), tool);
-    const result = await handler(extra);
-    if (result.status === 402) throw paymentError(result.challenge);
+    const trace = newTrace();
+    const handler = payHandler(setup.setup, "mcp", realmFor(request), tool, env, trace);
+    // The claim → verify → mark sequence finishes even if the client goes away meanwhile.
+    const verifying = handler(extra);
+    ctx.waitUntil(verifying.then(() => undefined, () => undefined));
+    let result: Awaited<typeof verifying>;
+    try {
+      result = await verifying;
+    } catch (err) {
+      if (trace.taken) return notDelivered(env, tool, trace, requestId, err, false);
+      if (trace.pending) throw paymentPending(trace);
+      throw err;
+    }
+    if (result.status === 402) {
+      if (trace.taken) return notDelivered(env, tool, trace, requestId, "the payment method refused after taking the payment", false);
+      if (trace.pending) throw paymentPending(trace);
+      if (trace.refused) {
+        const fresh = await handler({ ...extra, _meta: {} });
+        throw paymentError(fresh.status === 402 ? fresh.challenge : {}, { code: VERIFICATION_FAILED, message: "Payment credential already used" });
+      }
+      throw paymentError(result.challenge);
+    }
     const paid = classifyMcp(result.withReceipt);
     if (paid.kind === "management") return paid.response as CallToolResult;
-    const rawCredential = extra._meta?.[CREDENTIAL_META] as Credential.Credential | undefined;
-    if (paid.kind !== "paid" || !rawCredential) throw new McpError(ErrorCode.InternalError, "Payment could not be confirmed; nothing was run.");
-    const credential = Credential.from(rawCredential as never) as Credential.Credential;
-    if (!(await consumePayment(env, credential))) {
-      const fresh = await handler({ ...extra, _meta: {} });
-      throw paymentError(fresh.status === 402 ? fresh.challenge : {}, { code: VERIFICATION_FAILED, message: "Payment credential already used" });
+    if (paid.kind !== "paid") return notDelivered(env, tool, trace, requestId, "payment accepted without a receipt", false);
+    // The payment is taken: from here on every failure is answered with the payment's reference.
+    let settled: Awaited<ReturnType<typeof settleOutcome>>;
+    try {
+      settled = await settleOutcome(env, tool, await runTool(tool, call.input, g.options.handlers, runCtx, g.limits), false);
+    } catch (err) {
+      return notDelivered(env, tool, trace, requestId, err, true);
     }
-    const settled = await settleOutcome(env, tool, await runTool(tool, call.input, g.options.handlers, runCtx, g.limits), false);
-    if (!settled.ok) return toolResult({ ...settled.body, request_id: requestId }, true);
+    if (!settled.ok) return toolResult({ ...settled.body, payment: paymentOf(trace, "paid"), request_id: requestId }, true);
     const body = { ...settled.body, request_id: requestId };
-    return result.withReceipt({ content: [{ type: "text", text: JSON.stringify(body) }], structuredContent: body }) as CallToolResult;
+    try {
+      return result.withReceipt({ content: [{ type: "text", text: JSON.stringify(body) }], structuredContent: body }) as CallToolResult;
+    } catch (err) {
+      console.error(JSON.stringify({ msg: "receipt could not be attached", request_id: requestId, error: String(err) }));
+      return toolResult({ ...body, payment: paymentOf(trace, "paid") });
+    }
   });
   return server;
+}
+
+/** The first JSON-RPC id used by more than one request of a batch, or null (not a batch / no duplicate / not JSON). */
+export function duplicateBatchId(text: string): string | null {
+  let body: unknown;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    return null; // the SDK answers the parse error
+  }
+  if (!Array.isArray(body)) return null;
+  const seen = new Set<string>();
+  for (const m of body) {
+    if (typeof m !== "object" || m === null || Array.isArray(m) || !("id" in m) || !("method" in m)) continue;
+    const id = JSON.stringify((m as { id: unknown }).id) ?? "undefined";
+    if (seen.has(id)) return id;
+    seen.add(id);
+  }
+  return null;
 }
 
 export async function handleMcp(g: Gateway, request: Request, env: MppEnv, ctx: ExecutionContext, requestId: string): Promise<Response> {
@@ -195,6 +272,21 @@ export async function handleMcp(g: Gateway, request: Request, env: MppEnv, ctx: 
     headers.set("Accept", "application/json, text/event-stream");
     request = new Request(request, { headers });
   }
+  // A batch whose requests share a JSON-RPC id is refused whole, before any of its calls is
+  // charged: replies could not be told apart (charges and refunds are per call, by ids made here).
+  const text = await request.text();
+  const duplicate = duplicateBatchId(text);
+  if (duplicate !== null) {
+    return new Response(
+      JSON.stringify({
+        jsonrpc: "2.0",
+        error: { code: ErrorCode.InvalidRequest, message: `Invalid Request: the batch uses the JSON-RPC id ${duplicate.slice(0, 64)} more than once; give every request its own id. Nothing was run or charged.` },
+        id: null,
+      }),
+      { status: 400, headers: { "Content-Type": "application/json", "Cache-Control": "no-store" } },
+    );
+  }
+  request = new Request(request.url, { method: request.method, headers: request.headers, body: text });
   const server = buildServer(g, request, env, ctx, requestId);
   const transport = new WebStandardStreamableHTTPServerTransport({ sessionIdGenerator: undefined, enableJsonResponse: true });
   await server.connect(transport);

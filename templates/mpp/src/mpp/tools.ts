@@ -16,7 +16,7 @@ export type ParsedCall =
 
 export type ToolOutcome =
   | { kind: "done"; body: Record<string, unknown> }
-  | { kind: "failed"; code: "sandbox_timeout" | "sandbox_failed" | "handler_failed"; message: string };
+  | { kind: "failed"; code: "sandbox_failed" | "handler_failed"; message: string };
 
 export interface RunContext {
   env: MppEnv;
@@ -90,12 +90,14 @@ export async function runTool(
       case "ok":
         return { kind: "done", body: { ok: true, status: "ok", result: out.result, logs: out.logs, duration_ms: out.durationMs } };
       case "code_error":
-        return { kind: "done", body: { ok: true, status: "error", error: out.error, logs: out.logs, duration_ms: out.durationMs } };
-      case "timeout":
-        return { kind: "failed", code: "sandbox_timeout", message: `No answer within ${limits.timeoutMs} ms.` };
+        // The agent's failure (its exception, its timeout, its tampering): a paid execution.
+        return {
+          kind: "done",
+          body: { ok: true, status: "error", error: out.error, logs: out.logs, duration_ms: out.durationMs, ...(out.timedOut ? { timed_out: true } : {}) },
+        };
       case "sandbox_error":
         console.error(JSON.stringify({ msg: "sandbox failed", request_id: ctx.requestId, error: out.detail }));
-        return { kind: "failed", code: "sandbox_failed", message: "The sandbox failed (this includes exceeding the CPU limit)." };
+        return { kind: "failed", code: "sandbox_failed", message: "The sandbox failed on our side; nothing of your code's result is served." };
     }
   }
   const handler = handlers[tool] as Handler<unknown>;

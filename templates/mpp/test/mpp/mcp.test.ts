@@ -1,11 +1,13 @@
 // MCP (streamable HTTP, official SDK) with MPP over MCP: -32042 challenges, credential in
-// params._meta, receipt in result._meta, -32043 on failed verification, replay refused, free
-// tools, capabilities.experimental.payment, and prepaid keys.
+// params._meta, receipt in result._meta, -32043 on failed verification, replay refused, a second
+// payment for a claimed challenge never taken (counted), free tools,
+// capabilities.experimental.payment, and prepaid keys (charge ids made by the gateway per call;
+// batches with duplicate JSON-RPC ids refused before any charge; counted in the key's ledger).
 import { Challenge, Credential } from "mppx";
 import { describe, expect, it } from "vitest";
 import { CALL_TYPES, PRICE_MCENTS, SAMPLE_INPUT } from "../../src/generated/manifest";
-import { getMe, seedKey } from "../helpers";
-import { SECRET, call, mcpRequest, rpc, testApp } from "./helpers";
+import { getLedger, getMe, seedKey } from "../helpers";
+import { LOADER_FAILS, SECRET, call, countingEnv, flakyAttempts, mcpRequest, rpc, testApp, verified } from "./helpers";
 
 const app = testApp();
 const ARGS = { code: "return input.x + 1;", input: { x: 41 } };
@@ -21,8 +23,8 @@ async function challengeFor(tool: string, args: unknown): Promise<Challenge.Chal
   return Challenge.from({ id: c.id, realm: c.realm, method: c.method, intent: c.intent, request: c.request, expires: c.expires, opaque: c.opaque } as never);
 }
 
-function credentialFor(challenge: Challenge.Challenge, token = "paid") {
-  return Credential.from({ challenge, payload: { token } });
+function credentialFor(challenge: Challenge.Challenge, token = "paid", ref?: string) {
+  return Credential.from({ challenge, payload: ref === undefined ? { token } : { token, ref } });
 }
 
 describe("MCP", () => {
@@ -116,29 +118,124 @@ describe("MCP", () => {
     expect((await getMe(key)).balance_mcents).toBe(10_000);
   });
 
-  it("a batch of prepaid calls is settled call by call: a failing call refunds only itself", async () => {
-    const quick = testApp({ timeoutMs: 300, cpuMs: 50 });
+  it("a batch of prepaid calls is settled call by call: a call failing on our side refunds only itself", async () => {
+    const { env } = countingEnv();
     const price = PRICE_MCENTS.execute_code;
     const { key } = await seedKey({ balance: price * 2, scopes: ["execute_code"] });
-    const slow = { code: "await new Promise((resolve) => setTimeout(resolve, 3_600_000));" };
+    const broken = { code: `return 1; ${LOADER_FAILS}` };
     const res = await call(
-      quick,
+      app,
       mcpRequest(
         [
           { jsonrpc: "2.0", id: "ok", method: "tools/call", params: { name: "execute_code", arguments: ARGS } },
-          { jsonrpc: "2.0", id: "slow", method: "tools/call", params: { name: "execute_code", arguments: slow } },
+          { jsonrpc: "2.0", id: "broken", method: "tools/call", params: { name: "execute_code", arguments: broken } },
         ],
         { Authorization: `Bearer ${key}` },
       ),
+      env,
     );
     expect(res.status).toBe(200);
     const replies = (await res.json()) as { id: string; result?: any }[];
     const ok = replies.find((r) => r.id === "ok")!;
-    const failed = replies.find((r) => r.id === "slow")!;
+    const failed = replies.find((r) => r.id === "broken")!;
     expect(ok.result.structuredContent).toMatchObject({ ok: true, result: 42, charged_mcents: price });
     expect(failed.result.isError).toBe(true);
     expect(failed.result.structuredContent).toMatchObject({ ok: false, refunded: true });
     // One call served and charged, the failed one refunded: exactly one price spent.
     expect((await getMe(key)).balance_mcents).toBe(price);
+    const ledger = await getLedger(key);
+    expect(ledger.filter((e) => e.kind === "charge")).toHaveLength(2);
+    expect(ledger.filter((e) => e.kind === "refund")).toHaveLength(1);
+  });
+
+  it("a batch whose tools/call share one JSON-RPC id is refused whole (-32600, HTTP 400) before any charge", async () => {
+    const price = PRICE_MCENTS.execute_code;
+    const { key } = await seedKey({ balance: price * 10, scopes: ["execute_code"] });
+    const calls = [1, 2, 3].map(() => ({ jsonrpc: "2.0", id: 7, method: "tools/call", params: { name: "execute_code", arguments: ARGS } }));
+    const res = await call(app, mcpRequest(calls, { Authorization: `Bearer ${key}` }));
+    expect(res.status).toBe(400);
+    const body = (await res.json()) as { jsonrpc: string; id: unknown; error: { code: number; message: string } };
+    expect(body).toMatchObject({ jsonrpc: "2.0", id: null, error: { code: -32600 } });
+    expect(body.error.message).toMatch(/more than once/);
+    const ledger = await getLedger(key);
+    expect(ledger.filter((e) => e.kind === "charge")).toHaveLength(0);
+    expect((await getMe(key)).balance_mcents).toBe(price * 10);
+  });
+
+  it("three tools/call with distinct ids that fail on our side: exactly three charges and three refunds", async () => {
+    const { env } = countingEnv();
+    const price = PRICE_MCENTS.execute_code;
+    const { key } = await seedKey({ balance: price * 10, scopes: ["execute_code"] });
+    const broken = { code: `return 1; ${LOADER_FAILS}` };
+    // Ids that a naive "request id / JSON-RPC id" scheme would confuse (1 and "1" are distinct ids).
+    const calls = [1, "1", "x"].map((id) => ({ jsonrpc: "2.0", id, method: "tools/call", params: { name: "execute_code", arguments: broken } }));
+    const res = await call(app, mcpRequest(calls, { Authorization: `Bearer ${key}` }), env);
+    expect(res.status).toBe(200);
+    const replies = (await res.json()) as { id: unknown; result?: any }[];
+    expect(replies).toHaveLength(3);
+    for (const r of replies) expect(r.result.structuredContent).toMatchObject({ ok: false, refunded: true });
+    const ledger = await getLedger(key);
+    const charges = ledger.filter((e) => e.kind === "charge");
+    const refunds = ledger.filter((e) => e.kind === "refund");
+    expect(charges).toHaveLength(3);
+    expect(refunds).toHaveLength(3);
+    // Every charge has its own gateway-made id, refunded exactly once.
+    expect(new Set(charges.map((e) => e.request_id)).size).toBe(3);
+    expect(refunds.map((e) => e.request_id).sort()).toEqual(charges.map((e) => e.request_id).sort());
+    for (const id of [1, "1", "x"]) expect(charges.some((e) => e.request_id.endsWith(`/${String(id)}`))).toBe(false);
+    expect(charges.reduce((n, e) => n + e.amount_mcents, 0) + refunds.reduce((n, e) => n + e.amount_mcents, 0)).toBe(0);
+    expect((await getMe(key)).balance_mcents).toBe(price * 10);
+  });
+
+  it("prepaid key: the agent's failures (tampering, sleeping past the limit, exceptions) are charged, not refunded", async () => {
+    const quick = testApp({ timeoutMs: 300, cpuMs: 50 });
+    const price = PRICE_MCENTS.execute_code;
+    const { key } = await seedKey({ balance: price * 3, scopes: ["execute_code"] });
+    const codes = [
+      "globalThis.Response = function () { throw new Error('hijacked'); }; throw new Error('agent broke it');",
+      "await new Promise((resolve) => setTimeout(resolve, 1e9));",
+      "throw new RangeError('nope');",
+    ];
+    for (const code of codes) {
+      const started = Date.now();
+      const r = await rpc(quick, "tools/call", { name: "execute_code", arguments: { code } }, { Authorization: `Bearer ${key}` });
+      expect(Date.now() - started).toBeLessThan(300 + 2_000);
+      expect(r.result.structuredContent).toMatchObject({ ok: true, status: "error", charged_mcents: price });
+    }
+    const ledger = await getLedger(key);
+    expect(ledger.filter((e) => e.kind === "charge")).toHaveLength(3);
+    expect(ledger.filter((e) => e.kind === "refund")).toHaveLength(0);
+    expect((await getMe(key)).balance_mcents).toBe(0);
+  });
+});
+
+describe("MCP: claim, then take the money", () => {
+  it("two different payments for one challenge, concurrently and then again: the method took money once, one run", async () => {
+    const { env, loads } = countingEnv();
+    const challenge = await challengeFor("execute_code", ARGS);
+    const send = (ref: string) =>
+      rpc(app, "tools/call", { name: "execute_code", arguments: ARGS, _meta: { [CRED]: credentialFor(challenge, "paid", ref) } }, {}, env);
+    const rs = await Promise.all([send("a"), send("b")]);
+    expect(rs.filter((r) => r.result?._meta?.[RECEIPT])).toHaveLength(1);
+    const loser = rs.find((r) => r.error)!;
+    expect(loser.error!.code).toBe(-32043);
+    expect(loser.error!.message).toBe("Payment credential already used");
+    const later = await send("c");
+    expect(later.error?.code).toBe(-32043);
+    expect(verified.filter((id) => id === challenge.id)).toHaveLength(1);
+    expect(loads).toHaveLength(1);
+  });
+
+  it("a method error that is not a refusal: a JSON-RPC error with the pending payment's reference; nothing runs", async () => {
+    const flaky = testApp(undefined, "flaky");
+    const { env, loads } = countingEnv();
+    const first = await rpc(flaky, "tools/call", { name: "execute_code", arguments: ARGS }, {}, env);
+    const c = first.error!.data.challenges.find((x: { method: string }) => x.method === "flaky");
+    const challenge = Challenge.from({ id: c.id, realm: c.realm, method: c.method, intent: c.intent, request: c.request, expires: c.expires, opaque: c.opaque } as never);
+    const r = await rpc(flaky, "tools/call", { name: "execute_code", arguments: ARGS, _meta: { [CRED]: credentialFor(challenge, "x") } }, {}, env);
+    expect(r.error?.code).toBe(-32603);
+    expect(r.error?.data).toMatchObject({ code: "payment_unavailable", payment: { rail: "mpp", reference: `mpp:${challenge.id}`, state: "pending" } });
+    expect(flakyAttempts.filter((id) => id === challenge.id)).toHaveLength(1);
+    expect(loads).toHaveLength(0);
   });
 });
