@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+pub use crate::target::Target;
+
 /// Scaffold a pay-per-call API gateway for AI agents from one manifest (mcpay.toml).
 #[derive(Debug, Parser)]
 #[command(
@@ -33,7 +35,7 @@ pub enum Command {
     #[command(name = "add-endpoint")]
     AddEndpoint(AddEndpointArgs),
     /// Regenerate the generated files after a hand edit of mcpay.toml.
-    Sync(ProjectArgs),
+    Sync(SyncArgs),
     /// Exit non-zero, naming the files, when generated files differ from what mcpay.toml gives.
     Check(ProjectArgs),
     /// Run the attack suite against a running gateway that speaks docs/contract.md.
@@ -80,11 +82,11 @@ pub struct NewArgs {
     pub dry_run: bool,
 
     /// Initialise a git repository (the default).
-    #[arg(long, overrides_with = "no_git")]
+    #[arg(long, conflicts_with = "no_git")]
     pub git: bool,
 
     /// Do not initialise a git repository.
-    #[arg(long, overrides_with = "git")]
+    #[arg(long)]
     pub no_git: bool,
 
     /// Set a manifest value, e.g. -d gateway.key_prefix=acme_ or -d project.description="Search API".
@@ -97,8 +99,14 @@ pub struct ProjectArgs {
     /// Where to look for mcpay.toml (it is searched upward from here).
     #[arg(long, value_name = "DIR", default_value = ".")]
     pub project: PathBuf,
+}
 
-    /// With sync: print what would change and write nothing.
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    pub project: ProjectArgs,
+
+    /// Print what would change and write nothing.
     #[arg(long)]
     pub dry_run: bool,
 }
@@ -112,11 +120,12 @@ pub struct AddEndpointArgs {
     #[arg(long, value_name = "MCENTS")]
     pub price: u64,
 
-    /// Scope a key needs to call it (default: the endpoint name).
+    /// Scope a key needs to call it (default: the endpoint name; only a given scope is written).
     #[arg(long)]
     pub scope: Option<String>,
 
-    /// XP awarded per call (default: price / 10, at least 1).
+    /// XP awarded per call (default: price / 10, at least 1, at most 1000000; only a given value is
+    /// written to mcpay.toml).
     #[arg(long)]
     pub xp: Option<u64>,
 
@@ -125,7 +134,7 @@ pub struct AddEndpointArgs {
     pub description: Option<String>,
 
     /// An input field, FIELD=TYPE (string, number, integer, boolean, object, array; a trailing ? makes
-    /// it optional). Repeatable. Default: query=string.
+    /// it optional). Repeatable. Default: query=string (not written to mcpay.toml).
     #[arg(long = "input", value_name = "FIELD=TYPE")]
     pub inputs: Vec<String>,
 
@@ -135,6 +144,10 @@ pub struct AddEndpointArgs {
 
     #[command(flatten)]
     pub project: ProjectArgs,
+
+    /// Print what would change and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -166,16 +179,11 @@ pub struct AuditArgs {
     /// A deployment of the same gateway with no ADMIN_KEY set (for the 503 scenario).
     #[arg(long, value_name = "URL")]
     pub unconfigured_url: Option<String>,
-}
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Target {
-    /// Cloudflare Worker (TypeScript) with Durable Objects.
-    Worker,
-    /// Rust axum server, SQLite by default, Postgres + Redis to scale out.
-    Axum,
-    /// MPP/Tempo compute gateway (Cloudflare Worker).
-    Mpp,
+    /// The control URL of a tests/chain x402 harness whose facilitator the gateway uses (for the
+    /// scenarios that pay for real while the facilitator's answers are lost).
+    #[arg(long, value_name = "CONTROL_URL")]
+    pub x402_harness: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -185,13 +193,52 @@ pub enum ColorChoice {
     Never,
 }
 
-impl Target {
-    pub fn as_str(self) -> &'static str {
+impl ColorChoice {
+    pub fn to_clap(self) -> clap::ColorChoice {
         match self {
-            Target::Worker => "worker",
-            Target::Axum => "axum",
-            Target::Mpp => "mpp",
+            ColorChoice::Auto => clap::ColorChoice::Auto,
+            ColorChoice::Always => clap::ColorChoice::Always,
+            ColorChoice::Never => clap::ColorChoice::Never,
         }
+    }
+
+    /// Takes every valid `--color VALUE` / `--color=VALUE` out of the raw arguments, before clap
+    /// parses them: so that clap's own help and errors follow it, and so that `--color never
+    /// check` still runs `check` (given before a subcommand, a top-level option would otherwise
+    /// make clap read the subcommand as the project DIR). The last one wins; an invalid value is
+    /// left for clap to refuse.
+    pub fn take_from_args(args: &[std::ffi::OsString]) -> (Option<ColorChoice>, Vec<std::ffi::OsString>) {
+        let mut found = None;
+        let mut rest = Vec::with_capacity(args.len());
+        let mut i = 0;
+        while i < args.len() {
+            let arg = args[i].to_string_lossy();
+            if i == 0 || arg == "--" {
+                if arg == "--" && i > 0 {
+                    rest.extend(args[i..].iter().cloned());
+                    break;
+                }
+                rest.push(args[i].clone());
+                i += 1;
+                continue;
+            }
+            let (value, width) = if arg == "--color" {
+                (args.get(i + 1).map(|v| v.to_string_lossy().into_owned()), 2)
+            } else {
+                (arg.strip_prefix("--color=").map(str::to_string), 1)
+            };
+            match value.as_deref().and_then(|v| ColorChoice::from_str(v, false).ok()) {
+                Some(c) => {
+                    found = Some(c);
+                    i += width;
+                }
+                None => {
+                    rest.push(args[i].clone());
+                    i += 1;
+                }
+            }
+        }
+        (found, rest)
     }
 }
 
@@ -203,5 +250,18 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn color_is_taken_out_before_clap_parses() {
+        let args = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let (c, rest) = ColorChoice::take_from_args(&args(&["x", "--color", "never", "check"]));
+        assert_eq!((c, rest), (Some(ColorChoice::Never), args(&["x", "check"])));
+        let (c, rest) = ColorChoice::take_from_args(&args(&["x", "--color=always", "a", "--color", "auto"]));
+        assert_eq!((c, rest), (Some(ColorChoice::Auto), args(&["x", "a"])));
+        let (c, rest) = ColorChoice::take_from_args(&args(&["x", "--color", "purple"]));
+        assert_eq!((c, rest), (None, args(&["x", "--color", "purple"])));
+        let (c, rest) = ColorChoice::take_from_args(&args(&["x", "--", "--color", "never"]));
+        assert_eq!((c, rest), (None, args(&["x", "--", "--color", "never"])));
     }
 }

@@ -8,20 +8,64 @@ pub const RESERVED_ENDPOINTS: &[&str] = &[
     "well_known", "docs", "status", "metrics", "ledger", "keys", "internal", "execute_code", "pay",
 ];
 
-/// Rust and TypeScript/JavaScript reserved words: endpoint names become module and identifier names.
-const KEYWORDS: &[&str] = &[
-    // Rust (strict, reserved and weak where they matter)
+/// Rust keywords (strict, reserved and the weak ones that matter). A field named after one is
+/// written `r#name` in generated Rust, except [`RUST_UNRAW`].
+pub const RUST_KEYWORDS: &[&str] = &[
     "as", "async", "await", "break", "const", "continue", "crate", "dyn", "else", "enum", "extern",
     "false", "fn", "for", "if", "impl", "in", "let", "loop", "match", "mod", "move", "mut", "pub",
     "ref", "return", "self", "static", "struct", "super", "trait", "true", "type", "unsafe", "use",
     "where", "while", "abstract", "become", "box", "do", "final", "gen", "macro", "override",
     "priv", "try", "typeof", "unsized", "virtual", "yield", "union",
-    // JavaScript / TypeScript
+];
+
+/// Names that cannot be raw identifiers in Rust: a field named so becomes `name_` (serde renames it).
+pub const RUST_UNRAW: &[&str] = &["self", "super", "crate", "Self", "_"];
+
+/// JavaScript / TypeScript reserved words.
+pub const TS_KEYWORDS: &[&str] = &[
     "case", "catch", "class", "debugger", "default", "delete", "export", "extends", "finally",
     "function", "import", "instanceof", "new", "null", "switch", "this", "throw", "var", "void",
     "with", "interface", "let", "package", "private", "protected", "public", "implements",
     "arguments", "eval", "undefined", "constructor", "prototype", "__proto__",
 ];
+
+fn is_keyword(name: &str) -> bool {
+    RUST_KEYWORDS.contains(&name) || TS_KEYWORDS.contains(&name)
+}
+
+/// The Rust identifier of an input field: itself, `r#name` for a keyword, `name_` for the few
+/// names that cannot be raw.
+pub fn rust_field_ident(field: &str) -> String {
+    if RUST_UNRAW.contains(&field) {
+        format!("{field}_")
+    } else if RUST_KEYWORDS.contains(&field) {
+        format!("r#{field}")
+    } else {
+        field.to_string()
+    }
+}
+
+/// UpperCamelCase of an endpoint name, for type names (`my_tool` → `MyTool`).
+pub fn pascal(name: &str) -> String {
+    heck::AsUpperCamelCase(name).to_string()
+}
+
+/// Every form of an endpoint name the generated code uses, in any target (the name itself for
+/// routes, modules and files; snake_case, lowerCamelCase and UpperCamelCase identifiers).
+pub fn identifier_forms(name: &str) -> [String; 4] {
+    [
+        pascal(name),
+        heck::AsLowerCamelCase(name).to_string(),
+        heck::AsSnakeCase(name).to_string(),
+        name.to_string(),
+    ]
+}
+
+/// The identifier two endpoint names would share in generated code, if any.
+pub fn colliding_identifier(a: &str, b: &str) -> Option<String> {
+    let (fa, fb) = (identifier_forms(a), identifier_forms(b));
+    fa.into_iter().zip(fb).find(|(x, y)| x == y).map(|(x, _)| x)
+}
 
 /// Names Cargo refuses for packages, and names that make a confusing npm/worker project.
 const RESERVED_PROJECTS: &[&str] = &[
@@ -41,7 +85,7 @@ pub fn check_project_name(name: &str) -> Result<(), String> {
         Some(format!("it contains {c:?}; use only lowercase letters, digits and '-'"))
     } else if name.ends_with('-') {
         Some("it must not end with '-'".to_string())
-    } else if RESERVED_PROJECTS.contains(&name) || KEYWORDS.contains(&name) {
+    } else if RESERVED_PROJECTS.contains(&name) || is_keyword(name) {
         Some("it is a reserved name for Cargo, npm or Rust".to_string())
     } else {
         None
@@ -70,7 +114,7 @@ pub fn suggest_project_name(raw: &str) -> String {
     if out.is_empty() {
         return "my-api".into();
     }
-    if RESERVED_PROJECTS.contains(&out.as_str()) || KEYWORDS.contains(&out.as_str()) {
+    if RESERVED_PROJECTS.contains(&out.as_str()) || is_keyword(&out) {
         return format!("{out}-api");
     }
     out
@@ -92,7 +136,7 @@ pub fn check_endpoint_name(name: &str) -> Result<(), String> {
             "endpoint name {name:?} is reserved: the gateway serves /v1/{name} itself; pick another name (e.g. \"{name}_tool\")"
         ));
     }
-    if KEYWORDS.contains(&name) {
+    if is_keyword(name) {
         return Err(format!(
             "endpoint name {name:?} is a Rust or TypeScript keyword and cannot name a handler; pick another name (e.g. \"{name}_tool\")"
         ));
@@ -190,6 +234,17 @@ mod tests {
             assert!(check_endpoint_name(bad).is_err(), "{bad}");
         }
         assert!(check_endpoint_name("My-Tool").unwrap_err().contains("\"my_tool\""));
+    }
+
+    #[test]
+    fn identifiers() {
+        assert_eq!(rust_field_ident("type"), "r#type");
+        assert_eq!(rust_field_ident("self"), "self_");
+        assert_eq!(rust_field_ident("query"), "query");
+        assert_eq!(colliding_identifier("my_tool", "my__tool").as_deref(), Some("MyTool"));
+        assert_eq!(colliding_identifier("a1", "a_1").as_deref(), Some("A1"));
+        assert_eq!(colliding_identifier("search", "summarize"), None);
+        assert_eq!(colliding_identifier("search_v2", "search_v3"), None);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::manifest::{self, Field, Gateway, Manifest, Mpp, Signup};
+use crate::manifest::{self, FieldType, Gateway, Manifest, Mpp, Signup};
+use crate::names;
+use crate::target::Target;
 
 
 pub const GENERATED_HEADER: &str =
@@ -22,6 +24,11 @@ pub struct Spec {
     pub scopes: Vec<String>,
     pub endpoints: Vec<EndpointSpec>,
     pub mpp: Mpp,
+    /// The input field types, with their forms in each language (for the generated type unions).
+    pub field_types: Vec<FieldTypeSpec>,
+    /// Payment methods `[mpp] methods` and `[signup.mpp] methods` may name, as `method/intent`.
+    pub mpp_methods: &'static [&'static str],
+    pub signup_mpp_methods: &'static [&'static str],
     /// The line every generated file starts with (inside the file type's comment syntax).
     pub header: &'static str,
 }
@@ -29,7 +36,7 @@ pub struct Spec {
 #[derive(Debug, Clone, Serialize)]
 pub struct ProjectSpec {
     pub name: String,
-    pub target: String,
+    pub target: Target,
     pub description: String,
     /// The create-mcpay version that rendered the files.
     pub generator_version: &'static str,
@@ -45,12 +52,18 @@ pub struct EndpointSpec {
     pub scope: String,
     pub description: String,
     pub rate_limit_per_minute: u64,
-    pub input: Vec<Field>,
+    pub input: Vec<FieldSpec>,
     /// A body that passes the input shape, for generated tests and docs.
     pub sample: Value,
-    /// Set for an endpoint the target itself provides (its handler is part of the target, not a
-    /// user file): where the handler is exported from.
+    /// Whether the target itself provides this endpoint (its handler is part of the target, not a
+    /// user file).
+    pub is_builtin: bool,
+    /// For a built-in endpoint: where its handler is exported from and its own paid route.
     pub builtin: Option<Builtin>,
+    /// The `[endpoints.NAME]` table a user's handler points at (None for a built-in endpoint).
+    pub manifest_table: Option<String>,
+    /// The field the handler's commented example checks: the first that is not a boolean.
+    pub example_field: Option<FieldSpec>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -59,6 +72,51 @@ pub struct Builtin {
     pub module: &'static str,
     /// The exported handler's name.
     pub export: &'static str,
+    /// The route that sells it directly, without a key (e.g. `/execute`).
+    pub pay_path: &'static str,
+}
+
+/// One input field, with every rendered form the templates need.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FieldSpec {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: FieldType,
+    pub required: bool,
+    /// The generated `FieldType` variant (`String`, `Integer`, …).
+    pub variant: &'static str,
+    /// TypeScript type (optionality is the `?` of the property).
+    pub ts_type: &'static str,
+    /// Rust type, `Option<…>` when optional.
+    pub rust_type: String,
+    /// Rust identifier: keywords are raw (`r#type`); `self`, `super`, `crate` get a `_` suffix.
+    pub rust_ident: String,
+    /// Whether serde needs `rename` (the identifier is not the JSON name, raw prefix aside).
+    pub rust_rename: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FieldTypeSpec {
+    pub name: &'static str,
+    pub variant: &'static str,
+    pub ts_type: &'static str,
+    pub rust_type: &'static str,
+}
+
+impl FieldSpec {
+    pub fn new(name: &str, ty: FieldType, required: bool) -> FieldSpec {
+        let rust_ident = names::rust_field_ident(name);
+        FieldSpec {
+            name: name.to_string(),
+            ty,
+            required,
+            variant: ty.variant(),
+            ts_type: ty.ts_type(),
+            rust_type: if required { ty.rust_type().to_string() } else { format!("Option<{}>", ty.rust_type()) },
+            rust_rename: rust_ident.trim_start_matches("r#") != name,
+            rust_ident,
+        }
+    }
 }
 
 impl Spec {
@@ -68,31 +126,29 @@ impl Spec {
             .endpoints
             .iter()
             .map(|(name, ep)| {
-                let input: Vec<Field> = ep
+                let ep = ep.resolved(name, &m.gateway);
+                let input: Vec<FieldSpec> = ep
                     .input
                     .iter()
                     .map(|(field, raw)| {
                         let (ty, required) = manifest::parse_field_type(raw).expect("validated manifest");
-                        Field { name: field.clone(), ty, required }
+                        FieldSpec::new(field, ty, required)
                     })
                     .collect();
-                let mut sample = serde_json::Map::new();
-                for f in input.iter().filter(|f| f.required) {
-                    sample.insert(f.name.clone(), sample_value(&f.ty));
-                }
                 EndpointSpec {
                     name: name.clone(),
-                    pascal: heck::AsUpperCamelCase(name).to_string(),
+                    pascal: names::pascal(name),
                     price_mcents: ep.price_mcents,
-                    xp: ep.xp.unwrap_or_else(|| manifest::default_xp(ep.price_mcents)),
-                    scope: Manifest::scope_of(name, ep),
-                    description: ep.description.clone().unwrap_or_default(),
-                    rate_limit_per_minute: ep
-                        .rate_limit_per_minute
-                        .unwrap_or(m.gateway.default_rate_limit_per_minute),
+                    xp: ep.xp,
+                    scope: ep.scope,
+                    description: ep.description,
+                    rate_limit_per_minute: ep.rate_limit_per_minute,
+                    sample: sample_of(&input),
+                    example_field: input.iter().find(|f| f.ty != FieldType::Boolean).cloned(),
                     input,
-                    sample: Value::Object(sample),
+                    is_builtin: false,
                     builtin: None,
+                    manifest_table: Some(format!("[endpoints.{name}]")),
                 }
             })
             .collect::<Vec<_>>();
@@ -107,7 +163,7 @@ impl Spec {
         Spec {
             project: ProjectSpec {
                 name: m.project.name.clone(),
-                target: m.project.target.clone(),
+                target: m.project.target,
                 description: m.project.description.clone(),
                 generator_version: env!("CARGO_PKG_VERSION"),
             },
@@ -121,37 +177,57 @@ impl Spec {
             scopes,
             endpoints,
             mpp: m.mpp.clone(),
+            field_types: FieldType::ALL
+                .iter()
+                .map(|t| FieldTypeSpec { name: t.name(), variant: t.variant(), ts_type: t.ts_type(), rust_type: t.rust_type() })
+                .collect(),
+            mpp_methods: manifest::MPP_METHODS,
+            signup_mpp_methods: manifest::SIGNUP_MPP_METHODS,
             header: GENERATED_HEADER,
         }
     }
 }
 
-/// Endpoints a target provides itself, after the manifest's own: the `mpp` target sells
+/// A body that passes an input shape: every required field with a sample value.
+fn sample_of(input: &[FieldSpec]) -> Value {
+    let mut sample = serde_json::Map::new();
+    for f in input.iter().filter(|f| f.required) {
+        sample.insert(f.name.clone(), sample_value(f.ty.name()));
+    }
+    Value::Object(sample)
+}
+
+/// Endpoints the target provides itself, after the manifest's own: the `mpp` target sells
 /// `execute_code` (sandboxed JavaScript) to prepaid keys too, priced by `[mpp]`.
 fn builtin_endpoints(m: &Manifest) -> Vec<EndpointSpec> {
-    if m.project.target != "mpp" {
-        return Vec::new();
-    }
-    let price = m.mpp.execute_price_mcents;
-    vec![EndpointSpec {
-        name: BUILTIN_EXECUTE.into(),
-        pascal: "ExecuteCode".into(),
-        price_mcents: price,
-        xp: manifest::default_xp(price),
-        scope: BUILTIN_EXECUTE.into(),
-        description: "Run JavaScript in an isolated sandbox (no network, no secrets, CPU and time limits)".into(),
-        rate_limit_per_minute: m.gateway.default_rate_limit_per_minute,
-        input: vec![
-            Field { name: "code".into(), ty: "string".into(), required: true },
-            Field { name: "input".into(), ty: "object".into(), required: false },
-        ],
-        sample: json!({"code": "return { sum: input.a + input.b };", "input": {"a": 1, "b": 2}}),
-        builtin: Some(Builtin { module: "../mpp/execute-handler", export: "executeHandler" }),
-    }]
+    m.project
+        .target
+        .builtin_endpoints()
+        .iter()
+        .map(|b| {
+            // Only the mpp target has built-in endpoints so far; their settings are `[mpp]`'s.
+            let price = m.mpp.execute_price_mcents;
+            EndpointSpec {
+                name: b.name.into(),
+                pascal: names::pascal(b.name),
+                price_mcents: price,
+                xp: manifest::default_xp(price),
+                scope: b.name.into(),
+                description: b.description.into(),
+                rate_limit_per_minute: m.gateway.default_rate_limit_per_minute,
+                input: vec![FieldSpec::new("code", FieldType::String, true), FieldSpec::new("input", FieldType::Object, false)],
+                sample: json!({"code": "return { sum: input.a + input.b };", "input": {"a": 1, "b": 2}}),
+                is_builtin: true,
+                builtin: Some(Builtin { module: b.module, export: b.export, pay_path: b.pay_path }),
+                manifest_table: None,
+                example_field: None,
+            }
+        })
+        .collect()
 }
 
 /// The name of the mpp target's built-in endpoint (reserved in every manifest).
-pub const BUILTIN_EXECUTE: &str = "execute_code";
+pub const BUILTIN_EXECUTE: &str = crate::target::EXECUTE_CODE.name;
 
 /// A JSON value of a manifest field type (used for generated samples and by the audit).
 pub fn sample_value(ty: &str) -> Value {
@@ -163,5 +239,33 @@ pub fn sample_value(ty: &str) -> Value {
         "object" => json!({}),
         "array" => json!([]),
         _ => json!([]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_carry_every_rendered_form() {
+        let f = FieldSpec::new("type", FieldType::Integer, false);
+        assert_eq!((f.rust_ident.as_str(), f.rust_rename, f.rust_type.as_str(), f.ts_type, f.variant), ("r#type", false, "Option<i64>", "number", "Integer"));
+        let f = FieldSpec::new("self", FieldType::Object, true);
+        assert_eq!((f.rust_ident.as_str(), f.rust_rename), ("self_", true));
+        assert_eq!(f.rust_type, "serde_json::Map<String, serde_json::Value>");
+        let f = FieldSpec::new("query", FieldType::String, true);
+        assert_eq!((f.rust_ident.as_str(), f.rust_rename, f.ts_type), ("query", false, "string"));
+    }
+
+    #[test]
+    fn builtin_endpoints_are_flagged_and_user_endpoints_point_at_their_table() {
+        let text = "[project]\nname = \"a\"\ntarget = \"mpp\"\n[endpoints.tool]\nprice_mcents = 5\n";
+        let (_, m) = manifest::parse(text, std::path::Path::new("mcpay.toml")).unwrap();
+        let spec = Spec::from_manifest(&m);
+        let flags: Vec<(&str, bool)> = spec.endpoints.iter().map(|e| (e.name.as_str(), e.is_builtin)).collect();
+        assert_eq!(flags, [("tool", false), ("execute_code", true)]);
+        assert_eq!(spec.endpoints[0].manifest_table.as_deref(), Some("[endpoints.tool]"));
+        assert_eq!(spec.endpoints[0].example_field.as_ref().map(|f| f.name.as_str()), Some("query"));
+        assert_eq!(spec.endpoints[1].builtin.as_ref().map(|b| b.pay_path), Some("/execute"));
     }
 }

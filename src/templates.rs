@@ -8,10 +8,15 @@
 //! - a path under a `generated/` folder is generated: regenerated whole by `sync`;
 //! - a file name starting with one `_` is output with a `.` (`_gitignore` → `.gitignore`), so that
 //!   packaging keeps it;
-//! - a file under `_partials/` is not output: it is a piece other templates include by its full
-//!   name (`{% include "worker/_partials/x.md.tera" %}`), e.g. a README section two targets share.
+//! - a file under `shared/_partials/` is not output: it is a piece other templates include by its
+//!   full name (`{% include "shared/_partials/x.md.tera" %}`), e.g. a README section two targets
+//!   share.
+//!
+//! A target built on another ([`Target::base`]) gets the base's files first, its own files
+//! overriding them, less the base files it drops ([`Target::drops`]). A rendered `Cargo.lock` gets
+//! the project's own package moved to its sorted place ([`crate::lockfile`]).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, anyhow};
 use include_dir::{Dir, File, include_dir};
@@ -19,6 +24,7 @@ use tera::{Context, Kwargs, State, Tera, TeraResult, Value};
 
 use crate::plan::{FileKind, Plan, PlannedFile};
 use crate::spec::{GENERATED_HEADER, Spec};
+use crate::target::Target;
 
 static TEMPLATES: Dir<'static> = include_dir!("$CARGO_MANIFEST_DIR/templates");
 
@@ -26,6 +32,8 @@ const ENDPOINT_PART: &str = "__endpoint__";
 const TERA_SUFFIX: &str = ".tera";
 /// Template pieces that are included, not output.
 const PARTIALS_DIR: &str = "_partials/";
+/// The folder rendered into every target.
+const SHARED: &str = "shared";
 /// The manifest is written from the edited TOML document, not rendered.
 const MANIFEST_TEMPLATE: &str = "shared/mcpay.toml";
 
@@ -37,26 +45,12 @@ pub fn default_manifest() -> &'static str {
         .expect("templates/shared/mcpay.toml is embedded")
 }
 
-/// Targets built on another target's tree: the base's files come first and the target's own files
-/// override them (the `mpp` gateway is the `worker` gateway plus payments and a sandbox).
-const EXTENDS: &[(&str, &str)] = &[("mpp", "worker")];
-
-/// The template folders of a target, base first.
-fn layers_of(target: &str) -> Vec<&str> {
-    let mut chain = vec![target];
-    while let Some((_, base)) = EXTENDS.iter().find(|(t, _)| t == chain.last().unwrap()) {
-        chain.push(base);
-    }
-    chain.reverse();
-    chain
-}
-
-/// Targets that have templates.
-pub fn available_targets() -> Vec<&'static str> {
+/// Folders of templates/ that are targets (everything but `shared`).
+pub fn template_target_dirs() -> Vec<&'static str> {
     TEMPLATES
         .dirs()
         .filter_map(|d| d.path().to_str())
-        .filter(|name| *name != "shared")
+        .filter(|name| *name != SHARED)
         .collect()
 }
 
@@ -69,12 +63,12 @@ fn all_files<'a>(dir: &'a Dir<'a>, out: &mut Vec<&'a File<'a>>) {
     }
 }
 
-/// The template files of a target: (path inside the target's tree, file), target files overriding
-/// shared ones; partials included.
-fn target_files(target: &str) -> Result<Vec<(String, &'static File<'static>)>> {
-    let mut layers = vec![TEMPLATES.get_dir("shared").expect("shared templates")];
-    for name in layers_of(target) {
-        layers.push(TEMPLATES.get_dir(name).ok_or_else(|| anyhow!("no templates for target {name:?}"))?);
+/// The template files of a target: (path inside the target's tree, file), shared first, then
+/// each layer overriding the files before it; partials included, dropped base files left out.
+fn target_files(target: Target) -> Result<Vec<(String, &'static File<'static>)>> {
+    let mut layers = vec![TEMPLATES.get_dir(SHARED).expect("shared templates")];
+    for layer in target.layers() {
+        layers.push(TEMPLATES.get_dir(layer.name()).ok_or_else(|| anyhow!("no templates for target {layer}"))?);
     }
     let mut files: Vec<(String, &'static File<'static>)> = Vec::new();
     for base in layers {
@@ -89,6 +83,12 @@ fn target_files(target: &str) -> Result<Vec<(String, &'static File<'static>)>> {
             files.retain(|(p, _)| p != rel);
             files.push((rel.to_string(), f));
         }
+    }
+    for dropped in target.drops() {
+        if !files.iter().any(|(p, _)| p == dropped) {
+            return Err(anyhow!("target {target} drops {dropped}, which no layer below it has"));
+        }
+        files.retain(|(p, _)| p != dropped);
     }
     files.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(files)
@@ -136,10 +136,11 @@ fn engine_with<'a>(files: impl IntoIterator<Item = &'a File<'a>>) -> Result<Tera
 fn output_path(rel: &str) -> String {
     let rel = rel.strip_suffix(TERA_SUFFIX).unwrap_or(rel);
     let mut parts: Vec<String> = rel.split('/').map(str::to_string).collect();
-    if let Some(last) = parts.last_mut() {
-        if last.starts_with('_') && !last.starts_with("__") {
-            *last = format!(".{}", &last[1..]);
-        }
+    if let Some(last) = parts.last_mut()
+        && last.starts_with('_')
+        && !last.starts_with("__")
+    {
+        *last = format!(".{}", &last[1..]);
     }
     parts.join("/")
 }
@@ -168,7 +169,7 @@ fn render_one(tera: &Tera, file: &File, ctx: &Context) -> Result<Vec<u8>> {
 
 /// Renders the whole project of `spec`, plus `mcpay.toml` with the given text.
 pub fn render(spec: &Spec, manifest_text: &str) -> Result<Plan> {
-    let templates = target_files(&spec.project.target)?;
+    let templates = target_files(spec.project.target)?;
     // Parse only this target's templates (a project renders in milliseconds).
     let tera = engine_with(templates.iter().map(|(_, f)| *f))?;
     let base = Context::from_serialize(spec).map_err(|e| anyhow!("template context: {e}"))?;
@@ -184,7 +185,7 @@ pub fn render(spec: &Spec, manifest_text: &str) -> Result<Plan> {
         let kind = kind_of(&rel);
         let out = output_path(&rel);
         if kind == FileKind::Handler {
-            for ep in spec.endpoints.iter().filter(|ep| ep.builtin.is_none()) {
+            for ep in spec.endpoints.iter().filter(|ep| !ep.is_builtin) {
                 let mut ctx = base.clone();
                 ctx.insert("endpoint", ep);
                 files.push(PlannedFile {
@@ -194,31 +195,32 @@ pub fn render(spec: &Spec, manifest_text: &str) -> Result<Plan> {
                 });
             }
         } else {
-            let contents = render_one(&tera, file, &base)?;
+            let mut contents = render_one(&tera, file, &base)?;
+            if out == crate::lockfile::FILE_NAME {
+                let text = String::from_utf8(contents).map_err(|_| anyhow!("{rel} renders to invalid UTF-8"))?;
+                contents = crate::lockfile::place_own_package(&text, &spec.project.name)
+                    .map_err(|e| anyhow!("{rel}: {e}"))?
+                    .into_bytes();
+            }
             if kind == FileKind::Generated && !String::from_utf8_lossy(&contents).contains(GENERATED_HEADER) {
                 return Err(anyhow!("template {rel} is generated but its output lacks the @generated header"));
             }
             files.push(PlannedFile { path: PathBuf::from(out), contents, kind });
         }
     }
+    let mut paths: Vec<&PathBuf> = files.iter().map(|f| &f.path).collect();
+    paths.sort();
+    if let Some(w) = paths.windows(2).find(|w| w[0] == w[1]) {
+        return Err(anyhow!("two templates of target {} render to {} (e.g. NAME and NAME.tera); keep one", spec.project.target, w[0].display()));
+    }
     Ok(Plan { files })
-}
-
-/// Where the handlers of a target live and their file extension, for spotting orphaned handlers.
-pub fn handler_location(target: &str) -> Option<(PathBuf, String)> {
-    let files = target_files(target).ok()?;
-    let (rel, _) = files.iter().find(|(rel, _)| rel.contains(ENDPOINT_PART))?;
-    let out = output_path(rel);
-    let path = Path::new(&out);
-    let file_name = path.file_name()?.to_str()?;
-    let ext = file_name.strip_prefix(ENDPOINT_PART)?.to_string();
-    Some((path.parent()?.to_path_buf(), ext))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::manifest;
+    use std::path::Path;
 
     #[test]
     fn every_template_parses() {
@@ -240,9 +242,9 @@ mod tests {
     #[test]
     fn every_template_renders_against_every_example() {
         for (path, text) in example_manifests() {
-            for target in available_targets() {
+            for target in template_target_dirs() {
                 let mut doc: toml_edit::DocumentMut = text.parse().unwrap();
-                manifest::set_dotted(&mut doc, "project.target", target).unwrap();
+                manifest::set_dotted(&mut doc, "project.target", &format!("{target:?}")).unwrap();
                 let (_, m) = manifest::parse(&doc.to_string(), &path).unwrap();
                 m.validate(&path).unwrap();
                 let spec = Spec::from_manifest(&m);
@@ -264,9 +266,9 @@ mod tests {
     /// The same manifest always gives the same bytes (`check` depends on it): maps keep their order.
     #[test]
     fn rendering_is_deterministic() {
-        for target in available_targets() {
+        for target in template_target_dirs() {
             let mut doc: toml_edit::DocumentMut = default_manifest().parse().unwrap();
-            manifest::set_dotted(&mut doc, "project.target", target).unwrap();
+            manifest::set_dotted(&mut doc, "project.target", &format!("{target:?}")).unwrap();
             let (_, m) = manifest::parse(&doc.to_string(), Path::new("mcpay.toml")).unwrap();
             let spec = Spec::from_manifest(&m);
             let first = render(&spec, &doc.to_string()).unwrap();
@@ -279,10 +281,149 @@ mod tests {
         }
     }
 
+    /// The `Target` enum and the folders of templates/ agree: one folder per target, each target's
+    /// handler template where `Target::handler_location` says, built-in handlers and dropped
+    /// files present.
     #[test]
-    fn layers() {
-        assert_eq!(layers_of("worker"), ["worker"]);
-        assert_eq!(layers_of("mpp"), ["worker", "mpp"]);
+    fn the_target_enum_and_templates_agree() {
+        let mut dirs = template_target_dirs();
+        dirs.sort();
+        let mut names: Vec<&str> = Target::ALL.iter().map(|t| t.name()).collect();
+        names.sort();
+        assert_eq!(dirs, names);
+        for &t in Target::ALL {
+            let files = target_files(t).unwrap();
+            let handlers: Vec<String> =
+                files.iter().filter(|(r, _)| r.contains(ENDPOINT_PART)).map(|(r, _)| output_path(r)).collect();
+            let (dir, ext) = t.handler_location();
+            assert_eq!(handlers, [format!("{dir}/{ENDPOINT_PART}{ext}")], "{t}");
+            for b in t.builtin_endpoints() {
+                let module = format!("src/{}.ts", b.module.trim_start_matches("../"));
+                assert!(files.iter().any(|(r, _)| *r == module), "{t}: no {module}");
+            }
+            for d in t.drops() {
+                assert!(!files.iter().any(|(r, _)| r == d), "{t} still ships {d}");
+            }
+            for (rel, f) in &files {
+                if rel.contains(PARTIALS_DIR) {
+                    assert!(f.path().starts_with("shared/_partials"), "{t}: {} — partials live in shared/_partials/", f.path().display());
+                }
+            }
+        }
+        // The mpp overlay ships the real MCP SDK, so not the worker's stand-in for it.
+        assert!(target_files(Target::Worker).unwrap().iter().any(|(r, _)| r == "src/lib/no-mcp-sdk.ts"));
+    }
+
+    /// Deep-merges JSON objects (non-null values win), so one object shows every key any of them has.
+    fn merged(values: impl IntoIterator<Item = serde_json::Value>) -> serde_json::Value {
+        let mut out = serde_json::Value::Null;
+        for v in values {
+            out = match (out, v) {
+                (serde_json::Value::Object(mut a), serde_json::Value::Object(b)) => {
+                    for (k, bv) in b {
+                        let av = a.remove(&k).unwrap_or(serde_json::Value::Null);
+                        a.insert(k, merged([av, bv]));
+                    }
+                    serde_json::Value::Object(a)
+                }
+                (a, serde_json::Value::Null) => a,
+                (_, b) => b,
+            };
+        }
+        out
+    }
+
+    /// Tera treats a missing attribute as false in `{% if %}`, so a misspelt field would pass
+    /// silently (cargo-dist makes undefined variables errors). Every dotted name a template uses
+    /// (`endpoint.example_field.rust_ident`, `signup.x402.network`, …) must exist in the spec of
+    /// a manifest that has every optional part.
+    #[test]
+    fn templates_use_only_fields_the_spec_has() {
+        let text = format!(
+            "{}{}",
+            default_manifest()
+                .replace("target = \"worker\"", "target = \"mpp\"")
+                .replace("enabled = false", "enabled = true")
+                .replace("scopes = []", "scopes = [\"example\"]")
+                .replace("# [signup.x402]", "[signup.x402]")
+                .replace("# [signup.mpp]", "[signup.mpp]"),
+            manifest::MPP_SECTION
+        );
+        let (_, m) = manifest::parse(&text, Path::new("mcpay.toml")).unwrap();
+        m.validate(Path::new("mcpay.toml")).unwrap();
+        let spec = serde_json::to_value(Spec::from_manifest(&m)).unwrap();
+        let endpoints: Vec<serde_json::Value> = spec["endpoints"].as_array().unwrap().clone();
+        let ep = merged(endpoints.clone());
+        let fields = merged(endpoints.iter().flat_map(|e| {
+            e["input"].as_array().unwrap().clone().into_iter().chain(std::iter::once(e["example_field"].clone()))
+        }));
+        let roots: Vec<(&str, serde_json::Value)> = vec![
+            ("project", spec["project"].clone()),
+            ("gateway", spec["gateway"].clone()),
+            ("signup", spec["signup"].clone()),
+            ("mpp", spec["mpp"].clone()),
+            ("ep", ep.clone()),
+            ("endpoint", ep),
+            ("f", fields),
+            ("t", spec["field_types"][0].clone()),
+        ];
+        assert!(!spec["signup"]["x402"].is_null() && !spec["signup"]["mpp"].is_null());
+        let mut files = Vec::new();
+        all_files(&TEMPLATES, &mut files);
+        let mut unknown = Vec::new();
+        for f in files.iter().filter(|f| f.path().to_string_lossy().ends_with(TERA_SUFFIX)) {
+            let text = f.contents_utf8().unwrap();
+            let mut rest = text;
+            while let Some(start) = rest.find("{{").into_iter().chain(rest.find("{%")).min() {
+                let close = if rest[start..].starts_with("{{") { "}}" } else { "%}" };
+                let end = rest[start..].find(close).map_or(rest.len(), |e| start + e);
+                let tag = &rest[start + 2..end];
+                // Names outside string literals.
+                let mut in_str = false;
+                let mut token = String::new();
+                for c in tag.chars().chain(std::iter::once(' ')) {
+                    if c == '"' {
+                        in_str = !in_str;
+                        token.clear();
+                    } else if !in_str && (c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+                        token.push(c);
+                    } else {
+                        let first = token.split('.').next().unwrap_or("");
+                        if let Some((_, root)) = roots.iter().find(|(r, _)| *r == first) {
+                            let mut at = root;
+                            for part in token.split('.').skip(1) {
+                                match at.get(part) {
+                                    Some(v) => at = v,
+                                    None if at.is_object() || at.is_null() => {
+                                        unknown.push(format!("{}: {token}", f.path().display()));
+                                        break;
+                                    }
+                                    None => break,
+                                }
+                            }
+                        }
+                        token.clear();
+                    }
+                }
+                rest = &rest[end.min(rest.len())..];
+                if rest.len() >= 2 {
+                    rest = &rest[2..];
+                } else {
+                    break;
+                }
+            }
+        }
+        assert_eq!(unknown, Vec::<String>::new(), "templates use fields the spec does not have");
+    }
+
+    /// Templates are embedded byte for byte: LF only (`.gitattributes` keeps checkouts so).
+    #[test]
+    fn templates_have_lf_line_endings() {
+        let mut files = Vec::new();
+        all_files(&TEMPLATES, &mut files);
+        for f in files {
+            assert!(!f.contents().contains(&b'\r'), "{} has CR line endings", f.path().display());
+        }
     }
 
     #[test]

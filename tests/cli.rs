@@ -288,8 +288,9 @@ fn git_flags() {
     assert!(!t.path().join("a/.git").exists());
     bin().arg(t.path().join("b")).args(["-y", "--git"]).assert().success();
     assert!(t.path().join("b/.git").is_dir());
-    bin().arg(t.path().join("c")).args(["-y", "--no-git", "--git"]).assert().success();
-    assert!(t.path().join("c/.git").is_dir(), "the last of --git/--no-git wins");
+    // Contradictory flags are an error, not "the last one wins".
+    bin().arg(t.path().join("c")).args(["-y", "--no-git", "--git"]).assert().failure().code(2).stderr(contains("--git"));
+    assert!(!t.path().join("c").exists());
 }
 
 #[test]
@@ -313,12 +314,11 @@ fn completions_for_every_shell() {
 }
 
 /// The complete file list of a generated project, and the full text of every file rendered from
-/// the manifest, against tests/golden/worker-demo.txt. UPDATE_GOLDEN=1 rewrites it.
-#[test]
-fn golden_worker_project() {
+/// the manifest, against tests/golden/NAME.txt. UPDATE_GOLDEN=1 rewrites it.
+fn golden(name: &str, args: &[&str]) {
     let t = tmp();
     let dir = t.path().join("demo");
-    new_project(&dir, &["-t", "worker"]);
+    new_project(&dir, args);
     let mut out = String::new();
     let files = tree(&dir);
     for (path, bytes) in &files {
@@ -330,12 +330,26 @@ fn golden_worker_project() {
             out.push_str(&format!("\n===== {p}\n{}", String::from_utf8_lossy(bytes)));
         }
     }
-    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/worker-demo.txt");
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/golden/{name}.txt"));
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         fs::write(&golden, &out).unwrap();
     }
-    let expected = fs::read_to_string(&golden).expect("tests/golden/worker-demo.txt (UPDATE_GOLDEN=1 writes it)");
+    let expected = fs::read_to_string(&golden).unwrap_or_else(|_| panic!("tests/golden/{name}.txt (UPDATE_GOLDEN=1 writes it)"));
     assert!(expected == out, "generated project differs from {}; if intended, rerun with UPDATE_GOLDEN=1\n--- got:\n{out}", golden.display());
+}
+
+#[test]
+fn golden_worker_project() {
+    golden("worker-demo", &["-t", "worker"]);
+}
+
+/// Keyword-named input fields (examples/keyword-fields.toml) on the Rust target and on mpp.
+#[test]
+fn golden_axum_and_mpp_projects_with_keyword_fields() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/keyword-fields.toml");
+    let example = example.to_str().unwrap();
+    golden("axum-keywords", &["--from", example, "-t", "axum"]);
+    golden("mpp-keywords", &["--from", example, "-t", "mpp"]);
 }
 
 #[test]
@@ -352,7 +366,8 @@ fn add_endpoint_wires_a_new_paid_handler() {
         .stdout(contains("created   src/handlers/mytool.ts").and(contains("updated   src/generated/manifest.ts")));
     let after = read(dir.join("mcpay.toml"));
     assert!(after.starts_with(before.trim_end()), "everything before is kept, comments included");
-    assert!(after.contains("[endpoints.mytool]\nprice_mcents = 250\nxp = 25\nscope = \"mytool\"\ndescription = \"My tool\"\ninput = { query = \"string\", limit = \"integer?\" }"), "{after}");
+    // Only what was given is written: XP and scope keep their defaults (price / 10, the name).
+    assert!(after.ends_with("[endpoints.mytool]\nprice_mcents = 250\ndescription = \"My tool\"\ninput = { query = \"string\", limit = \"integer?\" }\n"), "{after}");
     let m = read(dir.join("src/generated/manifest.ts"));
     assert!(m.contains(r#"CALL_TYPES = ["example", "mytool"]"#));
     assert!(m.contains(r#""mytool": 250"#) && m.contains(r#""mytool": 25"#) && m.contains(r#""mytool": "mytool""#));
@@ -508,4 +523,374 @@ fn prompts_on_a_terminal_for_what_is_missing() {
     assert!(screen.contains("Project directory") && screen.contains("Target"), "{screen}");
     assert!(t.path().join("tty-demo/mcpay.toml").exists(), "{screen}");
     assert!(read(t.path().join("tty-demo/mcpay.toml")).contains("target = \"worker\""));
+}
+
+// ---- issue 18: defects and design changes, each checked as a user meets them ----
+
+/// Every file under `root` as text (lossy), for searching.
+fn all_text(root: &Path) -> Vec<(PathBuf, String)> {
+    tree(root).into_iter().map(|(p, b)| (p, String::from_utf8_lossy(&b).into_owned())).collect()
+}
+
+/// Occurrences of `needle` as a whole token (not inside a longer run of letters, digits or `_`).
+fn token_hits(root: &Path, needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (path, text) in all_text(root) {
+        for (i, _) in text.match_indices(needle) {
+            let before = text[..i].chars().next_back();
+            let after = text[i + needle.len()..].chars().next();
+            let word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !word(before) && !word(after) {
+                let line = text[..i].matches('\n').count() + 1;
+                out.push(format!("{}:{line}", path.display()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn names_that_collide_after_case_conversion_are_refused_naming_both() {
+    let t = tmp();
+    let dir = t.path().join("demo");
+    new_project(&dir, &["-t", "axum"]);
+    bin().current_dir(&dir).args(["add-endpoint", "my_tool", "--price", "10"]).assert().success();
+    bin().current_dir(&dir).args(["add-endpoint", "a1", "--price", "10"]).assert().success();
+    let snapshot = tree(&dir);
+    for (name, other, ident) in [("my__tool", "my_tool", "MyTool"), ("a_1", "a1", "A1")] {
+        bin()
+            .current_dir(&dir)
+            .args(["add-endpoint", name, "--price", "10"])
+            .assert()
+            .failure()
+            .stderr(contains(format!("{name:?}")).and(contains(format!("{other:?}"))).and(contains(format!("`{ident}`"))));
+        assert_eq!(tree(&dir), snapshot, "{name}: nothing changed");
+    }
+    // A hand edit that collides is caught by sync and check, naming both tables.
+    let toml = read(dir.join("mcpay.toml")) + "\n[endpoints.my__tool]\nprice_mcents = 5\n";
+    fs::write(dir.join("mcpay.toml"), &toml).unwrap();
+    let snapshot = tree(&dir);
+    for cmd in ["sync", "check"] {
+        bin().current_dir(&dir).arg(cmd).assert().failure().stderr(contains("endpoints.my_tool and endpoints.my__tool both become the identifier `MyTool`"));
+    }
+    assert_eq!(tree(&dir), snapshot);
+    // And at creation.
+    bin().arg(t.path().join("x")).args(["-y", "--endpoint", "a1:1", "--endpoint", "a_1:1"]).assert().failure().stderr(contains("`A1`"));
+    // The mpp target's built-in execute_code is taken too.
+    let mpp = t.path().join("m");
+    new_project(&mpp, &["-t", "mpp"]);
+    bin().current_dir(&mpp).args(["add-endpoint", "execute__code", "--price", "1"]).assert().failure().stderr(contains("\"execute_code\""));
+}
+
+#[test]
+fn the_documented_maximum_price_can_be_used() {
+    let t = tmp();
+    let dir = t.path().join("demo");
+    new_project(&dir, &["--endpoint", "big:100000000"]);
+    assert!(read(dir.join("src/generated/manifest.ts")).contains(r#""big": 1000000"#), "the default XP is capped, not refused");
+    bin().current_dir(&dir).args(["add-endpoint", "huge", "--price", "100000000"]).assert().success();
+    bin().current_dir(&dir).arg("check").assert().success();
+    // An XP the user gives out of range is still refused, naming that XP.
+    bin().current_dir(&dir).args(["add-endpoint", "t3", "--price", "5", "--xp", "1000001"]).assert().failure().stderr(contains("endpoints.t3.xp"));
+}
+
+#[cfg(unix)]
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[cfg(unix)]
+#[test]
+fn file_modes_are_kept_and_read_only_files_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tmp();
+    // The mode a new file gets with this process's umask.
+    let probe = t.path().join("probe");
+    fs::write(&probe, "").unwrap();
+    let default = mode(&probe);
+    let dir = t.path().join("demo");
+    new_project(&dir, &[]);
+    assert_eq!(mode(&dir.join("mcpay.toml")), default);
+    let probe_dir = t.path().join("probe-dir");
+    fs::create_dir(&probe_dir).unwrap();
+    assert_eq!(mode(&dir), mode(&probe_dir), "the project directory has the umask's mode, not 0700");
+    fs::set_permissions(dir.join("src/generated/handlers.ts"), fs::Permissions::from_mode(0o640)).unwrap();
+    bin().current_dir(&dir).args(["add-endpoint", "mytool", "--price", "250"]).assert().success();
+    assert_eq!(mode(&dir.join("mcpay.toml")), default, "mcpay.toml keeps its mode");
+    assert_eq!(mode(&dir.join("src/generated/manifest.ts")), default, "a regenerated file keeps its mode");
+    assert_eq!(mode(&dir.join("src/generated/handlers.ts")), 0o640, "a user's chmod survives");
+    assert_eq!(mode(&dir.join("src/handlers/mytool.ts")), default, "a new handler gets the umask's default");
+
+    // A read-only mcpay.toml is not replaced (even by root, who could).
+    fs::set_permissions(dir.join("mcpay.toml"), fs::Permissions::from_mode(0o444)).unwrap();
+    let snapshot = tree(&dir);
+    bin()
+        .current_dir(&dir)
+        .args(["add-endpoint", "other", "--price", "5"])
+        .assert()
+        .failure()
+        .stderr(contains("mcpay.toml is read-only").and(contains("chmod u+w")));
+    assert_eq!(tree(&dir), snapshot);
+    assert_eq!(mode(&dir.join("mcpay.toml")), 0o444);
+    // The same for a read-only generated file under sync.
+    fs::set_permissions(dir.join("mcpay.toml"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(dir.join("mcpay.toml"), read(dir.join("mcpay.toml")).replace("price_mcents = 250", "price_mcents = 260")).unwrap();
+    fs::set_permissions(dir.join("src/generated/manifest.ts"), fs::Permissions::from_mode(0o444)).unwrap();
+    let snapshot = tree(&dir);
+    bin().current_dir(&dir).arg("sync").assert().failure().stderr(contains("src/generated/manifest.ts is read-only"));
+    assert_eq!(tree(&dir), snapshot);
+}
+
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    use std::process::Stdio;
+    let t = tmp();
+    let exe = assert_cmd::cargo::cargo_bin("create-mcpay");
+    for (i, args) in [vec!["-y", "--no-git"], vec!["--help"], vec!["completions", "bash"]].into_iter().enumerate() {
+        for run in 0..3 {
+            let mut cmd = std::process::Command::new(&exe);
+            if args[0] == "-y" {
+                cmd.arg(t.path().join(format!("p{i}-{run}")));
+            }
+            let mut child = cmd.args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+            drop(child.stdout.take()); // `| head -0`: the reader is gone before anything is written
+            let out = child.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+            assert_ne!(out.status.code(), Some(101), "{args:?}: {stderr}");
+        }
+    }
+    assert!(t.path().join("p0-0/mcpay.toml").exists(), "the project is written all the same");
+}
+
+#[test]
+fn color_reaches_clap_help() {
+    let colored = |args: &[&str]| String::from_utf8_lossy(&bin().args(args).output().unwrap().stdout).contains("\u{1b}[");
+    assert!(colored(&["--color", "always", "--help"]));
+    assert!(colored(&["--color=always", "add-endpoint", "--help"]));
+    assert!(!colored(&["--color", "never", "--help"]));
+    let err = bin().args(["--color", "always", "--bogus"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&err.stderr).contains("\u{1b}["), "usage errors follow --color too");
+    // Given before a subcommand, --color does not turn the subcommand into a project DIR.
+    let t = tmp();
+    let dir = t.path().join("demo");
+    new_project(&dir, &[]);
+    bin().current_dir(&dir).args(["--color", "never", "check"]).assert().success().stdout(contains("match"));
+    bin().args(["--color=never", "completions", "bash"]).assert().success().stdout(contains("add-endpoint"));
+    bin().args(["--color", "purple", "check"]).assert().failure().code(2);
+}
+
+#[test]
+fn mistyped_subcommands_are_suggested_and_create_nothing() {
+    let t = tmp();
+    for (typo, meant) in [("snyc", "sync"), ("add-endpont", "add-endpoint"), ("chek", "check"), ("audti", "audit")] {
+        bin()
+            .current_dir(t.path())
+            .args([typo, "-y", "--no-git"])
+            .assert()
+            .failure()
+            .stderr(contains(format!("did you mean `create-mcpay {meant}`")).and(contains(format!("./{typo}"))));
+    }
+    assert_eq!(fs::read_dir(t.path()).unwrap().count(), 0, "nothing created");
+    // A directory named like that is still possible, spelled as a path.
+    bin().current_dir(t.path()).args(["./snyc", "-y", "--no-git"]).assert().success();
+    assert!(t.path().join("snyc/mcpay.toml").exists());
+}
+
+#[test]
+fn contradictory_or_ignored_flags_are_errors() {
+    let t = tmp();
+    bin().arg(t.path().join("a")).args(["-y", "-t", "worker", "-d", "project.target=axum"]).assert().failure().stderr(contains("--target"));
+    bin().arg(t.path().join("a")).args(["-y", "-d", "project.name=other"]).assert().failure().stderr(contains("directory"));
+    assert!(!t.path().join("a").exists());
+    let dir = t.path().join("demo");
+    new_project(&dir, &[]);
+    bin().current_dir(&dir).args(["check", "--dry-run"]).assert().failure().code(2);
+    let help = bin().args(["add-endpoint", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--dry-run") && !help.contains("With sync"), "{help}");
+    let help = bin().args(["sync", "--help"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&help.stdout).contains("With sync"));
+}
+
+#[test]
+fn a_non_empty_directory_is_refused_before_any_question() {
+    let t = tmp();
+    let dir = t.path().join("demo");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("keep.txt"), "mine").unwrap();
+    // No --target and no terminal: the target question would fail first if it came first.
+    bin().arg(&dir).assert().failure().stderr(contains("is not empty").and(contains("--target").not()));
+    assert_eq!(read(dir.join("keep.txt")), "mine");
+}
+
+#[test]
+fn an_existing_directory_is_filled_without_writing_beside_it() {
+    let t = tmp();
+    let parent = t.path().join("parent");
+    let dir = parent.join("demo");
+    fs::create_dir_all(&dir).unwrap();
+    let before = fs::metadata(&parent).unwrap().modified().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&parent, fs::Permissions::from_mode(0o555)).unwrap();
+    }
+    let out = bin().arg(&dir).args(["-y", "--no-git"]).output().unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&parent, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(dir.join("mcpay.toml").exists());
+    // Nothing was created (and removed) in the parent: it needs no write access (root ignores
+    // the 0555 above, so this is what the test checks there).
+    assert_eq!(fs::metadata(&parent).unwrap().modified().unwrap(), before, "the parent was written to");
+    assert_eq!(fs::read_dir(&dir).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".create-mcpay")).count(), 0);
+}
+
+/// On a terminal, an invalid project name is asked again instead of aborting.
+#[test]
+fn an_invalid_name_at_the_prompt_is_asked_again() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let t = tmp();
+    let exe = assert_cmd::cargo::cargo_bin("create-mcpay");
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &format!("{} --no-git --color never", exe.display()), "/dev/null"])
+        .current_dir(t.path())
+        .env("TERM", "xterm")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("`script` (util-linux) runs the CLI on a pty");
+    let mut stdin = child.stdin.take().unwrap();
+    let typing = std::thread::spawn(move || {
+        // Clear the default, type an invalid name; then clear it and type a valid one; then pick the target.
+        for keys in ["\u{15}My API\r", "\u{15}tty-again\r", "\r"] {
+            std::thread::sleep(std::time::Duration::from_millis(700));
+            stdin.write_all(keys.as_bytes()).unwrap();
+            stdin.flush().unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+    });
+    typing.join().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(screen.contains("invalid project name"), "{screen}");
+    assert!(t.path().join("tty-again/mcpay.toml").exists(), "{screen}");
+}
+
+#[test]
+fn add_endpoint_writes_only_what_was_given() {
+    let t = tmp();
+    let dir = t.path().join("demo");
+    new_project(&dir, &["--endpoint", "search:250"]);
+    assert!(read(dir.join("mcpay.toml")).ends_with("[endpoints.search]\nprice_mcents = 250\n"), "{}", read(dir.join("mcpay.toml")));
+    bin().current_dir(&dir).args(["add-endpoint", "mytool", "--price", "300"]).assert().success();
+    let toml = read(dir.join("mcpay.toml"));
+    assert!(toml.ends_with("[endpoints.mytool]\nprice_mcents = 300\n"), "{toml}");
+    let m = read(dir.join("src/generated/manifest.ts"));
+    assert!(m.contains(r#""mytool": 30"#) && m.contains("export interface MytoolInput { query: string }"), "defaults apply: {m}");
+    // Given values are written.
+    bin().current_dir(&dir).args(["add-endpoint", "other", "--price", "300", "--xp", "7", "--scope", "read"]).assert().success();
+    assert!(read(dir.join("mcpay.toml")).ends_with("[endpoints.other]\nprice_mcents = 300\nxp = 7\nscope = \"read\"\n"));
+}
+
+/// Change a price, sync, and the old price (and the XP derived from it) is found nowhere in the
+/// project: not in a handler header, a README or a generated doc.
+#[test]
+fn a_changed_price_leaves_no_trace_after_sync() {
+    let t = tmp();
+    for target in ["worker", "axum", "mpp"] {
+        let dir = t.path().join(target);
+        new_project(&dir, &["-t", target, "--endpoint", "tool:98765"]);
+        assert!(!token_hits(&dir, "98765").is_empty(), "{target}: the price is rendered somewhere");
+        assert!(!token_hits(&dir, "9876").is_empty(), "{target}: the default XP is rendered somewhere");
+        let toml = read(dir.join("mcpay.toml")).replace("price_mcents = 98765", "price_mcents = 45678");
+        fs::write(dir.join("mcpay.toml"), toml).unwrap();
+        bin().current_dir(&dir).arg("sync").assert().success();
+        bin().current_dir(&dir).arg("check").assert().success();
+        assert_eq!(token_hits(&dir, "98765"), Vec::<String>::new(), "{target}: the old price is still there");
+        assert_eq!(token_hits(&dir, "9876"), Vec::<String>::new(), "{target}: the old XP is still there");
+        assert!(!token_hits(&dir, "45678").is_empty() && !token_hits(&dir, "4567").is_empty());
+    }
+}
+
+#[test]
+fn check_prints_a_diff_for_each_stale_file() {
+    let t = tmp();
+    let dir = t.path().join("demo");
+    new_project(&dir, &[]);
+    fs::write(dir.join("mcpay.toml"), read(dir.join("mcpay.toml")).replace("price_mcents = 100\n", "price_mcents = 175\n")).unwrap();
+    fs::write(dir.join("src/generated/handlers.ts"), "// hacked\n").unwrap();
+    let out = bin().current_dir(&dir).arg("check").output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--- a/src/generated/manifest.ts (on disk)") && err.contains("+++ b/src/generated/manifest.ts (from mcpay.toml)"), "{err}");
+    assert!(err.contains("\n-export const PRICE_MCENTS: Record<CallType, number> = { \"example\": 100 };"), "{err}");
+    assert!(err.contains("\n+export const PRICE_MCENTS: Record<CallType, number> = { \"example\": 175 };"), "{err}");
+    assert!(err.contains("\n-// hacked"), "{err}");
+}
+
+/// The README, the printed next steps and .dev.vars.example tell one story about the admin key.
+#[test]
+fn one_admin_key_story() {
+    let t = tmp();
+    for target in ["worker", "mpp"] {
+        let dir = t.path().join(target);
+        let out = bin().arg(&dir).args(["-y", "--no-git", "-t", target]).output().unwrap();
+        let steps = String::from_utf8_lossy(&out.stdout).into_owned();
+        let readme = read(dir.join("README.md"));
+        let example = read(dir.join(".dev.vars.example"));
+        assert!(example.contains("ADMIN_KEY=") && example.contains("openssl rand -hex 32"));
+        for (what, text) in [("next steps", &steps), ("README.md", &readme)] {
+            assert!(text.contains("cp .dev.vars.example .dev.vars"), "{target} {what}: {text}");
+            assert!(text.contains("openssl rand -hex 32"), "{target} {what}");
+            assert!(!text.contains("dev-admin-key") && !text.contains("echo 'ADMIN_KEY="), "{target} {what}: another story");
+        }
+    }
+}
+
+#[test]
+fn mpp_ships_only_what_it_uses() {
+    let t = tmp();
+    new_project(&t.path().join("w"), &["-t", "worker"]);
+    new_project(&t.path().join("m"), &["-t", "mpp"]);
+    assert!(t.path().join("w/src/lib/no-mcp-sdk.ts").exists(), "the worker stubs the MCP SDK it does not install");
+    assert!(!t.path().join("m/src/lib/no-mcp-sdk.ts").exists(), "mpp installs the real SDK");
+    assert!(read(t.path().join("w/wrangler.jsonc")).contains("no-mcp-sdk"));
+    assert!(!read(t.path().join("m/wrangler.jsonc")).contains("no-mcp-sdk"));
+    assert!(read(t.path().join("m/package.json")).contains("@modelcontextprotocol/sdk"));
+    assert!(!read(t.path().join("w/package.json")).contains("@modelcontextprotocol/sdk"));
+}
+
+/// A generated axum project of any name is accepted by Cargo as shipped: a plain `cargo metadata`
+/// (which, unlike `--locked`, rewrites a Cargo.lock whose text is not Cargo's own, e.g. a package
+/// out of order) leaves it byte for byte, and `--locked` passes. Needs the crates in the local
+/// Cargo cache (the e2e tests fetch them); run with --ignored.
+#[test]
+#[ignore]
+fn axum_lockfile_is_kept_by_cargo_for_any_name() {
+    let t = tmp();
+    for name in ["aaa", "zeta-api"] {
+        let dir = t.path().join(name);
+        new_project(&dir, &["-t", "axum"]);
+        let lock = read(dir.join("Cargo.lock"));
+        for locked in [false, true] {
+            let out = std::process::Command::new("cargo")
+                .args(["metadata", "--offline", "--format-version", "1"])
+                .args(locked.then_some("--locked"))
+                .current_dir(&dir)
+                .env("CARGO_TARGET_DIR", Path::new(env!("CARGO_MANIFEST_DIR")).join("target/generated"))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(read(dir.join("Cargo.lock")) == lock, "{name}: Cargo rewrote Cargo.lock");
+        }
+    }
 }

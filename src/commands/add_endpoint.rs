@@ -1,13 +1,14 @@
 //! `create-mcpay add-endpoint NAME --price MCENTS`: edit mcpay.toml (comments kept), regenerate,
-//! and create the one new handler. Any validation error changes nothing.
+//! and create the one new handler. Only what was given is written to mcpay.toml; any validation
+//! error changes nothing.
 
 use anyhow::{Result, bail};
 use indexmap::IndexMap;
 
-use super::Project;
 use crate::cli::AddEndpointArgs;
 use crate::manifest::{self, Endpoint};
 use crate::names;
+use crate::project::Project;
 use crate::ui::Ui;
 
 pub fn run(args: &AddEndpointArgs, ui: &Ui) -> Result<()> {
@@ -20,6 +21,17 @@ pub fn run(args: &AddEndpointArgs, ui: &Ui) -> Result<()> {
             project.manifest_path.display(),
             existing.price_mcents
         );
+    }
+    let target = project.manifest.project.target;
+    let taken = target.builtin_endpoints().iter().map(|b| (b.name, "the built-in endpoint"));
+    let declared = project.manifest.endpoints.keys().map(|n| (n.as_str(), "the endpoint"));
+    for (other, what) in taken.chain(declared) {
+        if let Some(ident) = names::colliding_identifier(other, &args.name) {
+            bail!(
+                "endpoint {:?} would collide with {what} {other:?}: both become `{ident}` in the generated code; pick another name",
+                args.name
+            );
+        }
     }
     if !(1..=manifest::MAX_PRICE_MCENTS).contains(&args.price) {
         bail!(
@@ -37,16 +49,13 @@ pub fn run(args: &AddEndpointArgs, ui: &Ui) -> Result<()> {
             bail!("--input {raw:?}: field {field:?} is given twice");
         }
     }
-    if input.is_empty() {
-        input.insert("query".to_string(), "string".to_string());
-    }
     let endpoint = Endpoint {
         price_mcents: args.price,
-        xp: Some(args.xp.unwrap_or_else(|| manifest::default_xp(args.price))),
-        scope: Some(args.scope.clone().unwrap_or_else(|| args.name.clone())),
+        xp: args.xp,
+        scope: args.scope.clone(),
         description: args.description.clone(),
         rate_limit_per_minute: args.rate_limit.map(u64::from),
-        input,
+        input: (!input.is_empty()).then_some(input),
     };
     manifest::insert_endpoint(&mut project.doc, &args.name, &endpoint);
     // Re-read the edited manifest: the whole of it must still be valid before anything is written.
@@ -56,14 +65,13 @@ pub fn run(args: &AddEndpointArgs, ui: &Ui) -> Result<()> {
     project.manifest = manifest;
 
     let plan = project.plan()?;
-    let changes = plan.apply_update(&project.root, args.project.dry_run)?;
-    super::sync::report(ui, &project, &changes, args.project.dry_run);
-    if !args.project.dry_run {
+    let changes = plan.apply_update(&project.root, args.dry_run)?;
+    super::sync::report(ui, &project, &changes, args.dry_run);
+    if !args.dry_run {
+        let served = endpoint.resolved(&args.name, &project.manifest.gateway);
         ui.ok(&format!(
             "POST /v1/{} now costs {} mcents (scope {:?}); write its logic in the handler file above",
-            args.name,
-            args.price,
-            endpoint.scope.as_deref().unwrap_or(&args.name)
+            args.name, served.price_mcents, served.scope
         ));
     }
     Ok(())

@@ -4,12 +4,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
+use clap::CommandFactory;
 use toml_edit::DocumentMut;
 
-use super::ensure_target_available;
-use crate::cli::{NewArgs, Target};
+use crate::cli::{Cli, NewArgs, Target};
 use crate::manifest::{self, Endpoint};
 use crate::names;
+use crate::plan;
 use crate::spec::Spec;
 use crate::templates;
 use crate::ui::Ui;
@@ -17,7 +18,10 @@ use crate::ui::Ui;
 const DEFAULT_DIR: &str = "my-api";
 
 pub fn run(args: &NewArgs, ui: &Ui) -> Result<()> {
-    // 1. Where, and under what name.
+    if let Some(dir) = &args.dir {
+        refuse_mistyped_subcommand(dir)?;
+    }
+    // 1. Where, and under what name (asked again until the name is valid).
     let dir: PathBuf = match &args.dir {
         Some(d) => d.clone(),
         None if args.yes => PathBuf::from(DEFAULT_DIR),
@@ -25,9 +29,12 @@ pub fn run(args: &NewArgs, ui: &Ui) -> Result<()> {
             "Project directory",
             DEFAULT_DIR,
             "the directory as the first argument (e.g. `create-mcpay my-api`), or --yes for \"my-api\"",
+            |d| project_name(Path::new(d)).map(|_| ()).map_err(|e| e.to_string()),
         )?),
     };
     let name = project_name(&dir)?;
+    // A non-empty directory is refused before any question is asked.
+    plan::check_destination(&dir, args.force)?;
 
     // 2. The manifest document: --from FILE or the default, then the command line's changes.
     let (mut doc, origin) = match &args.from {
@@ -38,30 +45,36 @@ pub fn run(args: &NewArgs, ui: &Ui) -> Result<()> {
         }
         None => (parse_doc(templates::default_manifest(), Path::new("mcpay.toml"))?, PathBuf::from("mcpay.toml")),
     };
+    for define in &args.defines {
+        let key = define.split_once('=').map_or(define.as_str(), |(k, _)| k).trim();
+        match key {
+            "project.target" => bail!("-d {define}: choose the target with --target (-t), e.g. -t axum"),
+            "project.name" => bail!("-d {define}: the project name is the directory's last component; name the directory instead"),
+            _ => {}
+        }
+    }
     let from_target = args.from.as_ref().and_then(|_| {
         doc.get("project").and_then(|p| p.get("target")).and_then(|t| t.as_str()).map(str::to_string)
     });
     let target = match (args.target, from_target) {
-        (Some(t), _) => t.as_str().to_string(),
-        (None, Some(t)) => t,
-        (None, None) if args.yes => Target::Worker.as_str().to_string(),
+        (Some(t), _) => t,
+        (None, Some(t)) => Target::from_name(&t).with_context(|| {
+            format!("{}: project.target {t:?} is not a target; use {} (or pass --target)", origin.display(), Target::quoted_list())
+        })?,
+        (None, None) if args.yes => Target::Worker,
         (None, None) => {
-            let items = [
-                ("worker", "Cloudflare Worker (TypeScript, Durable Objects)"),
-                ("axum", "Rust axum server (SQLite; Postgres + Redis to scale out)"),
-                ("mpp", "MPP/Tempo compute gateway (pay per execution)"),
-            ];
-            let i = ui.select("Target", &items, "--target worker|axum|mpp (or --yes for worker)")?;
-            items[i].0.to_string()
+            let items: Vec<(&str, &str)> = Target::ALL.iter().map(|t| (t.name(), t.label())).collect();
+            let names: Vec<&str> = Target::ALL.iter().map(|t| t.name()).collect();
+            let i = ui.select("Target", &items, &format!("--target {} (or --yes for worker)", names.join("|")))?;
+            Target::ALL[i]
         }
     };
-    ensure_target_available(&target)?;
 
-    if target == "mpp" && doc.get("mpp").is_none() {
+    if target == Target::Mpp && doc.get("mpp").is_none() {
         doc = parse_doc(&format!("{}{}", doc, manifest::MPP_SECTION), &origin)?;
     }
     manifest::set_dotted(&mut doc, "project.name", &toml_string(&name))?;
-    manifest::set_dotted(&mut doc, "project.target", &toml_string(&target))?;
+    manifest::set_dotted(&mut doc, "project.target", &toml_string(target.name()))?;
     for define in &args.defines {
         let (key, value) = define
             .split_once('=')
@@ -89,7 +102,7 @@ pub fn run(args: &NewArgs, ui: &Ui) -> Result<()> {
     let plan = templates::render(&Spec::from_manifest(&m), &text)?;
 
     if args.dry_run {
-        plan.print(ui, &dir);
+        super::print_plan(ui, &plan, &dir);
         return Ok(());
     }
 
@@ -99,7 +112,35 @@ pub fn run(args: &NewArgs, ui: &Ui) -> Result<()> {
     if !args.no_git {
         init_git(&dir, ui);
     }
-    next_steps(ui, &dir, &target);
+    ui.plain("");
+    ui.heading("Next steps:");
+    ui.plain(&format!("  cd {}", dir.display()));
+    for step in target.next_steps() {
+        ui.plain(&format!("  {step}"));
+    }
+    Ok(())
+}
+
+/// `create-mcpay snyc` is a typo of `sync`, not a project named "snyc": refuse it, as cargo does,
+/// before anything is created. `./snyc` names the directory without doubt.
+fn refuse_mistyped_subcommand(dir: &Path) -> Result<()> {
+    let Some(raw) = dir.to_str() else { return Ok(()) };
+    if raw.contains(std::path::MAIN_SEPARATOR) || raw.contains('/') || raw.len() < 3 || dir.exists() {
+        return Ok(());
+    }
+    let cmd = Cli::command();
+    let best = cmd
+        .get_subcommands()
+        .flat_map(|c| std::iter::once(c.get_name()).chain(c.get_all_aliases()))
+        .filter(|name| *name != "help")
+        .map(|name| (strsim::osa_distance(raw, name), name))
+        .filter(|(d, name)| *d > 0 && *d <= 2.min(name.len() / 3 + 1))
+        .min();
+    if let Some((_, name)) = best {
+        bail!(
+            "unrecognized subcommand {raw:?}; did you mean `create-mcpay {name}`? (To create a project in a directory named {raw:?}, pass ./{raw}.) Nothing was created."
+        );
+    }
     Ok(())
 }
 
@@ -127,7 +168,7 @@ fn project_name(dir: &Path) -> Result<String> {
     Ok(name)
 }
 
-/// `NAME:PRICE_MCENTS[:SCOPE]`.
+/// `NAME:PRICE_MCENTS[:SCOPE]`: only what is given goes into mcpay.toml (defaults stay defaults).
 pub fn parse_endpoint_flag(raw: &str) -> Result<(String, Endpoint)> {
     let parts: Vec<&str> = raw.split(':').collect();
     if !(2..=3).contains(&parts.len()) {
@@ -139,17 +180,7 @@ pub fn parse_endpoint_flag(raw: &str) -> Result<(String, Endpoint)> {
         .parse()
         .map_err(|_| anyhow::anyhow!("--endpoint {raw:?}: the price {:?} is not a whole number of mcents", parts[1]))?;
     let scope = parts.get(2).map(|s| s.to_string());
-    Ok((
-        name.clone(),
-        Endpoint {
-            price_mcents: price,
-            xp: Some(manifest::default_xp(price)),
-            scope: Some(scope.unwrap_or(name)),
-            description: None,
-            rate_limit_per_minute: None,
-            input: [("query".to_string(), "string".to_string())].into_iter().collect(),
-        },
-    ))
+    Ok((name, Endpoint { price_mcents: price, scope, ..Endpoint::default() }))
 }
 
 fn init_git(dir: &Path, ui: &Ui) {
@@ -160,35 +191,5 @@ fn init_git(dir: &Path, ui: &Ui) {
         Ok(s) if s.success() => ui.ok("Initialised a git repository"),
         Ok(s) => ui.warn(&format!("`git init` failed ({s}); the project is written, run it yourself or pass --no-git")),
         Err(_) => ui.warn("git is not installed; the project is written without a repository (pass --no-git to skip this step)"),
-    }
-}
-
-fn next_steps(ui: &Ui, dir: &Path, target: &str) {
-    let cd = dir.display();
-    ui.plain("");
-    ui.heading("Next steps:");
-    match target {
-        "worker" => {
-            ui.plain(&format!("  cd {cd}"));
-            ui.plain("  npm install");
-            ui.plain("  npm test                                 # the gateway's own suite, in workerd");
-            ui.plain("  echo 'ADMIN_KEY=dev-admin-key' > .dev.vars && npm run dev");
-            ui.plain("  npx wrangler secret put ADMIN_KEY && npm run deploy");
-            ui.plain("  create-mcpay add-endpoint mytool --price 250   # sell another endpoint");
-        }
-        "axum" => {
-            ui.plain(&format!("  cd {cd}"));
-            ui.plain("  ADMIN_KEY=$(openssl rand -hex 32) cargo run   # SQLite file, nothing else needed");
-            ui.plain("  cargo test                               # its own suite (TEST_DATABASE_URL/TEST_REDIS_URL add Postgres + Redis)");
-            ui.plain("  create-mcpay add-endpoint mytool --price 250   # sell another endpoint");
-        }
-        _ => {
-            ui.plain(&format!("  cd {cd}"));
-            ui.plain("  npm install");
-            ui.plain("  npm test                                 # payments over HTTP and MCP, sandbox, prepaid keys, in workerd");
-            ui.plain("  cp .dev.vars.example .dev.vars && npm run dev");
-            ui.plain("  npx wrangler secret put MPP_SECRET_KEY && npx wrangler secret put TEMPO_RECIPIENT");
-            ui.plain("  create-mcpay add-endpoint mytool --price 250   # another paid tool");
-        }
     }
 }

@@ -2,13 +2,13 @@
 
 use anyhow::Result;
 
-use super::Project;
-use crate::cli::ProjectArgs;
+use crate::cli::SyncArgs;
 use crate::plan::Change;
+use crate::project::Project;
 use crate::ui::Ui;
 
-pub fn run(args: &ProjectArgs, ui: &Ui) -> Result<()> {
-    let project = Project::open(&args.project)?;
+pub fn run(args: &SyncArgs, ui: &Ui) -> Result<()> {
+    let project = Project::open(&args.project.project)?;
     let plan = project.plan()?;
     let changes = plan.apply_update(&project.root, args.dry_run)?;
     report(ui, &project, &changes, args.dry_run);

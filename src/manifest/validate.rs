@@ -1,0 +1,236 @@
+//! Validation: every problem of a manifest at once, each naming the key and the fix.
+
+use std::path::Path;
+
+use anyhow::{Result, bail};
+
+use super::schema::*;
+use crate::names;
+
+impl Manifest {
+    /// Every problem with the manifest, each naming the key and the fix. Empty when valid.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Err(e) = names::check_project_name(&self.project.name) {
+            out.push(format!("project.name: {e}"));
+        }
+        if self.project.description.len() > 200 {
+            out.push("project.description: at most 200 characters".into());
+        }
+        let g = &self.gateway;
+        let prefix_ok = (2..=16).contains(&g.key_prefix.len())
+            && g.key_prefix.ends_with('_')
+            && g.key_prefix.starts_with(|c: char| c.is_ascii_lowercase())
+            && g.key_prefix[..g.key_prefix.len() - 1].chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        if !prefix_ok {
+            out.push(format!(
+                "gateway.key_prefix: {:?} must be 1 to 15 lowercase letters or digits followed by '_' (e.g. \"mcp_\")",
+                g.key_prefix
+            ));
+        }
+        range(&mut out, "gateway.max_body_bytes", g.max_body_bytes, 256, 10 * 1024 * 1024);
+        range(&mut out, "gateway.max_mint_mcents", g.max_mint_mcents, 1, MAX_SAFE_INTEGER);
+        range(&mut out, "gateway.mints_per_hour", g.mints_per_hour, 1, 1_000_000);
+        range(&mut out, "gateway.refunds_per_key_per_hour", g.refunds_per_key_per_hour, 0, 1_000_000);
+        range(&mut out, "gateway.default_rate_limit_per_minute", g.default_rate_limit_per_minute, 1, 1_000_000);
+        range(&mut out, "gateway.leaderboard_size", g.leaderboard_size, 1, 1000);
+
+        if self.endpoints.is_empty() {
+            out.push("endpoints: a gateway needs at least one paid endpoint; add one with `create-mcpay add-endpoint NAME --price MCENTS` or an [endpoints.NAME] table".into());
+        }
+        for (name, ep) in &self.endpoints {
+            let at = format!("endpoints.{name}");
+            if let Err(e) = names::check_endpoint_name(name) {
+                out.push(format!("{at}: {e}"));
+            }
+            self.endpoint_problems(&at, ep, &mut out);
+        }
+        out.extend(self.identifier_collisions());
+        let scopes = self.scopes();
+        let s = &self.signup;
+        range(&mut out, "signup.price_mcents", s.price_mcents, 1, MAX_SAFE_INTEGER);
+        range(&mut out, "signup.balance_mcents", s.balance_mcents, 1, g.max_mint_mcents.max(1));
+        range(&mut out, "signup.signups_per_hour", s.signups_per_hour, 1, 1_000_000);
+        for scope in &s.scopes {
+            if !scopes.contains(scope) {
+                out.push(format!(
+                    "signup.scopes: {scope:?} is not the scope of any endpoint; known scopes: {}",
+                    scopes.join(", ")
+                ));
+            }
+        }
+        if s.enabled && s.scopes.is_empty() {
+            out.push("signup.scopes: a signup key needs at least one scope (default deny)".into());
+        }
+        if s.enabled && s.x402.is_none() && s.mpp.is_none() {
+            out.push("signup: a signup needs a payment rail; add a [signup.x402] table, a [signup.mpp] table, or both".into());
+        }
+        if let Some(x) = &s.x402 {
+            let ok_network = x.network.strip_prefix("eip155:").is_some_and(|id| {
+                !id.is_empty() && id.len() <= 18 && id.chars().all(|c| c.is_ascii_digit()) && !id.starts_with('0')
+            });
+            if !ok_network {
+                out.push(format!("signup.x402.network: {:?} must be a CAIP-2 EVM network such as \"eip155:8453\" (Base) or \"eip155:84532\" (Base Sepolia)", x.network));
+            }
+            if !is_evm_address(&x.asset) {
+                out.push(format!("signup.x402.asset: {:?} must be the token contract's 0x address (40 hex digits)", x.asset));
+            }
+            if !x.pay_to.is_empty() && !is_evm_address(&x.pay_to) {
+                out.push(format!("signup.x402.pay_to: {:?} must be a 0x address (40 hex digits), or empty to use the X402_PAY_TO secret", x.pay_to));
+            }
+            for (k, v) in [("asset_name", &x.asset_name), ("asset_version", &x.asset_version)] {
+                if v.is_empty() || v.len() > 64 || v.contains(|c: char| c.is_control()) {
+                    out.push(format!("signup.x402.{k}: the token's EIP-712 domain {k}, 1 to 64 characters"));
+                }
+            }
+            if !(5..=18).contains(&x.asset_decimals) {
+                out.push(format!("signup.x402.asset_decimals: {} is out of range; use 5 to 18 (USDC: 6)", x.asset_decimals));
+            }
+            if !(x.facilitator_url.starts_with("https://") || x.facilitator_url.starts_with("http://"))
+                || x.facilitator_url.contains(char::is_whitespace)
+            {
+                out.push(format!("signup.x402.facilitator_url: {:?} must be an http(s) URL, e.g. \"https://www.x402.org/facilitator\"", x.facilitator_url));
+            }
+            if !x.rpc_url.is_empty()
+                && (!(x.rpc_url.starts_with("https://") || x.rpc_url.starts_with("http://")) || x.rpc_url.contains(char::is_whitespace))
+            {
+                out.push(format!("signup.x402.rpc_url: {:?} must be an http(s) JSON-RPC URL of the network, e.g. \"https://sepolia.base.org\", or empty to use the X402_RPC_URL secret", x.rpc_url));
+            }
+            range(&mut out, "signup.x402.max_timeout_seconds", x.max_timeout_seconds, 10, 3600);
+        }
+        if let Some(m) = &s.mpp {
+            if m.methods.is_empty() {
+                out.push(format!("signup.mpp.methods: offer at least one of {}", SIGNUP_MPP_METHODS.join(", ")));
+            }
+            for meth in &m.methods {
+                if !SIGNUP_MPP_METHODS.contains(&meth.as_str()) {
+                    out.push(format!("signup.mpp.methods: unknown method {meth:?}; use {}", SIGNUP_MPP_METHODS.join(", ")));
+                }
+            }
+            if m.realm.len() > 253 || m.realm.contains(|c: char| c == '"' || c == '\\' || c.is_control()) {
+                out.push("signup.mpp.realm: a host name (at most 253 characters, no quotes or backslashes)".into());
+            }
+            range(&mut out, "signup.mpp.challenge_ttl_seconds", m.challenge_ttl_seconds, 10, 86_400);
+        }
+        let p = &self.mpp;
+        if p.realm.len() > 253 || p.realm.contains(|c: char| c == '"' || c == '\\' || c.is_control()) {
+            out.push("mpp.realm: a host name (at most 253 characters, no quotes or backslashes)".into());
+        }
+        if p.methods.is_empty() {
+            out.push(format!("mpp.methods: offer at least one of {}", MPP_METHODS.join(", ")));
+        }
+        for m in &p.methods {
+            if !MPP_METHODS.contains(&m.as_str()) {
+                out.push(format!("mpp.methods: unknown method {m:?}; use {}", MPP_METHODS.join(", ")));
+            }
+        }
+        range(&mut out, "mpp.execute_price_mcents", p.execute_price_mcents, 1, MAX_PRICE_MCENTS);
+        range(&mut out, "mpp.max_code_bytes", p.max_code_bytes, 16, 1024 * 1024);
+        range(&mut out, "mpp.timeout_ms", p.timeout_ms, 10, 300_000);
+        range(&mut out, "mpp.cpu_ms", p.cpu_ms, 1, 300_000);
+        range(&mut out, "mpp.challenge_ttl_seconds", p.challenge_ttl_seconds, 10, 86_400);
+        out
+    }
+
+    fn endpoint_problems(&self, at: &str, ep: &Endpoint, out: &mut Vec<String>) {
+        if !(1..=MAX_PRICE_MCENTS).contains(&ep.price_mcents) {
+            out.push(format!(
+                "{at}.price_mcents: {} is out of range; a price is 1 to {MAX_PRICE_MCENTS} mcents (1 mcent = 1/1000 cent)",
+                ep.price_mcents
+            ));
+        }
+        if let Some(xp) = ep.xp {
+            range(out, &format!("{at}.xp"), xp, 0, MAX_XP);
+        }
+        if let Some(scope) = &ep.scope
+            && let Err(e) = names::check_scope(scope)
+        {
+            out.push(format!("{at}.scope: {e}"));
+        }
+        if let Some(d) = &ep.description
+            && (d.len() > 200 || d.contains('\n'))
+        {
+            out.push(format!("{at}.description: one line of at most 200 characters"));
+        }
+        if let Some(r) = ep.rate_limit_per_minute {
+            range(out, &format!("{at}.rate_limit_per_minute"), r, 1, 1_000_000);
+        }
+        let input = ep.input.clone().unwrap_or_else(default_input);
+        if input.len() > 64 {
+            out.push(format!("{at}.input: at most 64 fields"));
+        }
+        let mut idents: Vec<(String, &String)> = Vec::new();
+        for (field, ty) in &input {
+            if let Err(e) = names::check_field_name(field) {
+                out.push(format!("{at}.input: {e}"));
+                continue;
+            }
+            if parse_field_type(ty).is_none() {
+                out.push(format!(
+                    "{at}.input.{field}: unknown type {ty:?}; use one of {} (add '?' for optional)",
+                    FieldType::names()
+                ));
+            }
+            let ident = names::rust_field_ident(field);
+            if let Some((_, other)) = idents.iter().find(|(i, _)| *i == ident) {
+                out.push(format!(
+                    "{at}.input: fields {other:?} and {field:?} both become the Rust field `{ident}`; rename one"
+                ));
+            }
+            idents.push((ident, field));
+        }
+    }
+
+    /// Endpoints whose generated identifiers collide (`my_tool` and `my__tool` are both `MyTool`),
+    /// built-in endpoints of the target included.
+    pub fn identifier_collisions(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut seen: Vec<(String, String)> = Vec::new();
+        let builtins = self.project.target.builtin_endpoints().iter().map(|b| (b.name.to_string(), format!("the built-in endpoint {:?}", b.name)));
+        let declared = self.endpoints.keys().map(|n| (n.clone(), format!("endpoints.{n}")));
+        for (name, label) in builtins.chain(declared) {
+            for (other, other_label) in &seen {
+                if let Some(ident) = names::colliding_identifier(other, &name) {
+                    out.push(format!(
+                        "{label}: {other_label} and {label} both become the identifier `{ident}` in the generated code; rename one"
+                    ));
+                }
+            }
+            seen.push((name, label));
+        }
+        out
+    }
+
+    /// Fails with every problem listed when the manifest is not valid.
+    pub fn validate(&self, origin: &Path) -> Result<()> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            return Ok(());
+        }
+        let mut msg = format!("{} is not valid:", origin.display());
+        for p in problems {
+            msg.push_str("\n  - ");
+            msg.push_str(&p);
+        }
+        bail!(msg)
+    }
+
+
+    /// Every scope in use, in endpoint order, without repeats.
+    pub fn scopes(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for (name, ep) in &self.endpoints {
+            let s = ep.resolved(name, &self.gateway).scope;
+            if !out.contains(&s) {
+                out.push(s);
+            }
+        }
+        out
+    }
+}
+
+pub(super) fn range(out: &mut Vec<String>, key: &str, v: u64, lo: u64, hi: u64) {
+    if !(lo..=hi).contains(&v) {
+        out.push(format!("{key}: {v} is out of range; use {lo} to {hi}"));
+    }
+}
