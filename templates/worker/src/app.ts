@@ -134,12 +134,40 @@ async function leaderboard(r: RequestInfo): Promise<Response> {
 
 // ---------------------------------------------------------------- admin
 
-async function mint(r: RequestInfo): Promise<Response> {
+/** X-Admin-Key against ADMIN_KEY: 503 admin_disabled when unset, 401 invalid_admin_key when wrong. */
+async function requireAdmin(r: RequestInfo): Promise<void> {
   const adminKey = r.env.ADMIN_KEY;
   // Disabled first, before looking at the request at all: no timing oracle on an unset key.
   if (typeof adminKey !== "string" || adminKey === "") throw new HttpError(503, "admin_disabled");
   const provided = r.request.headers.get("X-Admin-Key") ?? "";
   if (!(await secretsEqual(provided, adminKey))) throw new HttpError(401, "invalid_admin_key");
+}
+
+const PAYMENT_STATES = ["claimed", "settling", "pending", "paid", "done", "released", "all"] as const;
+const PAYMENTS_DEFAULT = 100;
+const PAYMENTS_MAX = 500;
+
+/** GET /v1/admin/payments?state=…&limit=N: the signup payments and their states, newest first. */
+async function adminPayments(r: RequestInfo): Promise<Response> {
+  await requireAdmin(r);
+  const stateRaw = r.url.searchParams.get("state") ?? "all";
+  const state = PAYMENT_STATES.find((s) => s === stateRaw);
+  if (state === undefined) throw new HttpError(400, "invalid_input", { message: `state must be one of ${PAYMENT_STATES.join(", ")}.` });
+  let limit = PAYMENTS_DEFAULT;
+  const raw = r.url.searchParams.get("limit");
+  if (raw !== null) {
+    if (!/^[0-9]{1,3}$/.test(raw) || Number(raw) < 1 || Number(raw) > PAYMENTS_MAX) {
+      throw new HttpError(400, "invalid_input", { message: `limit must be an integer from 1 to ${PAYMENTS_MAX}.` });
+    }
+    limit = Number(raw);
+  }
+  const admin = r.env.ADMIN.get(r.env.ADMIN.idFromName("global"));
+  const payments = await admin.listPayments(state, limit);
+  return json(200, { ok: true, payments, request_id: r.requestId });
+}
+
+async function mint(r: RequestInfo): Promise<Response> {
+  await requireAdmin(r);
 
   const input = parseMintInput(await readJsonBody(r.request, GATEWAY.maxBodyBytes).catch(stripNote));
 
@@ -333,6 +361,7 @@ function buildRoutes(handlers: Handlers, options: AppOptions): Map<string, Route
     ["/v1/me/ledger", { method: "GET", handle: myLedger }],
     ["/v1/leaderboard", { method: "GET", handle: leaderboard }],
     ["/v1/admin/mint", { method: "POST", handle: mint }],
+    ["/v1/admin/payments", { method: "GET", handle: adminPayments }],
   ]);
   // Served only when [signup] enabled = true; otherwise 404 like any unknown path.
   if (signup.enabled) routes.set(SIGNUP_PATH, { method: "POST", handle: signupRoute(options.signup) });

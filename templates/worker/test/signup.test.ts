@@ -22,6 +22,7 @@ import {
   TestFacilitator,
   budgetCounts,
   call,
+  networkFetch,
   dumpPaymentObject,
   expectedDerivedKey,
   freshNonce,
@@ -74,7 +75,7 @@ describe("signup: routing and pricing follow mcpay.toml", () => {
     const body = await errorOf(res);
     if (res.status === 503) {
       expect(body.error.code).toBe("signup_unavailable");
-      expect(body.error.message).toMatch(/X402_PAY_TO|TEMPO_RECIPIENT|STRIPE_SECRET_KEY|MPP_SECRET_KEY/);
+      expect(body.error.message).toMatch(/X402_PAY_TO|X402_RPC_URL|TEMPO_RECIPIENT|STRIPE_SECRET_KEY|MPP_SECRET_KEY|SIGNUP_SECRET/);
     } else {
       expect(body.error.code).toBe("payment_required");
     }
@@ -112,7 +113,7 @@ describe("signup: 503 signup_unavailable when a configured rail lacks a setting 
   it("x402 without a pay_to and without X402_PAY_TO", async () => {
     const config: SignupConfig = { ...TEST_SIGNUP, x402: { ...TEST_SIGNUP.x402!, payTo: "" } };
     const { app, facilitator } = signupApp({ config });
-    const res = await call(app, signupRequest({ "PAYMENT-SIGNATURE": paymentSignature() }, "{not json"));
+    const res = await call(app, signupRequest({ "PAYMENT-SIGNATURE": await paymentSignature() }, "{not json"));
     const body = await expectError(res, 503, "signup_unavailable", false);
     expect(body.error.message).toContain("X402_PAY_TO");
     expect(res.headers.get("Access-Control-Allow-Origin")).toBe("*");
@@ -160,7 +161,7 @@ describe("signup: request checks before any payment (step 3-5)", () => {
       ["too large", signupRequest({}, { name: "a", pad: "x".repeat(70_000) }), 413, "body_too_large"],
     ];
     for (const [label, req, status, code] of cases) {
-      req.headers.set("PAYMENT-SIGNATURE", paymentSignature());
+      req.headers.set("PAYMENT-SIGNATURE", await paymentSignature());
       const res = await call(app, req);
       expect(res.status, label).toBe(status);
       await expectError(res, status, code);
@@ -170,7 +171,7 @@ describe("signup: request checks before any payment (step 3-5)", () => {
 
   it("Idempotency-Key must match ^[A-Za-z0-9_-]{32,128}$", async () => {
     for (const bad of ["short", "x".repeat(129), "a".repeat(31) + "!", "a".repeat(20) + " " + "a".repeat(20), "a".repeat(32) + "."]) {
-      const res = await call(app, signupRequest({ "Idempotency-Key": bad, "PAYMENT-SIGNATURE": paymentSignature() }));
+      const res = await call(app, signupRequest({ "Idempotency-Key": bad, "PAYMENT-SIGNATURE": await paymentSignature() }));
       await expectError(res, 400, "invalid_input");
     }
     expect(facilitator.verifyCalls).toBe(0);
@@ -179,9 +180,9 @@ describe("signup: request checks before any payment (step 3-5)", () => {
   it("more than one payment credential → 400 invalid_payment", async () => {
     const mpp = "Payment eyJjaGFsbGVuZ2UiOnt9fQ";
     for (const headers of [
-      { "PAYMENT-SIGNATURE": paymentSignature(), "X-PAYMENT": xPayment() },
-      { "PAYMENT-SIGNATURE": paymentSignature(), Authorization: mpp },
-      { "X-PAYMENT": xPayment(), Authorization: mpp },
+      { "PAYMENT-SIGNATURE": await paymentSignature(), "X-PAYMENT": await xPayment() },
+      { "PAYMENT-SIGNATURE": await paymentSignature(), Authorization: mpp },
+      { "X-PAYMENT": await xPayment(), Authorization: mpp },
       { Authorization: `${mpp}, ${mpp}` },
     ]) {
       await expectError(await call(app, signupRequest(headers)), 400, "invalid_payment");
@@ -196,7 +197,7 @@ describe("signup: request checks before any payment (step 3-5)", () => {
     }
     // A credential for a rail that is not configured is no credential.
     const mppOnly = signupApp({ config: { ...TEST_SIGNUP, rails: ["mpp"], x402: null } }).app;
-    const res = await call(mppOnly, signupRequest({ "PAYMENT-SIGNATURE": paymentSignature() }));
+    const res = await call(mppOnly, signupRequest({ "PAYMENT-SIGNATURE": await paymentSignature() }));
     const body = await expectError(res, 402, "payment_required");
     expect(res.headers.get("PAYMENT-REQUIRED")).toBeNull();
     expect(body).not.toHaveProperty("accepts");
@@ -258,17 +259,17 @@ describe("signup over x402: malformed or foreign payments → 402 payment_invali
   const { app, facilitator } = signupApp();
 
   it.each([
-    ["not base64", "%%%"],
-    ["base64 of not JSON", btoa("hello")],
-    ["JSON but not a payment payload", btoa(JSON.stringify({ x402Version: 2 }))],
-    ["v1 payload in PAYMENT-SIGNATURE", xPayment()],
-    ["another amount", paymentSignature({ accepted: { ...REQUIREMENT, amount: "1" } })],
-    ["another payTo", paymentSignature({ accepted: { ...REQUIREMENT, payTo: PAYER } })],
-    ["another EIP-712 name", paymentSignature({ accepted: { ...REQUIREMENT, extra: { name: "USD Coin", version: "2" } } })],
-    ["another network", paymentSignature({ accepted: { ...REQUIREMENT, network: "eip155:8453" } })],
-    ["no EIP-3009 nonce", paymentSignature({ nonce: "0x1234" })],
-  ])("%s", async (_label, header) => {
-    const res = await call(app, signupRequest({ "PAYMENT-SIGNATURE": header }));
+    ["not base64", async () => "%%%"],
+    ["base64 of not JSON", async () => btoa("hello")],
+    ["JSON but not a payment payload", async () => btoa(JSON.stringify({ x402Version: 2 }))],
+    ["v1 payload in PAYMENT-SIGNATURE", () => xPayment()],
+    ["another amount", () => paymentSignature({ accepted: { ...REQUIREMENT, amount: "1" } })],
+    ["another payTo", () => paymentSignature({ accepted: { ...REQUIREMENT, payTo: PAYER } })],
+    ["another EIP-712 name", () => paymentSignature({ accepted: { ...REQUIREMENT, extra: { name: "USD Coin", version: "2" } } })],
+    ["another network", () => paymentSignature({ accepted: { ...REQUIREMENT, network: "eip155:8453" } })],
+    ["no EIP-3009 nonce", () => paymentSignature({ nonce: "0x1234", signature: "0x" + "11".repeat(65) })],
+  ] as Array<[string, () => Promise<string>]>)("%s", async (_label, header) => {
+    const res = await call(app, signupRequest({ "PAYMENT-SIGNATURE": await header() }));
     const body = await expectError(res, 402, "payment_invalid");
     expect(res.headers.get("PAYMENT-REQUIRED")).toBeTruthy();
     expect(body.accepts).toEqual([REQUIREMENT]);
@@ -276,11 +277,11 @@ describe("signup over x402: malformed or foreign payments → 402 payment_invali
   });
 
   it.each([
-    ["scheme other than exact", xPayment({ scheme: "upto" })],
-    ["another network", xPayment({ network: "base" })],
-    ["not JSON", btoa("{")],
-  ])("X-PAYMENT (v1): %s", async (_label, header) => {
-    await expectError(await call(app, signupRequest({ "X-PAYMENT": header })), 402, "payment_invalid");
+    ["scheme other than exact", () => xPayment({ scheme: "upto" })],
+    ["another network", () => xPayment({ network: "base" })],
+    ["not JSON", async () => btoa("{")],
+  ] as Array<[string, () => Promise<string>]>)("X-PAYMENT (v1): %s", async (_label, header) => {
+    await expectError(await call(app, signupRequest({ "X-PAYMENT": await header() })), 402, "payment_invalid");
     expect(facilitator.verifyCalls).toBe(0);
   });
 });
@@ -289,7 +290,7 @@ describe("signup over x402: pay, replay, idempotency", () => {
   it("201: a working key with the configured balance and scopes, a mint ledger row, PAYMENT-RESPONSE", async () => {
     const { app, facilitator } = signupApp();
     const nonce = freshNonce();
-    const res = await call(app, signupRequest({ "PAYMENT-SIGNATURE": paymentSignature({ nonce }) }, { name: "agent-7" }));
+    const res = await call(app, signupRequest({ "PAYMENT-SIGNATURE": await paymentSignature({ nonce }) }, { name: "agent-7" }));
     expect(res.status, await res.clone().text()).toBe(201);
     expect(res.headers.get("Cache-Control")).toContain("no-store");
     const body = (await res.json()) as SignupBody;
@@ -317,7 +318,7 @@ describe("signup over x402: pay, replay, idempotency", () => {
     const { app, facilitator } = signupApp();
     const nonce = freshNonce();
     const idem = idempotencyKey();
-    const sig = paymentSignature({ nonce });
+    const sig = await paymentSignature({ nonce });
     const first = await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig, "Idempotency-Key": idem }));
     expect(first.status).toBe(201);
     const a = (await first.json()) as SignupBody;
@@ -343,7 +344,7 @@ describe("signup over x402: pay, replay, idempotency", () => {
 
   it("without an Idempotency-Key the key is random and a retry is 409 (even with a key this time)", async () => {
     const { app } = signupApp();
-    const sig = paymentSignature();
+    const sig = await paymentSignature();
     const first = (await (await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig }))).json()) as SignupBody;
     const res = await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig, "Idempotency-Key": idempotencyKey() }));
     expect((await expectError(res, 409, "payment_already_used")).key_id).toBe(first.key_id);
@@ -353,12 +354,12 @@ describe("signup over x402: pay, replay, idempotency", () => {
     const { app, facilitator } = signupApp();
     const nonce = freshNonce();
     const idem = idempotencyKey();
-    const first = (await (await call(app, signupRequest({ "PAYMENT-SIGNATURE": paymentSignature({ nonce }), "Idempotency-Key": idem }))).json()) as SignupBody;
-    const v1 = await call(app, signupRequest({ "X-PAYMENT": xPayment({ nonce }), "Idempotency-Key": idem }));
+    const first = (await (await call(app, signupRequest({ "PAYMENT-SIGNATURE": await paymentSignature({ nonce }), "Idempotency-Key": idem }))).json()) as SignupBody;
+    const v1 = await call(app, signupRequest({ "X-PAYMENT": await xPayment({ nonce }), "Idempotency-Key": idem }));
     expect(v1.status).toBe(200);
     expect(((await v1.json()) as SignupBody).key).toBe(first.key);
     // Upper-case hex in the authorization is the same payment too.
-    const upper = await call(app, signupRequest({ "PAYMENT-SIGNATURE": paymentSignature({ nonce: nonce.toUpperCase().replace("0X", "0x") }) }));
+    const upper = await call(app, signupRequest({ "PAYMENT-SIGNATURE": await paymentSignature({ nonce: nonce.toUpperCase().replace("0X", "0x") }) }));
     await expectError(upper, 409, "payment_already_used");
     expect(facilitator.verifyCalls).toBe(1);
   });
@@ -368,7 +369,7 @@ describe("signup over x402: pay, replay, idempotency", () => {
     const nonce = freshNonce();
     for (const network of ["base-sepolia", "eip155:84532"]) {
       const n = network === "base-sepolia" ? nonce : freshNonce();
-      const res = await call(app, signupRequest({ "X-PAYMENT": xPayment({ nonce: n, network }) }));
+      const res = await call(app, signupRequest({ "X-PAYMENT": await xPayment({ nonce: n, network }) }));
       expect(res.status, await res.clone().text()).toBe(201);
       expect(res.headers.get("PAYMENT-RESPONSE")).toBeNull();
       const settle = decodePaymentResponseHeader(res.headers.get("X-PAYMENT-RESPONSE")!);
@@ -384,7 +385,7 @@ describe("signup over x402: pay, replay, idempotency", () => {
     const { app } = signupApp();
     const nonce = freshNonce();
     const idem = idempotencyKey();
-    const body = (await (await call(app, signupRequest({ "PAYMENT-SIGNATURE": paymentSignature({ nonce }), "Idempotency-Key": idem }))).json()) as SignupBody;
+    const body = (await (await call(app, signupRequest({ "PAYMENT-SIGNATURE": await paymentSignature({ nonce }), "Idempotency-Key": idem }))).json()) as SignupBody;
     const dump = await dumpPaymentObject(`signup:${x402Reference(nonce)}`);
     expect(dump).toContain(body.key_id);
     expect(dump).toContain(await sha256Hex(idem));
@@ -399,7 +400,7 @@ describe("signup over x402: refused or failed payments charge nothing and can be
   it("isValid:false → 402 payment_invalid (the reason), not settled; the payment stays usable", async () => {
     const facilitator = new TestFacilitator("invalid");
     const { app } = signupApp({ facilitator });
-    const sig = paymentSignature();
+    const sig = await paymentSignature();
     const res = await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig }));
     const body = await expectError(res, 402, "payment_invalid");
     expect(body.error.message).toContain("invalid_exact_evm_payload_signature");
@@ -411,20 +412,21 @@ describe("signup over x402: refused or failed payments charge nothing and can be
 
   it("a facilitator's 4xx {isValid:false} → 402 payment_invalid", async () => {
     const { app } = signupApp({ facilitator: new TestFacilitator("verify_4xx") });
-    const body = await expectError(await call(app, signupRequest({ "PAYMENT-SIGNATURE": paymentSignature() })), 402, "payment_invalid");
+    const body = await expectError(await call(app, signupRequest({ "PAYMENT-SIGNATURE": await paymentSignature() })), 402, "payment_invalid");
     expect(body.error.message).toContain("invalid_exact_evm_payload_signature");
   });
 
-  it("a bad signature is refused by the facilitator", async () => {
+  it("a bad signature is refused locally (step 7): the facilitator is never asked", async () => {
     const { app, facilitator } = signupApp();
-    await expectError(await call(app, signupRequest({ "PAYMENT-SIGNATURE": paymentSignature({ signature: "0x" + "00".repeat(65) }) })), 402, "payment_invalid");
+    await expectError(await call(app, signupRequest({ "PAYMENT-SIGNATURE": await paymentSignature({ signature: "0x" + "00".repeat(65) }) })), 402, "payment_invalid");
+    expect(facilitator.verifyCalls).toBe(0);
     expect(facilitator.settleCalls).toBe(0);
   });
 
   it("success:false → 402 payment_failed; the payment stays usable", async () => {
     const facilitator = new TestFacilitator("settle_false");
     const { app } = signupApp({ facilitator });
-    const sig = paymentSignature();
+    const sig = await paymentSignature();
     const body = await expectError(await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig })), 402, "payment_failed");
     expect(body.error.message).toContain("insufficient_funds");
     expect(body.accepts).toEqual([REQUIREMENT]);
@@ -432,17 +434,32 @@ describe("signup over x402: refused or failed payments charge nothing and can be
     expect((await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig }))).status).toBe(201);
   });
 
-  it("facilitator unreachable (verify or settle) → 502 payment_unavailable", async () => {
-    for (const mode of ["down", "settle_down"] as const) {
-      const facilitator = new TestFacilitator(mode);
-      const { app } = signupApp({ facilitator });
-      const sig = paymentSignature();
-      const res = await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig }));
-      await expectError(res, 502, "payment_unavailable");
-      expect(res.headers.get("PAYMENT-REQUIRED")).toBeNull();
-      facilitator.mode = "ok";
-      expect((await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig }))).status, mode).toBe(201);
-    }
+  it("facilitator unreachable at verify → 502 payment_unavailable (nothing moved); the payment stays usable", async () => {
+    const facilitator = new TestFacilitator("down");
+    const { app, chain } = signupApp({ facilitator });
+    const sig = await paymentSignature();
+    const res = await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig }));
+    await expectError(res, 502, "payment_unavailable");
+    expect(res.headers.get("PAYMENT-REQUIRED")).toBeNull();
+    expect(facilitator.settleCalls).toBe(0);
+    facilitator.mode = "ok";
+    expect((await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig }))).status).toBe(201);
+    expect(chain.transfers).toBe(1);
+  });
+
+  it("facilitator unreachable at settle → 202 payment_pending (never 'no charge applied'); the retry settles once", async () => {
+    const facilitator = new TestFacilitator("settle_down");
+    const { app, chain } = signupApp({ facilitator });
+    const sig = await paymentSignature();
+    const idem = idempotencyKey();
+    const res = await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig, "Idempotency-Key": idem }));
+    await expectError(res, 202, "payment_pending", false);
+    expect(chain.transfers).toBe(0);
+    facilitator.mode = "ok";
+    // The retry asks the chain (nothing moved, still valid) and settles again.
+    expect((await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig, "Idempotency-Key": idem }))).status).toBe(201);
+    expect(facilitator.settleCalls).toBe(2);
+    expect(chain.transfers).toBe(1);
   });
 });
 
@@ -451,7 +468,7 @@ describe("signup over x402: concurrency", () => {
     const { app, facilitator } = signupApp();
     let open!: () => void;
     facilitator.gate = new Promise((r) => (open = r));
-    const sig = paymentSignature();
+    const sig = await paymentSignature();
     const idem = idempotencyKey();
     const first = call(app, signupRequest({ "PAYMENT-SIGNATURE": sig, "Idempotency-Key": idem }));
     // Wait until the first request holds the payment (its verify is waiting on the gate).
@@ -470,7 +487,7 @@ describe("signup over x402: concurrency", () => {
 
   it("a burst of identical requests: one 201, the rest 409, one verification", async () => {
     const { app, facilitator } = signupApp();
-    const sig = paymentSignature();
+    const sig = await paymentSignature();
     const results = await Promise.all(Array.from({ length: 8 }, () => call(app, signupRequest({ "PAYMENT-SIGNATURE": sig }))));
     const statuses = results.map((r) => r.status).sort();
     expect(statuses.filter((s) => s === 201)).toHaveLength(1);
@@ -484,21 +501,25 @@ describe("signup: a payment taken but not yet turned into a key is finished by a
     const { app, facilitator } = signupApp();
     const nonce = freshNonce();
     const reference = x402Reference(nonce);
+    const idem = idempotencyKey();
     const obj = signupEnv.PAYMENTS.get(signupEnv.PAYMENTS.idFromName(`signup:${reference}`));
     // A request claimed the payment and settled it, then died before minting.
-    const begin = await obj.signupBegin();
+    const begin = await obj.signupBegin({ rail: "x402", reference });
     expect(begin.state).toBe("claimed");
     if (begin.state !== "claimed") return;
+    const purchase = { name: null, balanceMcents: 12_345, scopes: [SCOPE] };
+    expect(await obj.signupSettling(begin.token, { idemHash: await sha256Hex(idem), permit: null, purchase, x402: null })).toBe(true);
     expect(await obj.signupPaid(begin.token, { rail: "x402", reference: "0xsettled", header: null })).toBe(true);
-    const busy = await call(app, signupRequest({ "PAYMENT-SIGNATURE": paymentSignature({ nonce }) }));
+    const busy = await call(app, signupRequest({ "PAYMENT-SIGNATURE": await paymentSignature({ nonce }), "Idempotency-Key": idem }));
     await expectError(busy, 409, "payment_in_progress");
     await runInDurableObject(obj, (_i, state) => {
-      state.storage.sql.exec("UPDATE signup SET lease_until = 0");
+      state.storage.sql.exec("UPDATE signup_payment SET lease_until = 0");
     });
-    const res = await call(app, signupRequest({ "PAYMENT-SIGNATURE": paymentSignature({ nonce }) }));
+    const res = await call(app, signupRequest({ "PAYMENT-SIGNATURE": await paymentSignature({ nonce }), "Idempotency-Key": idem }));
     expect(res.status).toBe(201);
     const body = (await res.json()) as SignupBody;
     expect(body.payment).toEqual({ rail: "x402", reference: "0xsettled" });
+    expect(body.key).toBe(await expectedDerivedKey(idem, reference));
     expect((await getMe(body.key)).balance_mcents).toBe(12_345);
     expect(facilitator.verifyCalls).toBe(0);
     expect(facilitator.settleCalls).toBe(0);
@@ -524,10 +545,10 @@ describe("signup: its own hourly budget", () => {
 
     // A refused payment takes the last slot only while it is processed.
     facilitator.mode = "invalid";
-    await expectError(await call(app, signupRequest({ "PAYMENT-SIGNATURE": paymentSignature() })), 402, "payment_invalid");
+    await expectError(await call(app, signupRequest({ "PAYMENT-SIGNATURE": await paymentSignature() })), 402, "payment_invalid");
     expect((await budgetCounts()).signups).toBe(before.signups);
     facilitator.mode = "ok";
-    const ok = await call(app, signupRequest({ "PAYMENT-SIGNATURE": paymentSignature() }));
+    const ok = await call(app, signupRequest({ "PAYMENT-SIGNATURE": await paymentSignature() }));
     expect(ok.status).toBe(201);
     const after = await budgetCounts();
     expect(after.signups).toBe(limit);
@@ -535,7 +556,7 @@ describe("signup: its own hourly budget", () => {
     expect(after.mints).toBe(before.mints);
 
     const verified = facilitator.verifyCalls;
-    const sig = paymentSignature();
+    const sig = await paymentSignature();
     const limited = await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig }));
     const body = await expectError(limited, 429, "rate_limited");
     const retry = Number(limited.headers.get("Retry-After"));
@@ -565,6 +586,8 @@ describe("signup: @x402/core's HTTP facilitator client (production path, fetch s
     const calls: Array<{ url: string; body: any; authorization: string | null }> = [];
     vi.spyOn(globalThis, "fetch").mockImplementation(async (input: RequestInfo | URL, init?: RequestInit) => {
       const url = typeof input === "string" ? input : input instanceof URL ? input.href : input.url;
+      // The chain (X402_RPC_URL) stays the test double of signup-helpers.ts.
+      if (!url.startsWith(FACILITATOR)) return networkFetch(input, init);
       const body = JSON.parse(String(init?.body ?? "null"));
       calls.push({ url, body, authorization: new Headers(init?.headers).get("Authorization") });
       return answer(new URL(url).pathname, body);
@@ -580,7 +603,7 @@ describe("signup: @x402/core's HTTP facilitator client (production path, fetch s
         ? Response.json({ isValid: true, payer: PAYER })
         : Response.json({ success: true, transaction: txHashFor(nonce), network: REQUIREMENT.network, payer: PAYER }),
     );
-    const res = await call(app, signupRequest({ "PAYMENT-SIGNATURE": paymentSignature({ nonce }) }), env);
+    const res = await call(app, signupRequest({ "PAYMENT-SIGNATURE": await paymentSignature({ nonce }) }), env);
     expect(res.status, await res.clone().text()).toBe(201);
     expect(calls.map((c) => c.url)).toEqual([`${FACILITATOR}/verify`, `${FACILITATOR}/settle`]);
     for (const c of calls) {
@@ -599,7 +622,7 @@ describe("signup: @x402/core's HTTP facilitator client (production path, fetch s
     const calls = stubFetch((path) =>
       path.endsWith("/verify") ? Response.json({ isValid: true }) : Response.json({ success: true, transaction: txHashFor(nonce), network: REQUIREMENT.network }),
     );
-    const res = await call(app, signupRequest({ "PAYMENT-SIGNATURE": paymentSignature({ nonce }) }), { ...env, X402_FACILITATOR_AUTHORIZATION: "Bearer fac-key" });
+    const res = await call(app, signupRequest({ "PAYMENT-SIGNATURE": await paymentSignature({ nonce }) }), { ...env, X402_FACILITATOR_AUTHORIZATION: "Bearer fac-key" });
     expect(res.status).toBe(201);
     expect(calls.map((c) => c.authorization)).toEqual(["Bearer fac-key", "Bearer fac-key"]);
   });
@@ -617,24 +640,36 @@ describe("signup: @x402/core's HTTP facilitator client (production path, fetch s
       402,
       "payment_failed",
     ],
-    ["settle 502", (p: string) => (p.endsWith("/verify") ? Response.json({ isValid: true }) : new Response("bad gateway", { status: 502 })), 502, "payment_unavailable"],
+    ["settle 502 (outcome unknown)", (p: string) => (p.endsWith("/verify") ? Response.json({ isValid: true }) : new Response("bad gateway", { status: 502 })), 202, "payment_pending"],
+    [
+      "settle 200 {success:false, settlement_pending}",
+      (p: string) =>
+        p.endsWith("/verify") ? Response.json({ isValid: true }) : Response.json({ success: false, errorReason: "settlement_pending", transaction: "", network: REQUIREMENT.network }),
+      202,
+      "payment_pending",
+    ],
   ])("%s: the contract's answer, and the payment stays usable", async (_label, answer, status, code) => {
     const { app } = signupApp({ facilitator: null });
     const nonce = freshNonce();
+    // The same payment and Idempotency-Key again (a pending payment is collected by its holder).
+    const sig = await paymentSignature({ nonce });
+    const idem = idempotencyKey();
     stubFetch(answer as (p: string) => Response);
-    await expectError(await call(app, signupRequest({ "PAYMENT-SIGNATURE": paymentSignature({ nonce }) }), env), status, code);
+    await expectError(await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig, "Idempotency-Key": idem }), env), status, code, status !== 202);
     vi.restoreAllMocks();
-    stubFetch((path) =>
+    const calls = stubFetch((path) =>
       path.endsWith("/verify") ? Response.json({ isValid: true }) : Response.json({ success: true, transaction: txHashFor(nonce), network: REQUIREMENT.network }),
     );
-    expect((await call(app, signupRequest({ "PAYMENT-SIGNATURE": paymentSignature({ nonce }) }), env)).status).toBe(201);
+    expect((await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig, "Idempotency-Key": idem }), env)).status).toBe(201);
+    // A pending payment is resolved without verifying again: the chain shows nothing moved, so it is settled again.
+    expect(calls.map((c) => new URL(c.url).pathname)).toEqual(status === 202 ? ["/x402/settle"] : ["/x402/verify", "/x402/settle"]);
   });
 });
 
 describe("signup: CORS and request ids", () => {
   it("every signup response carries CORS and X-Request-Id", async () => {
     const { app } = signupApp();
-    for (const req of [signupRequest(), signupRequest({ "PAYMENT-SIGNATURE": "%%%" }), signupRequest({ "PAYMENT-SIGNATURE": paymentSignature() })]) {
+    for (const req of [signupRequest(), signupRequest({ "PAYMENT-SIGNATURE": "%%%" }), signupRequest({ "PAYMENT-SIGNATURE": await paymentSignature() })]) {
       const res = await call(app, req);
       expect(res.headers.get("Access-Control-Allow-Origin")).toBe("*");
       expect(res.headers.get("X-Request-Id")).toMatch(UUID);

@@ -20,6 +20,8 @@ export type AppEnv = Env & {
   // ---- signup (both rails)
   /** Server secret of derived signup keys, at least 32 bytes; required whenever signup is enabled. */
   readonly SIGNUP_SECRET?: string;
+  /** How often a pending payment's alarm asks the chain, in milliseconds (1000-300000); default 30000. */
+  readonly SIGNUP_SWEEP_INTERVAL_MS?: string;
 
   // ---- MPP (the signup rail [signup.mpp]; the mpp target's paid routes)
   /** HMAC key of challenge ids, at least 32 bytes. */

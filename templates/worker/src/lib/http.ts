@@ -26,6 +26,7 @@ export type ErrorCode =
   | "payment_already_used"
   | "payment_in_progress"
   | "payment_unavailable"
+  | "payment_pending"
   | "signup_unavailable";
 
 const MESSAGES: Record<ErrorCode, string> = {
@@ -51,6 +52,7 @@ const MESSAGES: Record<ErrorCode, string> = {
   payment_already_used: "This payment has already bought a key.",
   payment_in_progress: "This payment is being processed by another request; retry shortly.",
   payment_unavailable: "The payment service is unavailable; nothing was charged. Retry later.",
+  payment_pending: "The payment was submitted but its outcome is not known yet; retry the same request to collect what it bought.",
   signup_unavailable: "Signup is not configured on this gateway.",
 };
 

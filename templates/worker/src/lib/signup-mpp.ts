@@ -23,6 +23,8 @@ export interface MppRail {
 }
 
 export type MppFailure = { ok: false; message: string; problem: string };
+/** The method's verification failed in a way that does not say whether the payment was taken. */
+export type MppUnknown = { ok: false; unknown: true; message: string };
 
 type ChallengeFn = (options: Record<string, unknown>) => Promise<Challenge.Challenge>;
 type ComposedHandler = (input: Request) => Promise<
@@ -122,14 +124,23 @@ export async function checkCredential(
 /**
  * Step 10: the method's own verification through mppx (HMAC, route binding and expiry again, then
  * e.g. Tempo's transaction check and broadcast). Success only with a receipt whose status is success.
+ * A refusal (a PaymentError such as VerificationFailedError) took nothing; an error that is not a
+ * refusal (mppx reports any other throw of the method as internal-payment-error: a network error, a
+ * 5xx) leaves the outcome unknown.
  */
 export async function verifyPayment(
   rail: MppRail,
   request: Request,
-): Promise<{ ok: true; receipt: Receipt.Receipt; header: { name: string; value: string } } | MppFailure> {
+): Promise<{ ok: true; receipt: Receipt.Receipt; header: { name: string; value: string } } | MppFailure | MppUnknown> {
   const handler = mppxFor(rail).compose(...entries(rail, freshExpires(rail)));
   // The body has been read already; mppx needs the URL, the method and the credential header.
-  const result = await handler(new Request(request.url, { method: "POST", headers: request.headers }));
+  let result: Awaited<ReturnType<ComposedHandler>>;
+  try {
+    result = await handler(new Request(request.url, { method: "POST", headers: request.headers }));
+  } catch (err) {
+    console.error(JSON.stringify({ msg: "mpp signup verification threw", error: String(err).slice(0, 500) }));
+    return { ok: false, unknown: true, message: "The payment method failed while verifying the payment." };
+  }
   if (result.status === 402) {
     const res = result.challenge as Response;
     let problem = `${PROBLEMS}verification-failed`;
@@ -142,6 +153,7 @@ export async function verifyPayment(
     } catch {
       // keep the defaults
     }
+    if (problem === `${PROBLEMS}internal-payment-error`) return { ok: false, unknown: true, message: "The payment method failed while verifying the payment." };
     return { ok: false, message, problem };
   }
   const paid = classifyHttp(result.withReceipt);
