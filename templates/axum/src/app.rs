@@ -72,6 +72,7 @@ enum Route {
     Ledger,
     Leaderboard,
     Mint,
+    Payments,
     Signup,
     Paid(Endpoint),
 }
@@ -85,6 +86,7 @@ impl Route {
             "/v1/me/ledger" => Route::Ledger,
             "/v1/leaderboard" => Route::Leaderboard,
             "/v1/admin/mint" => Route::Mint,
+            "/v1/admin/payments" => Route::Payments,
             "/v1/signup" if SIGNUP.enabled => Route::Signup,
             _ => Route::Paid(Endpoint::from_name(path.strip_prefix("/v1/")?)?),
         })
@@ -106,6 +108,7 @@ impl Route {
             Route::Ledger => "/v1/me/ledger",
             Route::Leaderboard => "/v1/leaderboard",
             Route::Mint => "/v1/admin/mint",
+            Route::Payments => "/v1/admin/payments",
             Route::Signup => crate::signup::PATH,
             Route::Paid(ep) => ep.path(),
         }
@@ -154,6 +157,9 @@ async fn entry(State(app): State<Arc<AppState>>, req: Request) -> Response {
 async fn dispatch(app: &Arc<AppState>, route: Option<Route>, req: Request, request_id: &str, admin: bool) -> Result<Response, ApiError> {
     let Some(route) = route else { return Err(ApiError::new(404, "not_found")) };
     let method = req.method().clone();
+    if method == Method::OPTIONS && matches!(route, Route::Payments) {
+        return Err(ApiError::new(404, "not_found"));
+    }
     if method == Method::OPTIONS && !admin {
         let mut res = Response::new(Body::empty());
         *res.status_mut() = StatusCode::NO_CONTENT;
@@ -172,6 +178,7 @@ async fn dispatch(app: &Arc<AppState>, route: Option<Route>, req: Request, reque
         Route::Ledger => ledger(app, req.headers(), req.uri().query()).await,
         Route::Leaderboard => leaderboard(app).await,
         Route::Mint => mint(app, req, request_id).await,
+        Route::Payments => crate::signup::admin_payments(app, req.headers(), req.uri().query(), request_id).await,
         Route::Signup => crate::signup::signup(app, req, request_id).await,
         Route::Paid(ep) => paid(app, ep, req, request_id).await,
     }

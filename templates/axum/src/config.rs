@@ -25,6 +25,16 @@ pub struct Config {
 /// settings are missing makes POST /v1/signup answer 503 signup_unavailable, naming them.
 #[derive(Clone, Default)]
 pub struct SignupSettings {
+    /// SIGNUP_SECRET: the server secret of derived signup keys (HMAC-SHA256), at least 32 bytes.
+    /// Required whenever signup is enabled.
+    pub signup_secret: Option<String>,
+    /// X402_RPC_URL: overrides `[signup.x402] rpc_url`, the chain's JSON-RPC endpoint used to
+    /// resolve settlements whose outcome is unknown (required for the x402 rail).
+    pub x402_rpc_url: Option<String>,
+    /// X402_FACILITATOR_TIMEOUT_MS: the bound of one facilitator call (default 60000).
+    pub x402_facilitator_timeout_ms: Option<String>,
+    /// SIGNUP_SWEEP_INTERVAL_MS: the period of the pending-payment sweep (1000..300000, default 30000).
+    pub signup_sweep_interval_ms: Option<String>,
     /// X402_FACILITATOR_URL: overrides `[signup.x402] facilitator_url`.
     pub x402_facilitator_url: Option<String>,
     /// X402_PAY_TO: overrides `[signup.x402] pay_to` (required when that is empty).
@@ -46,6 +56,10 @@ pub struct SignupSettings {
 impl SignupSettings {
     pub fn from_env() -> SignupSettings {
         SignupSettings {
+            signup_secret: std::env::var("SIGNUP_SECRET").ok().filter(|k| !k.is_empty()),
+            x402_rpc_url: non_empty("X402_RPC_URL"),
+            x402_facilitator_timeout_ms: non_empty("X402_FACILITATOR_TIMEOUT_MS"),
+            signup_sweep_interval_ms: non_empty("SIGNUP_SWEEP_INTERVAL_MS"),
             x402_facilitator_url: non_empty("X402_FACILITATOR_URL"),
             x402_pay_to: non_empty("X402_PAY_TO"),
             x402_facilitator_authorization: non_empty("X402_FACILITATOR_AUTHORIZATION"),
@@ -63,6 +77,10 @@ impl std::fmt::Debug for SignupSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let set = |v: &Option<String>| if v.is_some() { "<set>" } else { "<unset>" };
         f.debug_struct("SignupSettings")
+            .field("signup_secret", &set(&self.signup_secret))
+            .field("x402_rpc_url", &self.x402_rpc_url.as_deref().map(redact_rpc_url))
+            .field("x402_facilitator_timeout_ms", &self.x402_facilitator_timeout_ms)
+            .field("signup_sweep_interval_ms", &self.signup_sweep_interval_ms)
             .field("x402_facilitator_url", &self.x402_facilitator_url)
             .field("x402_pay_to", &self.x402_pay_to)
             .field("x402_facilitator_authorization", &set(&self.x402_facilitator_authorization))
@@ -97,6 +115,19 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// A JSON-RPC URL for logs: no credentials, and no path or query (hosted RPC providers put the
+/// API key there, e.g. `https://base-sepolia.g.alchemy.com/v2/<key>`).
+pub fn redact_rpc_url(url: &str) -> String {
+    let url = redact_url(url);
+    match url.find("://") {
+        Some(s) => match url[s + 3..].find(['/', '?']) {
+            Some(end) => format!("{}/…", &url[..s + 3 + end]),
+            None => url,
+        },
+        None => "<set>".into(),
+    }
+}
+
 fn non_empty(name: &str) -> Option<String> {
     std::env::var(name).ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
 }
@@ -127,5 +158,27 @@ impl Config {
             bind,
             signup: SignupSettings::from_env(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let settings = SignupSettings {
+            signup_secret: Some("signup-secret-0123456789abcdef-0123456789".into()),
+            x402_rpc_url: Some("https://user:rpc-password@base.example/v2/rpc-api-key?token=rpc-token".into()),
+            x402_facilitator_timeout_ms: Some("2500".into()),
+            mpp_secret_key: Some("mpp-secret-0123456789abcdef-0123456789".into()),
+            ..Default::default()
+        };
+        let shown = format!("{settings:?}");
+        for secret in ["signup-secret", "rpc-password", "rpc-api-key", "rpc-token", "mpp-secret"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("base.example") && shown.contains("2500"), "{shown}");
+        assert_eq!(redact_rpc_url("http://127.0.0.1:8545"), "http://127.0.0.1:8545");
     }
 }

@@ -89,7 +89,12 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         "listening"
     );
     let store = state.store.clone();
+    // Resolves pending signup payments: one pass now, then every 30 s.
+    let sweeper = signup::spawn_sweeper(state.clone());
     serve(listener, state, shutdown_signal()).await?;
+    if let Some(sweeper) = sweeper {
+        sweeper.abort();
+    }
     store.close().await;
     tracing::info!("stopped");
     Ok(())

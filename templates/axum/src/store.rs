@@ -165,6 +165,12 @@ pub struct SignupClaim<'a> {
     pub rail: &'a str,
     /// The request id of the request that claims it.
     pub token: &'a str,
+    /// SHA-256 hex of the request's Idempotency-Key (its own, or the one the gateway made).
+    pub idem_hash: &'a str,
+    /// The key name asked for.
+    pub name: Option<&'a str>,
+    /// How long the claim is held before another request or the sweep may take it over.
+    pub lease_ms: i64,
 }
 
 /// A payment that already bought a key: what a replay needs to answer the same body again.
@@ -178,6 +184,8 @@ pub struct SignupRecord {
     pub balance_mcents: i64,
     pub scopes: String,
     pub name: Option<String>,
+    /// x402: the recorded payment payload (JSON), to compare with a presented one.
+    pub payload: Option<String>,
 }
 
 impl SignupRecord {
@@ -186,20 +194,30 @@ impl SignupRecord {
     }
 }
 
-/// A claimed payment that was settled, but whose key was never minted (the instance that
-/// settled it stopped): the next request presenting it mints without paying again.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SettledPayment {
-    pub settled_ref: String,
+/// A payment record taken over to be resolved: a `pending` one, a `settling` or `paid` one whose
+/// request is gone (lease expired), or (sweep only) a `claimed` one whose request is gone.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SignupJob {
+    pub reference: String,
+    pub rail: String,
+    /// The state it was in when taken.
+    pub state: String,
+    pub settled_ref: Option<String>,
     pub response_header: Option<String>,
+    pub idem_hash: Option<String>,
+    pub name: Option<String>,
+    pub payload: Option<String>,
+    pub valid_before: Option<i64>,
+    pub from_block: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
 pub enum ClaimOutcome {
     /// The payment is now this request's to verify, settle and mint with.
     Claimed,
-    /// This request took over a claim left behind after settlement: mint, do not pay again.
-    Resumed(SettledPayment),
+    /// This request took over a payment whose outcome must be resolved (money may have moved):
+    /// resolve it, never verify or pay it as new.
+    Resolve(SignupJob),
     /// The payment already bought a key.
     Done(SignupRecord),
     /// Another request holds the claim.
@@ -218,16 +236,53 @@ pub enum SettleRecordOutcome {
     Lost,
 }
 
-/// The key a signup mints, and the replay data recorded with the payment.
+/// The key a signup mints.
 #[derive(Debug, Clone)]
 pub struct SignupMint<'a> {
     pub key: NewKey<'a>,
-    pub idem_hash: Option<&'a str>,
 }
 
-/// A pending claim older than this can be taken over (its request is gone). Longer than any
-/// verification + settlement (the facilitator calls time out well before).
+/// What `x402` needs recorded before `/settle` (state `settling`).
+#[derive(Debug, Clone, Copy)]
+pub struct SettlingRecord<'a> {
+    /// The payment payload (authorization + signature), JSON.
+    pub payload: Option<&'a str>,
+    /// The authorization's validBefore (seconds).
+    pub valid_before: Option<i64>,
+    /// The chain's block number before settling.
+    pub from_block: Option<i64>,
+}
+
+/// One row of GET /v1/admin/payments.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct PaymentRow {
+    pub reference: String,
+    pub rail: String,
+    pub state: String,
+    #[sqlx(rename = "settled_ref")]
+    pub transaction: Option<String>,
+    pub key_id: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// The states of a signup payment record.
+pub const SIGNUP_STATES: [&str; 6] = ["claimed", "settling", "pending", "paid", "done", "released"];
+
+/// A legacy default lease (ms), used when a caller has none of its own.
 pub const SIGNUP_LEASE_MS: i64 = 10 * 60 * 1000;
+
+/// The columns of a [`SignupJob`].
+const SIGNUP_JOB_SELECT: &str = "SELECT reference, rail, state, settled_ref, response_header, idem_hash, name, payload, \
+     valid_before, from_block FROM signup_payments WHERE reference = $1";
+
+/// The condition of a record the sweep resolves now (`$1`: now, ms): an x402 `pending` one (free: its lease is 0),
+/// or any open one whose lease expired. MPP `pending` records wait for the operator.
+macro_rules! signup_due {
+    () => {
+        "state IN ('claimed', 'settling', 'pending', 'paid') AND lease_until <= $1 AND NOT (rail = 'mpp' AND state = 'pending')"
+    };
+}
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     e.as_database_error().is_some_and(|d| d.is_unique_violation())
@@ -452,26 +507,27 @@ impl Store {
         })
     }
 
-    /// Claims a payment for a signup, in one transaction serialized across instances: a payment
-    /// that already bought a key is reported (replay or refusal), a payment held by a live
-    /// request is in progress, and a new claim takes one slot of the hourly signup budget
-    /// (`per_hour`), given back when the claim is released.
+    /// Claims a payment for a signup, in one transaction serialized across instances (every claim
+    /// first writes `signup_lock`): a payment that already bought a key is reported (replay or
+    /// refusal); one held by a live claim is in progress; one whose outcome is open (`pending`,
+    /// or `settling` / `paid` left by a request that is gone) is taken over to be resolved; a new
+    /// claim (no record, or `released`) takes one slot of the hourly signup budget (`per_hour`).
     pub async fn claim_signup(&self, c: SignupClaim<'_>, per_hour: u32) -> DbResult<ClaimOutcome> {
         let now = now_ms();
+        let lease_until = now + c.lease_ms.max(1);
         with_writer!(self, p => {
             let mut tx = p.begin().await?;
             // Write first: takes the lock that serializes claims.
             sqlx::query("UPDATE signup_lock SET claims = claims + 1 WHERE id = 1").execute(&mut *tx).await?;
-            let existing: Option<(String, i64, Option<String>, Option<String>)> = sqlx::query_as(
-                "SELECT state, claimed_at, settled_ref, response_header FROM signup_payments WHERE reference = $1",
-            )
-            .bind(c.reference)
-            .fetch_optional(&mut *tx)
-            .await?;
+            let existing: Option<(String, i64)> =
+                sqlx::query_as("SELECT state, lease_until FROM signup_payments WHERE reference = $1")
+                    .bind(c.reference)
+                    .fetch_optional(&mut *tx)
+                    .await?;
             match existing {
-                Some((state, _, _, _)) if state == "done" => {
+                Some((state, _)) if state == "done" => {
                     let record = sqlx::query_as::<_, SignupRecord>(
-                        "SELECT rail, key_id, idem_hash, settled_ref, response_header, balance_mcents, scopes, name \
+                        "SELECT rail, key_id, idem_hash, settled_ref, response_header, balance_mcents, scopes, name, payload \
                          FROM signup_payments WHERE reference = $1",
                     )
                     .bind(c.reference)
@@ -480,20 +536,22 @@ impl Store {
                     tx.rollback().await?;
                     Ok(ClaimOutcome::Done(record))
                 }
-                Some((_, claimed_at, settled_ref, response_header)) => {
-                    if claimed_at > now - SIGNUP_LEASE_MS {
+                Some((state, lease)) if state != "released" => {
+                    if lease > now {
                         tx.rollback().await?;
                         return Ok(ClaimOutcome::InProgress);
                     }
-                    // Left behind by a request that is gone: take it over.
+                    // Free (pending) or left behind by a request that is gone: take it over.
                     let taken = sqlx::query(
-                        "UPDATE signup_payments SET claim_token = $1, claimed_at = $2 \
-                         WHERE reference = $3 AND state = 'pending' AND claimed_at = $4",
+                        "UPDATE signup_payments SET claim_token = $1, claimed_at = $2, lease_until = $3 \
+                         WHERE reference = $4 AND state = $5 AND lease_until = $6",
                     )
                     .bind(c.token)
                     .bind(now)
+                    .bind(lease_until)
                     .bind(c.reference)
-                    .bind(claimed_at)
+                    .bind(&state)
+                    .bind(lease)
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
@@ -501,35 +559,67 @@ impl Store {
                         tx.rollback().await?;
                         return Ok(ClaimOutcome::InProgress);
                     }
-                    tx.commit().await?;
-                    Ok(match settled_ref {
-                        Some(settled_ref) => ClaimOutcome::Resumed(SettledPayment { settled_ref, response_header }),
-                        None => ClaimOutcome::Claimed,
-                    })
-                }
-                None => {
-                    let (n, oldest): (i64, Option<i64>) =
-                        sqlx::query_as("SELECT COUNT(*), MIN(created_at) FROM signup_payments WHERE created_at > $1")
-                            .bind(now - HOUR_MS)
-                            .fetch_one(&mut *tx)
+                    if state == "claimed" {
+                        // Its request died while verifying (no money moves there): a fresh claim.
+                        sqlx::query("UPDATE signup_payments SET idem_hash = $1, name = $2, updated_at = $3 WHERE reference = $4")
+                            .bind(c.idem_hash)
+                            .bind(c.name)
+                            .bind(now)
+                            .bind(c.reference)
+                            .execute(&mut *tx)
                             .await?;
+                        tx.commit().await?;
+                        return Ok(ClaimOutcome::Claimed);
+                    }
+                    let job = sqlx::query_as::<_, SignupJob>(SIGNUP_JOB_SELECT).bind(c.reference).fetch_one(&mut *tx).await?;
+                    tx.commit().await?;
+                    Ok(ClaimOutcome::Resolve(job))
+                }
+                released => {
+                    let (n, oldest): (i64, Option<i64>) = sqlx::query_as(
+                        "SELECT COUNT(*), MIN(created_at) FROM signup_payments WHERE created_at > $1 AND state <> 'released'",
+                    )
+                    .bind(now - HOUR_MS)
+                    .fetch_one(&mut *tx)
+                    .await?;
                     if n >= i64::from(per_hour) {
                         tx.rollback().await?;
                         let wait_ms = oldest.unwrap_or(now) + HOUR_MS - now;
                         return Ok(ClaimOutcome::Limited { retry_after_seconds: ceil_seconds(wait_ms) });
                     }
-                    let inserted = sqlx::query(
-                        "INSERT INTO signup_payments (reference, state, rail, claim_token, claimed_at, created_at) \
-                         VALUES ($1, 'pending', $2, $3, $4, $4) ON CONFLICT DO NOTHING",
-                    )
-                    .bind(c.reference)
-                    .bind(c.rail)
-                    .bind(c.token)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                    if inserted != 1 {
+                    let written = if released.is_some() {
+                        sqlx::query(
+                            "UPDATE signup_payments SET state = 'claimed', claim_token = $1, claimed_at = $2, lease_until = $3, \
+                             created_at = $2, updated_at = $2, idem_hash = $4, name = $5, settled_ref = NULL, payload = NULL, \
+                             valid_before = NULL, from_block = NULL, response_header = NULL \
+                             WHERE reference = $6 AND state = 'released'",
+                        )
+                        .bind(c.token)
+                        .bind(now)
+                        .bind(lease_until)
+                        .bind(c.idem_hash)
+                        .bind(c.name)
+                        .bind(c.reference)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                    } else {
+                        sqlx::query(
+                            "INSERT INTO signup_payments (reference, state, rail, claim_token, claimed_at, lease_until, created_at, \
+                             updated_at, idem_hash, name) VALUES ($1, 'claimed', $2, $3, $4, $5, $4, $4, $6, $7) ON CONFLICT DO NOTHING",
+                        )
+                        .bind(c.reference)
+                        .bind(c.rail)
+                        .bind(c.token)
+                        .bind(now)
+                        .bind(lease_until)
+                        .bind(c.idem_hash)
+                        .bind(c.name)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                    };
+                    if written != 1 {
                         tx.rollback().await?;
                         return Ok(ClaimOutcome::InProgress);
                     }
@@ -540,14 +630,75 @@ impl Store {
         })
     }
 
-    /// Gives a claim back after its payment failed (verification or settlement refused, or the
-    /// facilitator unreachable): the payer can retry, and the signup budget slot is free again.
-    /// A settled claim is never released.
-    pub async fn release_signup(&self, reference: &str, token: &str) -> DbResult<()> {
+    /// `claimed` → `settling`: what resolving the payment later needs is recorded durably before
+    /// any money can move. False when the claim is no longer this holder's.
+    pub async fn signup_settling(&self, reference: &str, token: &str, r: SettlingRecord<'_>, lease_ms: i64) -> DbResult<bool> {
+        let now = now_ms();
+        with_writer!(self, p => {
+            let n = sqlx::query(
+                "UPDATE signup_payments SET state = 'settling', payload = $1, valid_before = $2, from_block = $3, \
+                 lease_until = $4, updated_at = $5 WHERE reference = $6 AND claim_token = $7 AND state = 'claimed'",
+            )
+            .bind(r.payload)
+            .bind(r.valid_before)
+            .bind(r.from_block)
+            .bind(now + lease_ms.max(1))
+            .bind(now)
+            .bind(reference)
+            .bind(token)
+            .execute(p)
+            .await?
+            .rows_affected();
+            Ok(n == 1)
+        })
+    }
+
+    /// `settling` / `pending` → `pending`: the outcome is unknown. The claim is let go (anyone
+    /// presenting the payment, or the sweep, may resolve it); the transaction hash is kept if known.
+    pub async fn signup_pending(&self, reference: &str, token: &str, transaction: Option<&str>) -> DbResult<bool> {
+        let now = now_ms();
+        with_writer!(self, p => {
+            let n = sqlx::query(
+                "UPDATE signup_payments SET state = 'pending', settled_ref = COALESCE($1, settled_ref), lease_until = 0, \
+                 updated_at = $2 WHERE reference = $3 AND claim_token = $4 AND state IN ('settling', 'pending')",
+            )
+            .bind(transaction)
+            .bind(now)
+            .bind(reference)
+            .bind(token)
+            .execute(p)
+            .await?
+            .rows_affected();
+            Ok(n == 1)
+        })
+    }
+
+    /// → `released`: no money moved and none can (verification refused, or the chain shows the
+    /// authorization expired / cancelled unused). The record stays; its budget slot is free again
+    /// and the payment may be claimed again. A paid record is never released.
+    pub async fn release_signup(&self, reference: &str, token: &str) -> DbResult<bool> {
+        let now = now_ms();
+        with_writer!(self, p => {
+            let n = sqlx::query(
+                "UPDATE signup_payments SET state = 'released', lease_until = 0, updated_at = $1 \
+                 WHERE reference = $2 AND claim_token = $3 AND state IN ('claimed', 'settling', 'pending')",
+            )
+            .bind(now)
+            .bind(reference)
+            .bind(token)
+            .execute(p)
+            .await?
+            .rows_affected();
+            Ok(n == 1)
+        })
+    }
+
+    /// Lets go of a claim without changing its state (the sweep or another request may take it).
+    pub async fn unlease_signup(&self, reference: &str, token: &str) -> DbResult<()> {
         with_writer!(self, p => {
             sqlx::query(
-                "DELETE FROM signup_payments WHERE reference = $1 AND claim_token = $2 \
-                 AND state = 'pending' AND settled_ref IS NULL",
+                "UPDATE signup_payments SET lease_until = 0 WHERE reference = $1 AND claim_token = $2 \
+                 AND state IN ('claimed', 'settling', 'pending', 'paid')",
             )
             .bind(reference)
             .bind(token)
@@ -557,8 +708,8 @@ impl Store {
         })
     }
 
-    /// Records that the claimed payment settled (`receipt_key`: rail-qualified transaction or
-    /// receipt reference, unique across payments), before the key is minted.
+    /// `settling` / `pending` → `paid` (`receipt_key`: rail-qualified transaction or receipt
+    /// reference, unique across payments), before the key is minted.
     pub async fn record_signup_settled(
         &self,
         reference: &str,
@@ -567,14 +718,16 @@ impl Store {
         settled_ref: &str,
         response_header: Option<&str>,
     ) -> DbResult<SettleRecordOutcome> {
+        let now = now_ms();
         let result: DbResult<u64> = with_writer!(self, p => {
             sqlx::query(
-                "UPDATE signup_payments SET settled_ref = $1, receipt_key = $2, response_header = $3 \
-                 WHERE reference = $4 AND claim_token = $5 AND state = 'pending'",
+                "UPDATE signup_payments SET state = 'paid', settled_ref = $1, receipt_key = $2, response_header = $3, updated_at = $4 \
+                 WHERE reference = $5 AND claim_token = $6 AND state IN ('settling', 'pending')",
             )
             .bind(settled_ref)
             .bind(receipt_key)
             .bind(response_header)
+            .bind(now)
             .bind(reference)
             .bind(token)
             .execute(p)
@@ -591,35 +744,27 @@ impl Store {
                         .fetch_optional(p)
                         .await?
                 });
-                // This claim's payment is another claim's: drop this claim (it bought nothing).
-                with_writer!(self, p => {
-                    sqlx::query("DELETE FROM signup_payments WHERE reference = $1 AND claim_token = $2 AND state = 'pending'")
-                        .bind(reference)
-                        .bind(token)
-                        .execute(p)
-                        .await?
-                        .rows_affected()
-                });
+                // This claim's payment is another claim's: this claim bought nothing.
+                self.release_signup(reference, token).await?;
                 Ok(SettleRecordOutcome::AlreadyUsed { key_id: key_id.flatten() })
             }
             Err(e) => Err(e),
         }
     }
 
-    /// Mints the key a settled claim bought and marks the payment used, in one transaction.
-    /// Returns false (nothing written) when the claim is no longer this request's.
+    /// `paid` → `done`: mints the key the payment bought and marks the payment used, in one
+    /// transaction. Returns false (nothing written) when the claim is no longer this holder's.
     pub async fn finish_signup(&self, reference: &str, token: &str, m: &SignupMint<'_>) -> DbResult<bool> {
         let now = now_ms();
         let scopes = serde_json::to_string(m.key.scopes).unwrap_or_else(|_| "[]".into());
         with_writer!(self, p => {
             let mut tx = p.begin().await?;
             let done = sqlx::query(
-                "UPDATE signup_payments SET state = 'done', key_id = $1, idem_hash = $2, balance_mcents = $3, \
-                 scopes = $4, name = $5, done_at = $6 \
-                 WHERE reference = $7 AND claim_token = $8 AND state = 'pending' AND settled_ref IS NOT NULL",
+                "UPDATE signup_payments SET state = 'done', key_id = $1, balance_mcents = $2, scopes = $3, name = $4, \
+                 done_at = $5, updated_at = $5, lease_until = 0 \
+                 WHERE reference = $6 AND claim_token = $7 AND state = 'paid' AND settled_ref IS NOT NULL",
             )
             .bind(m.key.key_id)
-            .bind(m.idem_hash)
             .bind(m.key.balance_mcents)
             .bind(&scopes)
             .bind(m.key.name)
@@ -636,6 +781,64 @@ impl Store {
             insert_key!(tx, &m.key, now);
             tx.commit().await?;
             Ok(true)
+        })
+    }
+
+    /// The records the sweep must resolve now: `pending` x402 payments, and `claimed`,
+    /// `settling` or `paid` records whose lease expired (their request is gone). Oldest first.
+    pub async fn due_signups(&self, limit: i64) -> DbResult<Vec<String>> {
+        let now = now_ms();
+        with_pool!(self, p => {
+            sqlx::query_scalar(concat!(
+                "SELECT reference FROM signup_payments WHERE ",
+                signup_due!(),
+                " ORDER BY updated_at ASC LIMIT $2"
+            ))
+            .bind(now)
+            .bind(limit)
+            .fetch_all(p)
+            .await
+        })
+    }
+
+    /// Takes the claim of a due record (see [`Store::due_signups`]) for `lease_ms`; None when it
+    /// is no longer due (another instance took it, or it was resolved).
+    pub async fn take_signup(&self, reference: &str, token: &str, lease_ms: i64) -> DbResult<Option<SignupJob>> {
+        let now = now_ms();
+        with_writer!(self, p => {
+            let mut tx = p.begin().await?;
+            let taken = sqlx::query(concat!(
+                "UPDATE signup_payments SET claim_token = $3, claimed_at = $1, lease_until = $4 WHERE reference = $2 AND ",
+                signup_due!()
+            ))
+            .bind(now)
+            .bind(reference)
+            .bind(token)
+            .bind(now + lease_ms.max(1))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if taken != 1 {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+            let job = sqlx::query_as::<_, SignupJob>(SIGNUP_JOB_SELECT).bind(reference).fetch_one(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(Some(job))
+        })
+    }
+
+    /// GET /v1/admin/payments: records in `state` (all when None), last changed first.
+    pub async fn list_signup_payments(&self, state: Option<&str>, limit: i64) -> DbResult<Vec<PaymentRow>> {
+        with_pool!(self, p => {
+            sqlx::query_as::<_, PaymentRow>(
+                "SELECT reference, rail, state, settled_ref, key_id, created_at, updated_at FROM signup_payments \
+                 WHERE ($1 IS NULL OR state = $1) ORDER BY updated_at DESC, reference ASC LIMIT $2",
+            )
+            .bind(state)
+            .bind(limit)
+            .fetch_all(p)
+            .await
         })
     }
 

@@ -1,19 +1,15 @@
 //! POST /v1/signup (docs/contract.md, 3.9), end to end over HTTP: the offer (402), both rails,
 //! idempotent replays, refusals, the hourly signup budget and concurrent submissions of one
-//! payment (one key, whichever instance). x402 runs against a deterministic facilitator served
-//! by this test over HTTP; MPP against deterministic `mpp::ChargeMethod`s defined here (the
-//! real chain / Stripe paths are configuration only). Every test runs on SQLite, and on
-//! PostgreSQL (+ Redis) when TEST_DATABASE_URL is set.
+//! payment (one key, whichever instance). MPP runs against deterministic `mpp::ChargeMethod`s
+//! defined here (the real chain / Stripe paths are configuration only); the x402 rail's tests are
+//! in tests/signup_x402.rs. Every test runs on SQLite, and on PostgreSQL (+ Redis) when
+//! TEST_DATABASE_URL is set.
 
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use common::*;
@@ -24,7 +20,6 @@ use mpp::protocol::core::{Base64UrlJson, PaymentChallenge, PaymentCredential, Re
 use mpp::protocol::intents::ChargeRequest;
 use mpp::protocol::traits::{ChargeMethod, VerificationError};
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, mpsc};
 
 backend_tests!(
     disabled_signup_is_not_served,
@@ -33,38 +28,14 @@ backend_tests!(
     mpp_pays_replays_and_refuses,
     mpp_concurrent_submissions_mint_once,
     signup_budget_is_its_own,
-    x402_pays_and_replays,
-    x402_refusals,
-    x402_v1_payment,
-    x402_facilitator_failures,
-    x402_facilitator_authorization,
-    x402_concurrent_submissions_mint_once,
+    signup_secret_is_required,
 );
 
 const SECRET: &str = "test-mpp-secret-0123456789abcdef-0123456789";
 const IDEM: &str = "idem-0123456789abcdef0123456789abcdef";
 const PAY_TO: &str = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C";
-const PAYER: &str = "0x1111111111111111111111111111111111111111";
 
 // ------------------------------------------------------------------------ a test MPP method
-
-/// Makes a request wait inside verification until the test lets it go.
-struct Gate {
-    entered: mpsc::UnboundedSender<()>,
-    release: Semaphore,
-}
-
-impl Gate {
-    fn new() -> (Arc<Gate>, mpsc::UnboundedReceiver<()>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (Arc::new(Gate { entered: tx, release: Semaphore::new(0) }), rx)
-    }
-
-    async fn pass(&self) {
-        let _ = self.entered.send(());
-        self.release.acquire().await.unwrap().forget();
-    }
-}
 
 /// A deterministic charge method: the payload `{"proof": P}` pays unless P is "bad"; the
 /// receipt reference is "ref-" + P.
@@ -200,7 +171,7 @@ async fn offer_and_request_checks(db: &TestDb) {
         return;
     }
     let mpp = MppTest::new();
-    let s = db.server_with_signup(Signup::new(x402_rail(&url_of_nothing().await), Some(mpp.rail()))).await;
+    let s = db.server_with_signup(Signup::new(x402_rail(&url_of_nothing().await), Some(mpp.rail())).with_secret(SIGNUP_SECRET)).await;
 
     let res = offer(&s).await;
     assert_eq!(res.headers()["cache-control"], "no-store");
@@ -305,15 +276,13 @@ async fn unconfigured_rails_answer_503(db: &TestDb) {
                 assert_eq!(body["error"]["message"], message);
             }
             assert!(
-                ["X402_PAY_TO", "MPP_SECRET_KEY", "--features", "TEMPO_RECIPIENT", "STRIPE_SECRET_KEY"].iter().any(|k| message.contains(k)),
+                ["X402_PAY_TO", "X402_RPC_URL", "MPP_SECRET_KEY", "--features", "TEMPO_RECIPIENT", "STRIPE_SECRET_KEY", "SIGNUP_SECRET"]
+                    .iter()
+                    .any(|k| message.contains(k)),
                 "names what to set: {message}"
             );
         }
-        // Only an x402 rail whose payee is in mcpay.toml needs no secret.
-        Ok(()) => {
-            assert!(SIGNUP.mpp.is_none() && SIGNUP.x402.is_some_and(|x| !x.pay_to.is_empty()));
-            expect_error(offer(&s).await, 402, "payment_required", true).await;
-        }
+        Ok(()) => panic!("signup cannot be ready without SIGNUP_SECRET"),
     }
     let err = MppRail::new("too-short", vec![]).unwrap_err();
     assert!(err.contains("MPP_SECRET_KEY"), "{err}");
@@ -326,7 +295,7 @@ async fn mpp_pays_replays_and_refuses(db: &TestDb) {
         return;
     }
     let mpp = MppTest::new();
-    let s = db.server_with_signup(Signup::new(None, Some(mpp.rail()))).await;
+    let s = db.server_with_signup(Signup::new(None, Some(mpp.rail())).with_secret(SIGNUP_SECRET)).await;
     let found = challenges(&offer(&s).await);
     let challenge = &found[1];
 
@@ -346,7 +315,7 @@ async fn mpp_pays_replays_and_refuses(db: &TestDb) {
     assert_eq!(minted["request_id"], rid);
     assert_eq!(minted["name"], Value::Null);
     // The key is derived from the Idempotency-Key and the payment reference.
-    assert_eq!(minted["key"], derived_key(IDEM, &format!("mpp:{}", challenge.id)));
+    assert_eq!(minted["key"], derived_key(SIGNUP_SECRET, &sha256_hex(IDEM), &format!("mpp:{}", challenge.id)));
     assert_key_works(&s, &minted, None).await;
     assert_eq!(mpp.verified.load(Ordering::SeqCst), 1);
 
@@ -475,8 +444,8 @@ async fn mpp_concurrent_submissions_mint_once(db: &TestDb) {
     let (gate, mut entered) = Gate::new();
     let mpp = MppTest { verified: Arc::new(AtomicUsize::new(0)), gate: Some(gate.clone()) };
     // Two instances on one database.
-    let a = db.server_with_signup(Signup::new(None, Some(mpp.rail()))).await;
-    let b = db.server_with_signup(Signup::new(None, Some(mpp.rail()))).await;
+    let a = db.server_with_signup(Signup::new(None, Some(mpp.rail())).with_secret(SIGNUP_SECRET)).await;
+    let b = db.server_with_signup(Signup::new(None, Some(mpp.rail())).with_secret(SIGNUP_SECRET)).await;
     let found = challenges(&offer(&a).await);
     let pay = mpp_credential(&found[0], "same");
     let first = {
@@ -522,7 +491,7 @@ async fn signup_budget_is_its_own(db: &TestDb) {
         return;
     }
     let mpp = MppTest::new();
-    let mut signup_cfg = Signup::new(None, Some(mpp.rail()));
+    let mut signup_cfg = Signup::new(None, Some(mpp.rail())).with_secret(SIGNUP_SECRET);
     signup_cfg.per_hour = 2;
     let s = db.server_with_signup(signup_cfg).await;
     // A refused payment gives its slot back.
@@ -551,17 +520,41 @@ async fn signup_budget_is_its_own(db: &TestDb) {
     assert_eq!(res.status(), 201);
 }
 
-// ------------------------------------------------------------------------ x402
+/// SIGNUP_SECRET is required (≥ 32 bytes) before anything of the request is read.
+async fn signup_secret_is_required(db: &TestDb) {
+    if skip_disabled() {
+        return;
+    }
+    let mpp = MppTest::new();
+    for (secret, what) in [(None, "SIGNUP_SECRET"), (Some("too-short-secret"), "SIGNUP_SECRET is shorter than 32 bytes")] {
+        let mut rails = Signup::new(None, Some(mpp.rail()));
+        if let Some(secret) = secret {
+            rails = rails.with_secret(secret);
+        }
+        let s = db.server_with_signup(rails).await;
+        let c = challenges(&offer(&MppServer::of(db, &mpp).await).await);
+        for res in [offer(&s).await, signup(&s, &[("Authorization", &mpp_credential(&c[0], "p-secret"))]).await] {
+            let body = expect_error(res, 503, "signup_unavailable", false).await;
+            assert!(body["error"]["message"].as_str().unwrap().contains(what), "{body}");
+        }
+    }
+    assert_eq!(mpp.verified.load(Ordering::SeqCst), 0);
+    assert_eq!(db.signup_claims().await, 0, "nothing was read or claimed");
+}
+
+/// A ready MPP-only server (for its challenges).
+struct MppServer;
+
+impl MppServer {
+    async fn of(db: &TestDb, mpp: &MppTest) -> TestServer {
+        db.server_with_signup(Signup::new(None, Some(mpp.rail())).with_secret(SIGNUP_SECRET)).await
+    }
+}
+
+// ------------------------------------------------------------------------ x402 (the offer only; see tests/signup_x402.rs)
 
 fn x402_configured() -> bool {
     cfg!(feature = "x402") && SIGNUP.enabled && SIGNUP.x402.is_some()
-}
-
-fn skip_x402() -> bool {
-    if !x402_configured() {
-        eprintln!("no [signup.x402] in mcpay.toml (or the x402 feature is off): skipped");
-    }
-    !x402_configured()
 }
 
 /// The requirement every target emits for this manifest, byte for byte.
@@ -576,22 +569,11 @@ fn expected_requirement() -> String {
 #[cfg(feature = "x402")]
 fn x402_rail(facilitator: &str) -> Option<gateway::signup::X402Rail> {
     let cfg = SIGNUP.x402?;
-    Some(gateway::signup::X402Rail::new(&cfg, facilitator, PAY_TO).unwrap())
+    Some(gateway::signup::X402Rail::new(&cfg, facilitator, PAY_TO).unwrap().with_rpc_url(facilitator).unwrap())
 }
 
 #[cfg(not(feature = "x402"))]
 fn x402_rail(_: &str) -> Option<gateway::signup::X402Rail> {
-    None
-}
-
-/// The rail of [`x402_rail`], sending `authorization` to the facilitator.
-#[cfg(feature = "x402")]
-fn x402_rail_with_authorization(facilitator: &str, authorization: &str) -> Option<gateway::signup::X402Rail> {
-    Some(x402_rail(facilitator)?.with_authorization(authorization).unwrap())
-}
-
-#[cfg(not(feature = "x402"))]
-fn x402_rail_with_authorization(_: &str, _: &str) -> Option<gateway::signup::X402Rail> {
     None
 }
 
@@ -601,365 +583,4 @@ async fn url_of_nothing() -> String {
     let url = format!("http://{}", l.local_addr().unwrap());
     drop(l);
     url
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Answer {
-    Ok,
-    /// verify: isValid false; settle: success false (HTTP 200).
-    Refuse,
-    /// The same refusals with a 4xx status (as e.g. the x402-rs facilitator answers them).
-    RefuseWithStatus,
-    /// 500 (on /settle with a `success: false` body: a 5xx is an outage, whatever its body says).
-    Http500,
-}
-
-/// A deterministic facilitator: /verify and /settle over HTTP, as the x402 spec defines them.
-struct Facilitator {
-    url: String,
-    state: Arc<FacilitatorState>,
-}
-
-struct FacilitatorState {
-    verify: Mutex<Answer>,
-    settle: Mutex<Answer>,
-    /// Each call: path, JSON body, `Authorization` header.
-    calls: Mutex<Vec<(&'static str, Value, Option<String>)>>,
-    gate: Option<Arc<Gate>>,
-}
-
-type Reply = (StatusCode, [(&'static str, &'static str); 1], String);
-
-fn reply(status: StatusCode, body: Value) -> Reply {
-    (status, [("content-type", "application/json")], body.to_string())
-}
-
-fn authorization_of(headers: &HeaderMap) -> Option<String> {
-    headers.get("authorization").map(|v| v.to_str().unwrap().to_string())
-}
-
-async fn facilitator_verify(State(st): State<Arc<FacilitatorState>>, headers: HeaderMap, body: Bytes) -> Reply {
-    let body: Value = serde_json::from_slice(&body).unwrap();
-    st.calls.lock().unwrap().push(("verify", body.clone(), authorization_of(&headers)));
-    if let Some(g) = &st.gate {
-        g.pass().await;
-    }
-    let from = body["paymentPayload"]["payload"]["authorization"]["from"].clone();
-    match *st.verify.lock().unwrap() {
-        Answer::Ok => reply(StatusCode::OK, json!({ "isValid": true, "payer": from })),
-        Answer::Refuse => reply(StatusCode::OK, json!({ "isValid": false, "invalidReason": "invalid_exact_evm_payload_signature", "payer": from })),
-        Answer::RefuseWithStatus => reply(
-            StatusCode::BAD_REQUEST,
-            json!({ "isValid": false, "invalidReason": "invalid_exact_evm_payload_authorization_valid_before", "invalidReasonDetails": "expired", "payer": "" }),
-        ),
-        Answer::Http500 => reply(StatusCode::INTERNAL_SERVER_ERROR, json!({ "error": "boom" })),
-    }
-}
-
-async fn facilitator_settle(State(st): State<Arc<FacilitatorState>>, headers: HeaderMap, body: Bytes) -> Reply {
-    let body: Value = serde_json::from_slice(&body).unwrap();
-    st.calls.lock().unwrap().push(("settle", body.clone(), authorization_of(&headers)));
-    let auth = &body["paymentPayload"]["payload"]["authorization"];
-    let network = body["paymentRequirements"]["network"].clone();
-    match *st.settle.lock().unwrap() {
-        Answer::Ok => {
-            let tx = format!("0x{}", sha256_hex(auth["nonce"].as_str().unwrap_or("")));
-            reply(StatusCode::OK, json!({ "success": true, "transaction": tx, "network": network, "payer": auth["from"] }))
-        }
-        Answer::Refuse => {
-            reply(StatusCode::OK, json!({ "success": false, "errorReason": "insufficient_funds", "transaction": "", "network": network }))
-        }
-        Answer::RefuseWithStatus => reply(
-            StatusCode::BAD_REQUEST,
-            json!({ "success": false, "network": "", "transaction": "", "errorReason": "unexpected_settle_error", "errorMessage": "reverted", "payer": "" }),
-        ),
-        Answer::Http500 => reply(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            json!({ "success": false, "network": "", "transaction": "", "errorReason": "unexpected_settle_error", "payer": "" }),
-        ),
-    }
-}
-
-impl Facilitator {
-    async fn start(gate: Option<Arc<Gate>>) -> Facilitator {
-        let state = Arc::new(FacilitatorState {
-            verify: Mutex::new(Answer::Ok),
-            settle: Mutex::new(Answer::Ok),
-            calls: Mutex::new(Vec::new()),
-            gate,
-        });
-        let app = axum::Router::new()
-            .route("/facilitator/verify", post(facilitator_verify))
-            .route("/facilitator/settle", post(facilitator_settle))
-            .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/facilitator", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Facilitator { url, state }
-    }
-
-    fn set(&self, verify: Answer, settle: Answer) {
-        *self.state.verify.lock().unwrap() = verify;
-        *self.state.settle.lock().unwrap() = settle;
-    }
-
-    fn calls(&self, path: &str) -> Vec<Value> {
-        self.state.calls.lock().unwrap().iter().filter(|(p, ..)| *p == path).map(|(_, b, _)| b.clone()).collect()
-    }
-
-    /// The `Authorization` header of each call, in order.
-    fn authorizations(&self) -> Vec<Option<String>> {
-        self.state.calls.lock().unwrap().iter().map(|(.., a)| a.clone()).collect()
-    }
-}
-
-fn nonce(n: u64) -> String {
-    format!("0x{n:064x}")
-}
-
-/// An EIP-3009 authorization for the offer (the facilitator here does not check signatures).
-fn authorization(nonce: &str) -> Value {
-    let x = SIGNUP.x402.unwrap();
-    json!({
-        "signature": format!("0x{}", "ab".repeat(65)),
-        "authorization": {
-            "from": PAYER, "to": PAY_TO, "value": x.amount,
-            "validAfter": "0", "validBefore": "99999999999", "nonce": nonce,
-        }
-    })
-}
-
-fn v2_header(accepted: &Value, nonce: &str) -> String {
-    B64.encode(json!({ "x402Version": 2, "accepted": accepted, "payload": authorization(nonce) }).to_string())
-}
-
-async fn accepted_requirement(s: &TestServer) -> Value {
-    let body = json_of(offer(s).await).await;
-    body["accepts"][0].clone()
-}
-
-fn reference(nonce: &str) -> String {
-    let x = SIGNUP.x402.unwrap();
-    format!("x402:{}:{}:{}:{}", x.network, x.asset, PAYER, nonce).to_lowercase()
-}
-
-async fn x402_pays_and_replays(db: &TestDb) {
-    if skip_x402() {
-        return;
-    }
-    let f = Facilitator::start(None).await;
-    let s = db.server_with_signup(Signup::new(x402_rail(&f.url), None)).await;
-    let accepted = accepted_requirement(&s).await;
-    assert_eq!(accepted.to_string(), expected_requirement());
-    let pay = v2_header(&accepted, &nonce(1));
-    let res = signup(&s, &[("PAYMENT-SIGNATURE", &pay), ("Idempotency-Key", IDEM)]).await;
-    assert_eq!(res.status(), 201);
-    let settled: Value = serde_json::from_slice(&B64.decode(res.headers()["payment-response"].as_bytes()).unwrap()).unwrap();
-    assert_eq!(settled["success"], true);
-    let tx = format!("0x{}", sha256_hex(&nonce(1)));
-    assert_eq!(settled["transaction"], tx);
-    let minted = json_of(res).await;
-    assert_eq!(minted["payment"], json!({"rail": "x402", "reference": tx}));
-    assert_eq!(minted["key"], derived_key(IDEM, &reference(&nonce(1))));
-    assert_key_works(&s, &minted, None).await;
-    // The facilitator got {x402Version, paymentPayload, paymentRequirements}, verify then settle.
-    for path in ["verify", "settle"] {
-        let calls = f.calls(path);
-        assert_eq!(calls.len(), 1, "{path}");
-        assert_eq!(calls[0]["x402Version"], 2);
-        assert_eq!(calls[0]["paymentRequirements"], accepted);
-        assert_eq!(calls[0]["paymentPayload"]["accepted"], accepted);
-        assert_eq!(calls[0]["paymentPayload"]["payload"], authorization(&nonce(1)));
-    }
-
-    // The same payment again: replay with the same Idempotency-Key, refusal otherwise.
-    let res = signup(&s, &[("PAYMENT-SIGNATURE", &pay), ("Idempotency-Key", IDEM)]).await;
-    assert_eq!(res.status(), 200);
-    assert!(res.headers().get("payment-response").is_some());
-    let replayed = json_of(res).await;
-    assert_eq!(replayed["replayed"], true);
-    assert_eq!(replayed["key"], minted["key"]);
-    assert_eq!(replayed["payment"], minted["payment"]);
-    let body = expect_error(signup(&s, &[("PAYMENT-SIGNATURE", &pay)]).await, 409, "payment_already_used", true).await;
-    assert_eq!(body["key_id"], minted["key_id"]);
-    // The same authorization re-encoded (another signature, same payer and nonce) is the same payment.
-    let mut other = json!({ "x402Version": 2, "accepted": accepted, "payload": authorization(&nonce(1)) });
-    other["payload"]["signature"] = json!(format!("0x{}", "cd".repeat(65)));
-    let res = signup(&s, &[("PAYMENT-SIGNATURE", &B64.encode(other.to_string()))]).await;
-    expect_error(res, 409, "payment_already_used", true).await;
-    assert_eq!(f.calls("verify").len(), 1, "a used payment is never verified again");
-    assert_eq!(f.calls("settle").len(), 1);
-    // No credential of the gateway's or the buyer's reaches the facilitator unless configured.
-    assert_eq!(f.authorizations(), [None, None]);
-}
-
-/// X402_FACILITATOR_AUTHORIZATION is the `Authorization` of every facilitator call; a buyer's
-/// `Authorization` header is never forwarded in its place.
-async fn x402_facilitator_authorization(db: &TestDb) {
-    if skip_x402() {
-        return;
-    }
-    let f = Facilitator::start(None).await;
-    let s = db.server_with_signup(Signup::new(x402_rail_with_authorization(&f.url, "Bearer fac-key"), None)).await;
-    let accepted = accepted_requirement(&s).await;
-    let pay = v2_header(&accepted, &nonce(12));
-    let res = signup(&s, &[("PAYMENT-SIGNATURE", &pay), ("Authorization", "Bearer buyer-secret")]).await;
-    assert_eq!(res.status(), 201);
-    assert_eq!(f.authorizations(), [Some("Bearer fac-key".to_string()), Some("Bearer fac-key".to_string())]);
-}
-
-async fn x402_refusals(db: &TestDb) {
-    if skip_x402() {
-        return;
-    }
-    let f = Facilitator::start(None).await;
-    let s = db.server_with_signup(Signup::new(x402_rail(&f.url), None)).await;
-    let accepted = accepted_requirement(&s).await;
-    let mut cheaper = accepted.clone();
-    cheaper["amount"] = json!("1");
-    let mut other_pay_to = accepted.clone();
-    other_pay_to["payTo"] = json!(PAYER);
-    let mut wrong_value = json!({ "x402Version": 2, "accepted": accepted, "payload": authorization(&nonce(5)) });
-    wrong_value["payload"]["authorization"]["value"] = json!("1");
-    let mut no_nonce = json!({ "x402Version": 2, "accepted": accepted, "payload": authorization(&nonce(5)) });
-    no_nonce["payload"]["authorization"]["nonce"] = json!("0x12");
-    for bad in [
-        "not base64!".to_string(),
-        B64.encode("not json"),
-        B64.encode(json!({ "x402Version": 1, "accepted": accepted, "payload": authorization(&nonce(5)) }).to_string()),
-        v2_header(&cheaper, &nonce(5)),
-        v2_header(&other_pay_to, &nonce(5)),
-        B64.encode(wrong_value.to_string()),
-        B64.encode(no_nonce.to_string()),
-    ] {
-        let res = signup(&s, &[("PAYMENT-SIGNATURE", &bad)]).await;
-        assert!(res.headers().get("payment-required").is_some(), "the offer again");
-        let body = expect_error(res, 402, "payment_invalid", true).await;
-        assert_eq!(body["accepts"][0], accepted);
-    }
-    let pay = v2_header(&accepted, &nonce(5));
-    let two = signup(&s, &[("PAYMENT-SIGNATURE", &pay), ("X-PAYMENT", &pay)]).await;
-    expect_error(two, 400, "invalid_payment", true).await;
-    let two = s.client.post(s.url("/v1/signup")).header("PAYMENT-SIGNATURE", &pay).header("PAYMENT-SIGNATURE", &pay).send().await.unwrap();
-    expect_error(two, 400, "invalid_payment", true).await;
-    assert!(f.calls("verify").is_empty(), "nothing reached the facilitator");
-}
-
-async fn x402_v1_payment(db: &TestDb) {
-    if skip_x402() {
-        return;
-    }
-    let f = Facilitator::start(None).await;
-    let s = db.server_with_signup(Signup::new(x402_rail(&f.url), None)).await;
-    let accepted = accepted_requirement(&s).await;
-    let x = SIGNUP.x402.unwrap();
-    let v1 = |network: &str, scheme: &str, n: u64| {
-        B64.encode(json!({ "x402Version": 1, "scheme": scheme, "network": network, "payload": authorization(&nonce(n)) }).to_string())
-    };
-    for bad in [v1(x.network, "upto", 7), v1("eip155:1", "exact", 7), v1("solana", "exact", 7)] {
-        let res = signup(&s, &[("X-PAYMENT", &bad)]).await;
-        expect_error(res, 402, "payment_invalid", true).await;
-    }
-    let res = signup(&s, &[("X-PAYMENT", &v1(x.network, "exact", 7))]).await;
-    assert_eq!(res.status(), 201);
-    assert!(res.headers().get("payment-response").is_none());
-    let settled: Value = serde_json::from_slice(&B64.decode(res.headers()["x-payment-response"].as_bytes()).unwrap()).unwrap();
-    assert_eq!(settled["success"], true);
-    assert_key_works(&s, &json_of(res).await, None).await;
-    // Converted to v2: the facilitator sees our requirement as `accepted`.
-    let verify = &f.calls("verify")[0];
-    assert_eq!(verify["x402Version"], 2);
-    assert_eq!(verify["paymentPayload"]["x402Version"], 2);
-    assert_eq!(verify["paymentPayload"]["accepted"], accepted);
-    assert_eq!(verify["paymentPayload"]["payload"], authorization(&nonce(7)));
-    // The v1 network name of the same chain is ours too (e.g. "base" for eip155:8453).
-    let v1_name = match x.network {
-        "eip155:8453" => Some("base"),
-        "eip155:84532" => Some("base-sepolia"),
-        _ => None,
-    };
-    if let Some(name) = v1_name {
-        assert_eq!(signup(&s, &[("X-PAYMENT", &v1(name, "exact", 8))]).await.status(), 201);
-    }
-}
-
-async fn x402_facilitator_failures(db: &TestDb) {
-    if skip_x402() {
-        return;
-    }
-    let f = Facilitator::start(None).await;
-    let mut rails = Signup::new(x402_rail(&f.url), None);
-    rails.per_hour = 1;
-    let s = db.server_with_signup(rails).await;
-    let accepted = accepted_requirement(&s).await;
-    let pay = v2_header(&accepted, &nonce(9));
-    // Each failure gives the claim and the budget slot back (the budget here is one signup).
-    f.set(Answer::Refuse, Answer::Ok);
-    let body = expect_error(signup(&s, &[("PAYMENT-SIGNATURE", &pay)]).await, 402, "payment_invalid", true).await;
-    assert!(body["error"]["message"].as_str().unwrap().contains("invalid_exact_evm_payload_signature"));
-    assert_eq!(f.calls("settle").len(), 0, "an invalid payment is not settled");
-    f.set(Answer::Ok, Answer::Refuse);
-    let res = signup(&s, &[("PAYMENT-SIGNATURE", &pay)]).await;
-    assert!(res.headers().get("payment-required").is_some());
-    let body = expect_error(res, 402, "payment_failed", true).await;
-    assert!(body["error"]["message"].as_str().unwrap().contains("insufficient_funds"));
-    f.set(Answer::RefuseWithStatus, Answer::Ok);
-    let body = expect_error(signup(&s, &[("PAYMENT-SIGNATURE", &pay)]).await, 402, "payment_invalid", true).await;
-    assert!(body["error"]["message"].as_str().unwrap().contains("valid_before (expired)"), "{body}");
-    f.set(Answer::Ok, Answer::RefuseWithStatus);
-    let body = expect_error(signup(&s, &[("PAYMENT-SIGNATURE", &pay)]).await, 402, "payment_failed", true).await;
-    assert!(body["error"]["message"].as_str().unwrap().contains("unexpected_settle_error (reverted)"), "{body}");
-    // A 5xx (whatever its body says) or an unreachable facilitator is an outage.
-    f.set(Answer::Http500, Answer::Ok);
-    expect_error(signup(&s, &[("PAYMENT-SIGNATURE", &pay)]).await, 502, "payment_unavailable", true).await;
-    f.set(Answer::Ok, Answer::Http500);
-    expect_error(signup(&s, &[("PAYMENT-SIGNATURE", &pay)]).await, 502, "payment_unavailable", true).await;
-    let down = db.server_with_signup(Signup::new(x402_rail(&url_of_nothing().await), None)).await;
-    expect_error(signup(&down, &[("PAYMENT-SIGNATURE", &pay)]).await, 502, "payment_unavailable", true).await;
-    // The payer can still pay with the same authorization.
-    f.set(Answer::Ok, Answer::Ok);
-    let res = signup(&s, &[("PAYMENT-SIGNATURE", &pay)]).await;
-    assert_eq!(res.status(), 201);
-    assert_key_works(&s, &json_of(res).await, None).await;
-    let other = v2_header(&accepted, &nonce(10));
-    expect_error(signup(&s, &[("PAYMENT-SIGNATURE", &other)]).await, 429, "rate_limited", true).await;
-}
-
-async fn x402_concurrent_submissions_mint_once(db: &TestDb) {
-    if skip_x402() {
-        return;
-    }
-    let (gate, mut entered) = Gate::new();
-    let f = Facilitator::start(Some(gate.clone())).await;
-    let a = db.server_with_signup(Signup::new(x402_rail(&f.url), None)).await;
-    let b = db.server_with_signup(Signup::new(x402_rail(&f.url), None)).await;
-    let accepted = accepted_requirement(&a).await;
-    let pay = v2_header(&accepted, &nonce(11));
-    let first = {
-        let (client, url, pay) = (a.client.clone(), a.url("/v1/signup"), pay.clone());
-        tokio::spawn(async move { client.post(url).header("PAYMENT-SIGNATURE", pay).send().await.unwrap() })
-    };
-    entered.recv().await.unwrap();
-    let mut tasks = Vec::new();
-    for i in 0..8 {
-        let s = if i % 2 == 0 { &a } else { &b };
-        let (client, url, pay) = (s.client.clone(), s.url("/v1/signup"), pay.clone());
-        tasks.push(tokio::spawn(async move { client.post(url).header("PAYMENT-SIGNATURE", pay).send().await.unwrap() }));
-    }
-    for t in tasks {
-        let res = t.await.unwrap();
-        assert!(res.headers().get("retry-after").is_some());
-        expect_error(res, 409, "payment_in_progress", true).await;
-    }
-    gate.release.add_permits(1);
-    let res = first.await.unwrap();
-    assert_eq!(res.status(), 201);
-    let minted = json_of(res).await;
-    gate.release.add_permits(100);
-    let body = expect_error(signup(&b, &[("PAYMENT-SIGNATURE", &pay)]).await, 409, "payment_already_used", true).await;
-    assert_eq!(body["key_id"], minted["key_id"]);
-    assert_eq!(f.calls("verify").len(), 1);
-    assert_eq!(f.calls("settle").len(), 1);
 }

@@ -3,6 +3,9 @@
 //! is set) a fresh PostgreSQL schema, with Redis rate limits when TEST_REDIS_URL is set.
 #![allow(dead_code)]
 
+#[cfg(feature = "x402")]
+pub mod x402;
+
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -14,9 +17,29 @@ use gateway::{AppState, GeneratedHandlers, RateLimiter, Signup, Store};
 use serde_json::Value;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::sqlite::SqliteConnectOptions;
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef";
+/// The SIGNUP_SECRET of the test gateways.
+pub const SIGNUP_SECRET: &str = "test-signup-secret-0123456789abcdef-0123456789";
+
+/// Makes a request wait (inside a payment verification) until the test lets it go.
+pub struct Gate {
+    entered: mpsc::UnboundedSender<()>,
+    pub release: Semaphore,
+}
+
+impl Gate {
+    pub fn new() -> (Arc<Gate>, mpsc::UnboundedReceiver<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Arc::new(Gate { entered: tx, release: Semaphore::new(0) }), rx)
+    }
+
+    pub async fn pass(&self) {
+        let _ = self.entered.send(());
+        self.release.acquire().await.unwrap().forget();
+    }
+}
 
 /// Runs each listed `async fn(&TestDb)` against SQLite, and against PostgreSQL (+ Redis)
 /// when TEST_DATABASE_URL is set (skipped otherwise).
@@ -122,14 +145,47 @@ impl TestDb {
 
     /// A server whose POST /v1/signup uses these payment rails.
     pub async fn server_with_signup(&self, signup: Signup) -> TestServer {
-        let state = AppState::with_signup(
+        TestServer::start(self.signup_state(signup).await).await
+    }
+
+    /// The state of a gateway instance on this database with these payment rails (for the
+    /// signup sweep: `gateway::signup::sweep(&state)`).
+    pub async fn signup_state(&self, signup: Signup) -> Arc<AppState> {
+        AppState::with_signup(
             self.new_store().await,
             self.new_limiter().await,
             Some(ADMIN_KEY.to_string()),
             Arc::new(GeneratedHandlers),
             signup,
-        );
-        TestServer::start(state).await
+        )
+    }
+
+    /// Runs one SQL statement that returns one BIGINT (counts, states as numbers…).
+    pub async fn scalar(&self, sql: &'static str) -> i64 {
+        match &self.store {
+            Store::Sqlite { read: p, .. } => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await.unwrap(),
+            Store::Postgres(p) => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await.unwrap(),
+        }
+    }
+
+    /// How many times a signup claim was attempted (every claim first writes `signup_lock`: a
+    /// request that never reached the payment records leaves it unchanged).
+    pub async fn signup_claims(&self) -> i64 {
+        self.scalar("SELECT claims FROM signup_lock WHERE id = 1").await
+    }
+
+    /// The state of the payment record `reference`, if any.
+    pub async fn payment_state(&self, reference: &str) -> Option<String> {
+        let sql = "SELECT state FROM signup_payments WHERE reference = $1";
+        match &self.store {
+            Store::Sqlite { read: p, .. } => sqlx::query_scalar(sql).bind(reference).fetch_optional(p).await.unwrap(),
+            Store::Postgres(p) => sqlx::query_scalar(sql).bind(reference).fetch_optional(p).await.unwrap(),
+        }
+    }
+
+    /// 'mint' ledger rows of the whole database.
+    pub async fn mint_rows(&self) -> i64 {
+        self.scalar("SELECT COUNT(*) FROM ledger WHERE kind = 'mint'").await
     }
 
     /// Creates a key directly in the database (as the mint route does, without its hourly
@@ -161,7 +217,7 @@ impl TestDb {
                 "signup_payments",
                 "SELECT reference, state, rail, claim_token, COALESCE(settled_ref, ''), COALESCE(receipt_key, ''), \
                  COALESCE(response_header, ''), COALESCE(idem_hash, ''), COALESCE(key_id, ''), COALESCE(scopes, ''), \
-                 COALESCE(name, '') FROM signup_payments",
+                 COALESCE(name, ''), COALESCE(payload, '') FROM signup_payments",
             ),
         ] {
             let rows: Vec<Vec<String>> = match &self.store {
