@@ -52,6 +52,7 @@ pub struct EndpointSpec {
     pub scope: String,
     pub description: String,
     pub rate_limit_per_minute: u64,
+    pub timeout_ms: u64,
     pub input: Vec<FieldSpec>,
     /// A body that passes the input shape, for generated tests and docs.
     pub sample: Value,
@@ -143,6 +144,7 @@ impl Spec {
                     scope: ep.scope,
                     description: ep.description,
                     rate_limit_per_minute: ep.rate_limit_per_minute,
+                    timeout_ms: ep.timeout_ms,
                     sample: sample_of(&input),
                     example_field: input.iter().find(|f| f.ty != FieldType::Boolean).cloned(),
                     input,
@@ -215,6 +217,8 @@ fn builtin_endpoints(m: &Manifest) -> Vec<EndpointSpec> {
                 scope: b.name.into(),
                 description: b.description.into(),
                 rate_limit_per_minute: m.gateway.default_rate_limit_per_minute,
+                // The sandbox stops a run at `[mpp] timeout_ms`; the gateway's limit sits above it.
+                timeout_ms: manifest::DEFAULT_TIMEOUT_MS.max(m.mpp.timeout_ms + 5_000),
                 input: vec![FieldSpec::new("code", FieldType::String, true), FieldSpec::new("input", FieldType::Object, false)],
                 sample: json!({"code": "return { sum: input.a + input.b };", "input": {"a": 1, "b": 2}}),
                 is_builtin: true,

@@ -55,6 +55,7 @@ pub fn run(args: &AddEndpointArgs, ui: &Ui) -> Result<()> {
         scope: args.scope.clone(),
         description: args.description.clone(),
         rate_limit_per_minute: args.rate_limit.map(u64::from),
+        timeout_ms: None,
         input: (!input.is_empty()).then_some(input),
     };
     manifest::insert_endpoint(&mut project.doc, &args.name, &endpoint);

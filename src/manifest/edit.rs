@@ -73,6 +73,9 @@ pub fn insert_endpoint(doc: &mut DocumentMut, name: &str, ep: &Endpoint) {
     if let Some(r) = ep.rate_limit_per_minute {
         t.insert("rate_limit_per_minute", value(r as i64));
     }
+    if let Some(ms) = ep.timeout_ms {
+        t.insert("timeout_ms", value(ms as i64));
+    }
     if let Some(fields) = &ep.input {
         let mut input = toml_edit::InlineTable::new();
         for (k, v) in fields {

@@ -140,6 +140,7 @@ mod tests {
             scope: None,
             description: Some("My tool".into()),
             rate_limit_per_minute: None,
+            timeout_ms: Some(1_500),
             input: Some([("query".to_string(), "string".to_string())].into_iter().collect()),
         };
         insert_endpoint(&mut doc, "mytool", &ep);
@@ -216,9 +217,23 @@ mod tests {
         let (_, m) = load("[project]\nname = \"a\"\ntarget = \"worker\"\n[endpoints.tool]\nprice_mcents = 4321\n");
         let r = m.endpoints["tool"].resolved("tool", &m.gateway);
         assert_eq!((r.xp, r.scope.as_str(), r.rate_limit_per_minute), (432, "tool", 60));
+        assert_eq!(r.timeout_ms, DEFAULT_TIMEOUT_MS);
         assert_eq!(r.input, default_input());
         let (_, m) = load("[project]\nname = \"a\"\ntarget = \"worker\"\n[endpoints.tool]\nprice_mcents = 1\ninput = {}\n");
         assert!(m.endpoints["tool"].resolved("tool", &m.gateway).input.is_empty(), "input = {{}} is no fields");
+    }
+
+    #[test]
+    fn timeout_ms_is_checked_and_resolved() {
+        let base = "[project]\nname = \"a\"\ntarget = \"worker\"\n[endpoints.tool]\nprice_mcents = 1\n";
+        let (_, m) = load(&format!("{base}timeout_ms = 250\n"));
+        assert_eq!(m.problems(), Vec::<String>::new());
+        assert_eq!(m.endpoints["tool"].resolved("tool", &m.gateway).timeout_ms, 250);
+        for bad in [99u64, 600_001] {
+            let (_, m) = load(&format!("{base}timeout_ms = {bad}\n"));
+            let p = m.problems().join("\n");
+            assert!(p.contains(&format!("endpoints.tool.timeout_ms: {bad} is out of range; use 100 to 600000")), "{p}");
+        }
     }
 
     #[test]

@@ -226,6 +226,9 @@ pub struct Endpoint {
     pub scope: Option<String>,
     pub description: Option<String>,
     pub rate_limit_per_minute: Option<u64>,
+    /// Handler time limit in milliseconds (past it: 504 handler_timeout, the hold is released).
+    /// Left out: [`DEFAULT_TIMEOUT_MS`].
+    pub timeout_ms: Option<u64>,
     /// The JSON body's fields, `name = "type"` (`"type?"` = optional). Left out: [`default_input`].
     pub input: Option<IndexMap<String, String>>,
 }
@@ -238,9 +241,15 @@ pub struct ResolvedEndpoint {
     pub scope: String,
     pub description: String,
     pub rate_limit_per_minute: u64,
+    pub timeout_ms: u64,
     /// (field, raw type) pairs, in manifest order.
     pub input: IndexMap<String, String>,
 }
+
+/// The default handler time limit of an endpoint, in milliseconds.
+pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
+/// The allowed range of an endpoint's `timeout_ms`.
+pub const TIMEOUT_MS_RANGE: (u64, u64) = (100, 600_000);
 
 /// The default XP award of an endpoint: a tenth of its price, at least 1 and at most [`MAX_XP`]
 /// (so that no valid price gives an invalid default).
@@ -254,7 +263,7 @@ pub fn default_input() -> IndexMap<String, String> {
 }
 
 impl Endpoint {
-    /// The endpoint as served: XP, scope, description, rate limit and input with their defaults.
+    /// The endpoint as served: XP, scope, description, rate limit, time limit and input with their defaults.
     pub fn resolved(&self, name: &str, gateway: &Gateway) -> ResolvedEndpoint {
         ResolvedEndpoint {
             price_mcents: self.price_mcents,
@@ -262,6 +271,7 @@ impl Endpoint {
             scope: self.scope.clone().unwrap_or_else(|| name.to_string()),
             description: self.description.clone().unwrap_or_default(),
             rate_limit_per_minute: self.rate_limit_per_minute.unwrap_or(gateway.default_rate_limit_per_minute),
+            timeout_ms: self.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS),
             input: self.input.clone().unwrap_or_else(default_input),
         }
     }

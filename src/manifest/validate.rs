@@ -155,6 +155,10 @@ impl Manifest {
         if let Some(r) = ep.rate_limit_per_minute {
             range(out, &format!("{at}.rate_limit_per_minute"), r, 1, 1_000_000);
         }
+        if let Some(t) = ep.timeout_ms {
+            let (lo, hi) = super::schema::TIMEOUT_MS_RANGE;
+            range(out, &format!("{at}.timeout_ms"), t, lo, hi);
+        }
         let input = ep.input.clone().unwrap_or_else(default_input);
         if input.len() > 64 {
             out.push(format!("{at}.input: at most 64 fields"));

@@ -181,7 +181,7 @@ describe("scopes are default-deny", () => {
 
   it("an unknown endpoint name is rejected by the key object itself", async () => {
     const { hash } = await seedKey({ balance: balanceFor(3) });
-    const r = await keyStub(hash).charge("__no_such_endpoint__", crypto.randomUUID());
+    const r = await keyStub(hash).hold("__no_such_endpoint__", crypto.randomUUID());
     expect(r).toEqual({ ok: false, code: "unknown_endpoint" });
   });
 });

@@ -54,7 +54,9 @@ describe("atomic charging", () => {
     expect(me.calls).toBe(N);
     expect(me.spent_mcents).toBe(N * PRICE);
     const ledger = await getLedger(key);
-    expect(ledger.filter((e) => e.kind === "charge")).toHaveLength(N);
+    expect(ledger.filter((e) => e.kind === "hold")).toHaveLength(N);
+    expect(ledger.filter((e) => e.kind === "capture")).toHaveLength(N);
+    expect(ledger.filter((e) => e.kind === "release")).toHaveLength(0);
     expect(ledger.reduce((sum, e) => sum + e.amount_mcents, 0)).toBe(0);
     for (const e of ledger) expect(e.balance_after).toBeGreaterThanOrEqual(0);
   });
@@ -72,7 +74,9 @@ describe("atomic charging", () => {
 
   it("the key object rejects charges for keys that were never minted without writing storage", async () => {
     const stub = keyStub("0".repeat(64));
-    expect(await stub.charge(EP, crypto.randomUUID())).toEqual({ ok: false, code: "invalid_key" });
+    expect(await stub.hold(EP, crypto.randomUUID())).toEqual({ ok: false, code: "invalid_key" });
+    expect(await stub.capture(crypto.randomUUID())).toEqual({ ok: false, state: "unknown", balanceMcents: 0 });
+    expect((await stub.release(crypto.randomUUID(), "ours")).state).toBe("unknown");
     expect(await stub.stats()).toBeNull();
     const dump = await runInDurableObject(stub, (_i, state) => dumpSql(state.storage.sql));
     expect(dump).toBe("[]");
@@ -118,14 +122,15 @@ describe("/v1/me and /v1/me/ledger", () => {
       ids.push(res.headers.get("X-Request-Id")!);
     }
     const ledger = await getLedger(key);
-    expect(ledger).toHaveLength(calls + 1);
+    expect(ledger).toHaveLength(2 * calls + 1); // mint, then a hold and its capture per call
     expect(ledger[ledger.length - 1]!.kind).toBe("mint");
     expect(ledger[ledger.length - 1]!.amount_mcents).toBe(balance);
     expect(ledger[0]!.request_id).toBe(ids[ids.length - 1]);
     for (let i = 1; i < ledger.length; i++) expect(ledger[i - 1]!.seq).toBeGreaterThan(ledger[i]!.seq);
-    for (const e of ledger.filter((x) => x.kind === "charge")) {
+    expect(ledger[0]!.kind).toBe("capture");
+    for (const e of ledger.filter((x) => x.kind === "hold" || x.kind === "capture")) {
       expect(e.endpoint).toBe(EP);
-      expect(e.amount_mcents).toBe(-PRICE);
+      expect(e.amount_mcents).toBe(e.kind === "hold" ? -PRICE : 0);
       expect(Object.keys(e).sort()).toEqual(["amount_mcents", "balance_after", "endpoint", "kind", "request_id", "seq", "ts"]);
     }
     expect(ledger.reduce((s, e) => s + e.amount_mcents, 0)).toBe((await getMe(key)).balance_mcents);
@@ -134,7 +139,7 @@ describe("/v1/me and /v1/me/ledger", () => {
     expect(await getLedger(key, 2)).toHaveLength(2);
     const auth = { headers: { Authorization: `Bearer ${key}` } };
     const def = (await (await fetchSelf("/v1/me/ledger", auth)).json()) as { entries: unknown[] };
-    expect(def.entries).toHaveLength(calls + 1);
+    expect(def.entries).toHaveLength(2 * calls + 1);
     expect((await fetchSelf("/v1/me/ledger?limit=100000", auth)).status).toBe(200);
     for (const bad of ["0", "-1", "abc", "1.5", ""]) {
       expect((await fetchSelf(`/v1/me/ledger?limit=${bad}`, auth)).status, bad).toBe(400);

@@ -49,10 +49,10 @@ describe("refunds on handler failure", () => {
     expect(me.xp).toBe(0); // no XP for a failed call
     expect(me.calls).toBe(0);
     const ledger = await getLedger(key);
-    expect(ledger.map((e) => e.kind)).toEqual(PRICE > 0 ? ["refund", "charge", "mint"] : ["charge", "mint"]);
-    if (PRICE > 0) {
-      expect(ledger[0]).toMatchObject({ kind: "refund", endpoint: EP, amount_mcents: PRICE, balance_after: balance, request_id: body.request_id });
-    }
+    expect(ledger.map((e) => e.kind)).toEqual(["release", "hold", "mint"]);
+    expect(ledger[1]).toMatchObject({ kind: "hold", endpoint: EP, amount_mcents: -PRICE, balance_after: balance - PRICE, request_id: body.request_id });
+    expect(ledger[0]).toMatchObject({ kind: "release", endpoint: EP, amount_mcents: PRICE, balance_after: balance, request_id: body.request_id });
+    expect(ledger.reduce((s, e) => s + e.amount_mcents, 0)).toBe(balance);
   });
 
   it("a handler answering 5xx → 502 handler_failed, refunded", async () => {
@@ -96,7 +96,10 @@ describe("refunds on handler failure", () => {
       expect(me.balance_mcents).toBe(balance - PRICE);
       expect(me.refunded_mcents).toBe(CAP * PRICE);
       const ledger = await getLedger(key);
-      expect(ledger.filter((e) => e.kind === "refund")).toHaveLength(CAP);
+      expect(ledger.filter((e) => e.kind === "release")).toHaveLength(CAP);
+      expect(ledger.filter((e) => e.kind === "hold")).toHaveLength(CAP + 1);
+      // Past the cap the hold is captured: the charge stands, recorded as a capture of amount 0.
+      expect(ledger[0]).toMatchObject({ kind: "capture", amount_mcents: 0, balance_after: balance - PRICE, request_id: body.request_id });
       expect(ledger.reduce((s, e) => s + e.amount_mcents, 0)).toBe(me.balance_mcents);
       // Another key has its own refund budget.
       const other = await seedKey({ balance: balanceFor(2) });
@@ -104,14 +107,17 @@ describe("refunds on handler failure", () => {
     },
   );
 
-  it("settleFailure is idempotent per request id and needs a real charge", async () => {
+  it("release is idempotent per call id and needs a real hold", async () => {
     const { key, hash } = await seedKey({ balance: balanceFor(2) });
     const res = await call(throwing, key);
     const requestId = res.headers.get("X-Request-Id")!;
     const stub = testEnv.KEYS.get(testEnv.KEYS.idFromName(hash));
-    expect((await stub.settleFailure(requestId)).refunded).toBe(false);
-    expect((await stub.settleFailure(crypto.randomUUID())).refunded).toBe(false);
+    // Released once: a second release reports the same outcome and moves nothing.
+    expect(await stub.release(requestId, "ours")).toMatchObject({ refunded: true, state: "released", balanceMcents: balanceFor(2) });
+    expect(await stub.release(crypto.randomUUID(), "ours")).toMatchObject({ refunded: false, state: "unknown" });
+    expect(await stub.capture(requestId)).toMatchObject({ ok: false, state: "released" });
     expect((await getMe(key)).balance_mcents).toBe(balanceFor(2));
+    expect((await getLedger(key)).filter((e) => e.kind === "release")).toHaveLength(1);
   });
 
   it("a handler that validates rejects before any charge", async () => {

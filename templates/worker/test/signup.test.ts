@@ -104,7 +104,7 @@ describe("signup: routing and pricing follow mcpay.toml", () => {
     expect(pre.headers.get("Access-Control-Allow-Methods")).toBe("POST, OPTIONS");
     expect(pre.headers.get("Access-Control-Allow-Headers")).toBe("Authorization, Content-Type, Idempotency-Key, PAYMENT-SIGNATURE, X-PAYMENT");
     expect(pre.headers.get("Access-Control-Expose-Headers")).toBe(
-      "X-Request-Id, X-Charged-Mcents, X-Balance-Mcents, Retry-After, WWW-Authenticate, PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, Payment-Receipt",
+      "X-Request-Id, X-Charged-Mcents, X-Balance-Mcents, Retry-After, WWW-Authenticate, Idempotent-Replayed, PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, Payment-Receipt",
     );
   });
 });

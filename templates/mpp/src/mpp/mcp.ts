@@ -169,11 +169,31 @@ function buildServer(g: Gateway, request: Request, env: MppEnv, ctx: ExecutionCo
       // Every tools/call is charged and settled under its own id, made here (never from the
       // client's JSON-RPC id), so a failing call can only ever refund itself.
       const callId = `${requestId}/mcp/${crypto.randomUUID()}`;
-      const charge = await stub.charge(tool, callId);
+      // Held, then captured (done) or released (failed); a hold left by a dead request is released
+      // by the key's alarm (contract 3.8).
+      const charge = await stub.hold(tool, callId);
       if (!charge.ok) throw new McpError(ErrorCode.InvalidRequest, `Not charged: ${charge.code}.`, { ...charge, note: "no charge applied" });
       const outcome = await runTool(tool, call.input, g.options.handlers, { ...runCtx, keyId: charge.keyId, chargedMcents: charge.chargedMcents, balanceMcents: charge.balanceMcents }, g.limits);
-      if (outcome.kind === "done") return toolResult({ ...outcome.body, charged_mcents: charge.chargedMcents, balance_mcents: charge.balanceMcents, request_id: requestId });
-      const settled = await stub.settleFailure(callId);
+      if (outcome.kind === "done") {
+        // A capture that fails leaves the hold to the alarm (released): the result is still served.
+        const captured = await stub.capture(callId).catch((err: unknown) => {
+          console.error(JSON.stringify({ msg: "capture failed", request_id: requestId, call_id: callId, error: String(err) }));
+          return null;
+        });
+        if (captured !== null && !captured.ok && captured.state === "released") {
+          return toolResult({ ok: false, error: { code: "handler_timeout", message: "The tool did not finish in time; the held price was released." }, refunded: true, balance_mcents: captured.balanceMcents, request_id: requestId }, true);
+        }
+        return toolResult({ ...outcome.body, charged_mcents: charge.chargedMcents, balance_mcents: charge.balanceMcents, request_id: requestId });
+      }
+      // A failing tool is settled like a failing handler of POST /v1/<tool> (refund cap applies).
+      // A release that fails is left to the key's alarm, which releases the hold in full.
+      const settled = await stub.release(callId, "caller").catch((err: unknown) => {
+        console.error(JSON.stringify({ msg: "release failed", request_id: requestId, call_id: callId, error: String(err) }));
+        return null;
+      });
+      if (settled === null) {
+        return toolResult({ ok: false, error: { code: outcome.code, message: outcome.message }, refunded: false, refund_pending: true, request_id: requestId }, true);
+      }
       return toolResult(
         { ok: false, error: { code: outcome.code, message: outcome.message }, refunded: settled.refunded, balance_mcents: settled.balanceMcents, request_id: requestId },
         true,

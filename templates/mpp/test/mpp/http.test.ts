@@ -421,8 +421,8 @@ describe("POST /v1/execute_code (prepaid key): the same classification", () => {
       expect(await res.json()).toMatchObject({ ok: true, result: { status: "error" } });
     }
     const ledger = await getLedger(key);
-    expect(ledger.filter((e) => e.kind === "charge")).toHaveLength(2);
-    expect(ledger.filter((e) => e.kind === "refund")).toHaveLength(0);
+    expect(ledger.filter((e) => e.kind === "hold")).toHaveLength(2);
+    expect(ledger.filter((e) => e.kind === "release")).toHaveLength(0);
     expect((await getMe(key)).balance_mcents).toBe(0);
   });
 

@@ -144,8 +144,8 @@ describe("MCP", () => {
     // One call served and charged, the failed one refunded: exactly one price spent.
     expect((await getMe(key)).balance_mcents).toBe(price);
     const ledger = await getLedger(key);
-    expect(ledger.filter((e) => e.kind === "charge")).toHaveLength(2);
-    expect(ledger.filter((e) => e.kind === "refund")).toHaveLength(1);
+    expect(ledger.filter((e) => e.kind === "hold")).toHaveLength(2);
+    expect(ledger.filter((e) => e.kind === "release")).toHaveLength(1);
   });
 
   it("a batch whose tools/call share one JSON-RPC id is refused whole (-32600, HTTP 400) before any charge", async () => {
@@ -158,7 +158,7 @@ describe("MCP", () => {
     expect(body).toMatchObject({ jsonrpc: "2.0", id: null, error: { code: -32600 } });
     expect(body.error.message).toMatch(/more than once/);
     const ledger = await getLedger(key);
-    expect(ledger.filter((e) => e.kind === "charge")).toHaveLength(0);
+    expect(ledger.filter((e) => e.kind === "hold")).toHaveLength(0);
     expect((await getMe(key)).balance_mcents).toBe(price * 10);
   });
 
@@ -175,8 +175,8 @@ describe("MCP", () => {
     expect(replies).toHaveLength(3);
     for (const r of replies) expect(r.result.structuredContent).toMatchObject({ ok: false, refunded: true });
     const ledger = await getLedger(key);
-    const charges = ledger.filter((e) => e.kind === "charge");
-    const refunds = ledger.filter((e) => e.kind === "refund");
+    const charges = ledger.filter((e) => e.kind === "hold");
+    const refunds = ledger.filter((e) => e.kind === "release");
     expect(charges).toHaveLength(3);
     expect(refunds).toHaveLength(3);
     // Every charge has its own gateway-made id, refunded exactly once.
@@ -203,8 +203,8 @@ describe("MCP", () => {
       expect(r.result.structuredContent).toMatchObject({ ok: true, status: "error", charged_mcents: price });
     }
     const ledger = await getLedger(key);
-    expect(ledger.filter((e) => e.kind === "charge")).toHaveLength(3);
-    expect(ledger.filter((e) => e.kind === "refund")).toHaveLength(0);
+    expect(ledger.filter((e) => e.kind === "hold")).toHaveLength(3);
+    expect(ledger.filter((e) => e.kind === "release")).toHaveLength(0);
     expect((await getMe(key)).balance_mcents).toBe(0);
   });
 });

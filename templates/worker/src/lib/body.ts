@@ -1,5 +1,7 @@
 // Bounded request body reading: the Content-Length header is checked before reading, and the
 // stream itself is counted while reading, so chunked bodies without Content-Length are bounded too.
+// A body that stalls is bounded by the Workers runtime, not here: the platform ends a request whose
+// client stops sending (contract 3.8, time limits); nothing is held before the body was read.
 import { HttpError } from "./http";
 
 /** Returns true if the request's Content-Type is application/json (parameters such as charset allowed). */
@@ -21,7 +23,8 @@ function tooLarge(maxBytes: number): HttpError {
 export async function readBoundedText(req: Request, maxBytes: number): Promise<string> {
   const declared = req.headers.get("Content-Length");
   if (declared !== null) {
-    const n = Number(declared.trim());
+    // Only decimal digits: "-5", "12abc", "1e3", "0x10" and "" are refused (never a runtime 500).
+    const n = /^[0-9]{1,15}$/.test(declared.trim()) ? Number(declared.trim()) : NaN;
     if (!Number.isFinite(n) || n < 0) {
       throw new HttpError(400, "invalid_json", { message: "Invalid Content-Length.", noCharge: true });
     }
@@ -56,12 +59,17 @@ export async function readBoundedText(req: Request, maxBytes: number): Promise<s
 
 /** Reads, bounds and parses a JSON request body (415 / 413 / 400 with "no charge applied"). */
 export async function readJsonBody(req: Request, maxBytes: number): Promise<unknown> {
+  return (await readJsonBodyText(req, maxBytes)).value;
+}
+
+/** Like readJsonBody, also returning the body's text (for the Idempotency-Key body hash). */
+export async function readJsonBodyText(req: Request, maxBytes: number): Promise<{ value: unknown; text: string }> {
   if (!isJsonContentType(req.headers.get("Content-Type"))) {
     throw new HttpError(415, "unsupported_media_type", { noCharge: true });
   }
   const text = await readBoundedText(req, maxBytes);
   try {
-    return JSON.parse(text) as unknown;
+    return { value: JSON.parse(text) as unknown, text };
   } catch {
     throw new HttpError(400, "invalid_json", { noCharge: true });
   }

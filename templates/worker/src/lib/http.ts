@@ -18,6 +18,10 @@ export type ErrorCode =
   | "admin_disabled"
   | "invalid_admin_key"
   | "handler_failed"
+  | "handler_timeout"
+  | "idempotency_mismatch"
+  | "idempotency_in_progress"
+  | "idempotency_response_not_stored"
   | "internal_error"
   | "invalid_payment"
   | "payment_required"
@@ -44,6 +48,11 @@ const MESSAGES: Record<ErrorCode, string> = {
   admin_disabled: "Admin API disabled: ADMIN_KEY is not configured.",
   invalid_admin_key: "Invalid admin key.",
   handler_failed: "The endpoint handler failed.",
+  handler_timeout: "The endpoint handler did not finish in time; the held price was released.",
+  idempotency_mismatch: "This Idempotency-Key was used with another endpoint or body; use a new Idempotency-Key.",
+  idempotency_in_progress: "A call with this Idempotency-Key is still running; retry after Retry-After seconds.",
+  idempotency_response_not_stored:
+    "This Idempotency-Key's call succeeded and was charged once, but its answer was too large to store; it cannot be replayed.",
   internal_error: "Internal error.",
   invalid_payment: "Send at most one payment credential (PAYMENT-SIGNATURE, X-PAYMENT or Authorization: Payment).",
   payment_required: "Payment required.",
@@ -109,7 +118,7 @@ export const CORS_HEADERS: Readonly<Record<string, string>> = {
   "Access-Control-Allow-Origin": "*",
   "Access-Control-Allow-Headers": "Authorization, Content-Type, Idempotency-Key, PAYMENT-SIGNATURE, X-PAYMENT",
   "Access-Control-Expose-Headers":
-    "X-Request-Id, X-Charged-Mcents, X-Balance-Mcents, Retry-After, WWW-Authenticate, PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, Payment-Receipt",
+    "X-Request-Id, X-Charged-Mcents, X-Balance-Mcents, Retry-After, WWW-Authenticate, Idempotent-Replayed, PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, Payment-Receipt",
 };
 
 /** Returns a copy of `res` with extra headers set (the body is streamed through, not copied). */

@@ -1,11 +1,12 @@
 // One Durable Object per API key, addressed by KEYS.idFromName(sha256hex(key)).
-// It owns the key's balance, scopes, stats, rate-limit windows, refund counter and ledger.
+// It owns the key's balance, scopes, stats, rate-limit windows, refund counter, ledger, the holds
+// of its paid calls and its Idempotency-Key records (contract 3.8).
 // Every mutation is a single synchronous SQLite transaction inside a single-threaded object,
 // so concurrent charges on one key can never overdraw it, and keys never contend with each other.
 // Prices, XP awards, scopes and rate limits are read from the generated manifest HERE: callers
 // only name the endpoint, they never pass an amount.
 import { DurableObject } from "cloudflare:workers";
-import { GATEWAY, PRICE_MCENTS, RATE_LIMIT_PER_MINUTE, SCOPE_FOR, XP_AWARD } from "../generated/manifest";
+import { GATEWAY, PRICE_MCENTS, RATE_LIMIT_PER_MINUTE, SCOPE_FOR, TIMEOUT_MS, XP_AWARD } from "../generated/manifest";
 import type { AppEnv } from "./env";
 import { badgesFor, levelFor } from "./levels";
 import { isCallType, isScope } from "./manifest-util";
@@ -24,16 +25,39 @@ export interface InitArgs {
   requestId: string;
 }
 
-export type ChargeResult =
-  | { ok: true; keyId: string; chargedMcents: number; balanceMcents: number }
-  | { ok: false; code: "invalid_key" | "unknown_endpoint" | "scope_denied" }
-  | { ok: false; code: "rate_limited"; retryAfterSeconds: number }
-  | { ok: false; code: "insufficient_balance"; priceMcents: number; balanceMcents: number };
+/** A paid call's stored answer (Idempotency-Key replays). `body` null: too large, not stored. */
+export interface StoredResponse {
+  status: number;
+  headers: [string, string][];
+  body: ArrayBuffer | null;
+}
+
+export interface HoldOptions {
+  /** The caller's Idempotency-Key (already syntax-checked) and the SHA-256 hex of the body. */
+  idempotencyKey?: string;
+  bodyHash?: string;
+}
+
+export type HoldResult =
+  | { ok: true; keyId: string; chargedMcents: number; balanceMcents: number; deadline: number }
+  | { ok: false; code: "invalid_key" | "unknown_endpoint" | "scope_denied" | "idempotency_mismatch" }
+  | { ok: false; code: "rate_limited" | "idempotency_in_progress"; retryAfterSeconds: number }
+  | { ok: false; code: "insufficient_balance"; priceMcents: number; balanceMcents: number }
+  | { ok: false; code: "replay"; originalRequestId: string; response: StoredResponse | null };
+
+export type CaptureResult =
+  | { ok: true; balanceMcents: number }
+  | { ok: false; state: "released" | "unknown"; balanceMcents: number };
+
+/** Why a hold is released: the caller's failure (subject to the refund cap), or ours (never capped). */
+export type ReleaseReason = "caller" | "timeout" | "ours";
 
 export interface SettleResult {
   refunded: boolean;
   refundedMcents: number;
   balanceMcents: number;
+  /** The hold's final state: released, captured (kept past the refund cap), or unknown call id. */
+  state: "released" | "captured" | "unknown";
 }
 
 export interface KeyStats {
@@ -52,7 +76,8 @@ export interface KeyStats {
 export interface LedgerEntry {
   seq: number;
   ts: number;
-  kind: "mint" | "charge" | "refund";
+  /** `charge` and `refund` only appear in ledgers written before holds existed. */
+  kind: "mint" | "hold" | "capture" | "release" | "charge" | "refund";
   endpoint: string | null;
   amount_mcents: number;
   balance_after: number;
@@ -71,6 +96,23 @@ type AccountRow = {
   rev: number;
 };
 
+/** A hold not settled by its request within the endpoint's timeout + this margin is released by the alarm. */
+export const HOLD_MARGIN_MS = 60_000;
+/** How long an Idempotency-Key is remembered. */
+export const IDEMPOTENCY_TTL_MS = 24 * HOUR_MS;
+/** Settled holds are kept this long (settlement stays idempotent per call id meanwhile). */
+const SETTLED_HOLD_TTL_MS = 24 * HOUR_MS;
+
+const LEDGER_DDL = `CREATE TABLE IF NOT EXISTS ledger (
+     seq INTEGER PRIMARY KEY AUTOINCREMENT,
+     ts INTEGER NOT NULL,
+     kind TEXT NOT NULL CHECK (kind IN ('mint', 'hold', 'capture', 'release', 'charge', 'refund')),
+     endpoint TEXT,
+     amount_mcents INTEGER NOT NULL,
+     balance_after INTEGER NOT NULL,
+     request_id TEXT NOT NULL,
+     xp_delta INTEGER NOT NULL DEFAULT 0)`;
+
 const SCHEMA = [
   `CREATE TABLE IF NOT EXISTS account (
      id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -84,27 +126,62 @@ const SCHEMA = [
      refunded INTEGER NOT NULL DEFAULT 0,
      rev INTEGER NOT NULL DEFAULT 0,
      created_at INTEGER NOT NULL)`,
-  `CREATE TABLE IF NOT EXISTS ledger (
-     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-     ts INTEGER NOT NULL,
-     kind TEXT NOT NULL CHECK (kind IN ('mint', 'charge', 'refund')),
-     endpoint TEXT,
-     amount_mcents INTEGER NOT NULL,
-     balance_after INTEGER NOT NULL,
-     request_id TEXT NOT NULL,
-     xp_delta INTEGER NOT NULL DEFAULT 0)`,
+  LEDGER_DDL,
   `CREATE INDEX IF NOT EXISTS ledger_request ON ledger (request_id)`,
   `CREATE INDEX IF NOT EXISTS ledger_kind_ts ON ledger (kind, ts)`,
   `CREATE TABLE IF NOT EXISTS rate_events (endpoint TEXT NOT NULL, ts INTEGER NOT NULL)`,
   `CREATE INDEX IF NOT EXISTS rate_events_ep_ts ON rate_events (endpoint, ts)`,
   `CREATE TABLE IF NOT EXISTS failures (request_id TEXT PRIMARY KEY)`,
+  // One row per paid call: held → captured | released, keyed by the gateway's call id.
+  `CREATE TABLE IF NOT EXISTS holds (
+     call_id TEXT PRIMARY KEY,
+     endpoint TEXT NOT NULL,
+     amount INTEGER NOT NULL,
+     xp INTEGER NOT NULL,
+     state TEXT NOT NULL CHECK (state IN ('held', 'captured', 'released')),
+     reason TEXT,
+     created_at INTEGER NOT NULL,
+     deadline INTEGER NOT NULL,
+     settled_at INTEGER)`,
+  `CREATE INDEX IF NOT EXISTS holds_state_deadline ON holds (state, deadline)`,
+  `CREATE INDEX IF NOT EXISTS holds_settled ON holds (state, reason, settled_at)`,
+  // Idempotency-Key records, scoped to this key by construction (one object per key).
+  `CREATE TABLE IF NOT EXISTS idempotency (
+     idem_key TEXT PRIMARY KEY,
+     endpoint TEXT NOT NULL,
+     body_hash TEXT NOT NULL,
+     call_id TEXT NOT NULL,
+     state TEXT NOT NULL CHECK (state IN ('running', 'done')),
+     expires_at INTEGER NOT NULL,
+     status INTEGER,
+     headers TEXT,
+     body BLOB,
+     stored INTEGER NOT NULL DEFAULT 0)`,
+  `CREATE INDEX IF NOT EXISTS idempotency_call ON idempotency (call_id)`,
+  `CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency (expires_at)`,
 ];
+
+type HoldRow = { call_id: string; endpoint: string; amount: number; xp: number; state: string; deadline: number };
+type IdemRow = {
+  endpoint: string;
+  body_hash: string;
+  call_id: string;
+  state: string;
+  expires_at: number;
+  status: number | null;
+  headers: string | null;
+  body: ArrayBuffer | null;
+  stored: number;
+};
 
 export class KeyDO extends DurableObject<AppEnv> {
   private readonly sql: SqlStorage;
   /** False for an object that was never minted: such objects never write storage. */
   private initialized: boolean;
-  private reportPending = false;
+  /** When the leaderboard report is due (null: nothing to report). */
+  private reportAt: number | null = null;
+  /** The alarm time this object last set (null: none set). */
+  private alarmAt: number | null = null;
 
   constructor(ctx: DurableObjectState, env: AppEnv) {
     super(ctx, env);
@@ -112,10 +189,33 @@ export class KeyDO extends DurableObject<AppEnv> {
     this.initialized =
       this.sql.exec("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'account'").toArray().length > 0;
     if (this.initialized) {
+      this.migrate();
       void ctx.blockConcurrencyWhile(async () => {
-        this.reportPending = (await ctx.storage.getAlarm()) !== null;
+        this.alarmAt = await ctx.storage.getAlarm();
+        // An alarm set by an earlier instance may carry a report: report again (harmless, rev-ordered).
+        if (this.alarmAt !== null) this.reportAt = this.alarmAt;
       });
     }
+  }
+
+  /** Brings an object created by an older version to the current schema (holds, idempotency, ledger kinds). */
+  private migrate(): void {
+    const ledger = this.sql
+      .exec<{ sql: string }>("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ledger'")
+      .toArray()[0];
+    this.ctx.storage.transactionSync(() => {
+      if (ledger && !ledger.sql.includes("'hold'")) {
+        this.sql.exec("DROP INDEX IF EXISTS ledger_request");
+        this.sql.exec("DROP INDEX IF EXISTS ledger_kind_ts");
+        this.sql.exec("ALTER TABLE ledger RENAME TO ledger_v1");
+        this.sql.exec(LEDGER_DDL);
+        this.sql.exec(
+          "INSERT INTO ledger (seq, ts, kind, endpoint, amount_mcents, balance_after, request_id, xp_delta) SELECT seq, ts, kind, endpoint, amount_mcents, balance_after, request_id, xp_delta FROM ledger_v1",
+        );
+        this.sql.exec("DROP TABLE ledger_v1");
+      }
+      for (const stmt of SCHEMA) this.sql.exec(stmt);
+    });
   }
 
   private account(): AccountRow | null {
@@ -167,18 +267,41 @@ export class KeyDO extends DurableObject<AppEnv> {
   }
 
   /**
-   * Atomically checks and charges one call to `endpoint`. Order: key exists → known endpoint →
-   * scope → per-minute rate limit → balance. Nothing is written unless the charge succeeds.
+   * Atomically checks and holds the price of one call to `endpoint` under the gateway's call id.
+   * Order: key exists → known endpoint → scope → Idempotency-Key (mismatch / in progress / replay)
+   * → per-minute rate limit → balance. Nothing is written unless the hold is taken. The hold must
+   * then be captured or released; the alarm releases it after TIMEOUT_MS[endpoint] + HOLD_MARGIN_MS.
    */
-  charge(endpoint: string, requestId: string): ChargeResult {
+  hold(endpoint: string, callId: string, opts: HoldOptions = {}): HoldResult {
     if (!this.initialized) return { ok: false, code: "invalid_key" };
     if (!isCallType(endpoint)) return { ok: false, code: "unknown_endpoint" };
+    const idemKey = opts.idempotencyKey;
+    const bodyHash = opts.bodyHash ?? "";
     const now = Date.now();
-    const result = this.ctx.storage.transactionSync((): ChargeResult => {
+    const deadline = now + TIMEOUT_MS[endpoint] + HOLD_MARGIN_MS;
+    const result = this.ctx.storage.transactionSync((): HoldResult => {
       const acct = this.account();
       if (!acct) return { ok: false, code: "invalid_key" };
       const scopes = JSON.parse(acct.scopes) as string[];
       if (!scopes.includes(SCOPE_FOR[endpoint])) return { ok: false, code: "scope_denied" };
+
+      if (idemKey !== undefined) {
+        this.sql.exec("DELETE FROM idempotency WHERE idem_key = ? AND expires_at <= ?", idemKey, now);
+        const prior = this.sql.exec<IdemRow>("SELECT * FROM idempotency WHERE idem_key = ?", idemKey).toArray()[0];
+        if (prior) {
+          if (prior.endpoint !== endpoint || prior.body_hash !== bodyHash) return { ok: false, code: "idempotency_mismatch" };
+          if (prior.state === "running") {
+            const h = this.sql.exec<{ deadline: number }>("SELECT deadline FROM holds WHERE call_id = ?", prior.call_id).toArray()[0];
+            const waitMs = Math.min(5_000, (h?.deadline ?? now) - now);
+            return { ok: false, code: "idempotency_in_progress", retryAfterSeconds: Math.max(1, Math.ceil(waitMs / 1000)) };
+          }
+          const response: StoredResponse | null =
+            prior.stored === 1 && prior.status !== null
+              ? { status: prior.status, headers: JSON.parse(prior.headers ?? "[]") as [string, string][], body: prior.body }
+              : null;
+          return { ok: false, code: "replay", originalRequestId: prior.call_id, response };
+        }
+      }
 
       const limit = RATE_LIMIT_PER_MINUTE[endpoint];
       if (limit > 0) {
@@ -199,6 +322,10 @@ export class KeyDO extends DurableObject<AppEnv> {
       if (acct.balance < price) {
         return { ok: false, code: "insufficient_balance", priceMcents: price, balanceMcents: acct.balance };
       }
+      // A call id holds at most once (fail closed on a reused id).
+      if (this.sql.exec("SELECT 1 FROM holds WHERE call_id = ?", callId).toArray().length > 0) {
+        throw new Error("hold: call id already used");
+      }
       const balance = acct.balance - price;
       const xp = XP_AWARD[endpoint];
       this.sql.exec(
@@ -208,75 +335,151 @@ export class KeyDO extends DurableObject<AppEnv> {
         price,
       );
       this.sql.exec(
-        "INSERT INTO ledger (ts, kind, endpoint, amount_mcents, balance_after, request_id, xp_delta) VALUES (?, 'charge', ?, ?, ?, ?, ?)",
+        "INSERT INTO ledger (ts, kind, endpoint, amount_mcents, balance_after, request_id, xp_delta) VALUES (?, 'hold', ?, ?, ?, ?, ?)",
         now,
         endpoint,
         -price,
         balance,
-        requestId,
+        callId,
         xp,
       );
+      this.sql.exec(
+        "INSERT INTO holds (call_id, endpoint, amount, xp, state, created_at, deadline) VALUES (?, ?, ?, ?, 'held', ?, ?)",
+        callId,
+        endpoint,
+        price,
+        xp,
+        now,
+        deadline,
+      );
+      if (idemKey !== undefined) {
+        this.sql.exec(
+          "INSERT INTO idempotency (idem_key, endpoint, body_hash, call_id, state, expires_at) VALUES (?, ?, ?, ?, 'running', ?)",
+          idemKey,
+          endpoint,
+          bodyHash,
+          callId,
+          now + IDEMPOTENCY_TTL_MS,
+        );
+      }
       if (limit > 0) this.sql.exec("INSERT INTO rate_events (endpoint, ts) VALUES (?, ?)", endpoint, now);
-      return { ok: true, keyId: acct.key_id, chargedMcents: price, balanceMcents: balance };
+      return { ok: true, keyId: acct.key_id, chargedMcents: price, balanceMcents: balance, deadline };
     });
-    if (result.ok) this.scheduleReport();
+    if (result.ok) {
+      this.arm(deadline);
+      this.scheduleReport();
+    }
     return result;
   }
 
   /**
-   * Called when the handler of a charged call failed. The call's XP and call count are taken
-   * back; its charge is refunded unless the key already had GATEWAY.refundsPerKeyPerHour
-   * refunds in the last rolling hour. The amount comes from this key's own ledger.
-   * Idempotent per request id.
+   * The call succeeded: its hold becomes final (a `capture` ledger row, amount 0) and, when the
+   * call carried an Idempotency-Key, its answer is stored in the same transaction.
+   * Idempotent per call id; a hold already released (past its deadline) stays released.
    */
-  settleFailure(requestId: string): SettleResult {
-    if (!this.initialized) return { refunded: false, refundedMcents: 0, balanceMcents: 0 };
+  capture(callId: string, response?: StoredResponse): CaptureResult {
+    if (!this.initialized) return { ok: false, state: "unknown", balanceMcents: 0 };
     const now = Date.now();
-    const result = this.ctx.storage.transactionSync((): SettleResult => {
+    const result = this.ctx.storage.transactionSync((): CaptureResult => {
       const acct = this.account();
-      if (!acct) return { refunded: false, refundedMcents: 0, balanceMcents: 0 };
-      const charges = this.sql
-        .exec<{ endpoint: string; amount_mcents: number; xp_delta: number }>(
-          "SELECT endpoint, amount_mcents, xp_delta FROM ledger WHERE request_id = ? AND kind = 'charge'",
-          requestId,
-        )
-        .toArray();
-      // Exactly one charge per settlement id; anything else is not ours to refund (fail closed).
-      const charge = charges.length === 1 ? charges[0] : undefined;
-      const settled =
-        this.sql.exec("SELECT 1 FROM failures WHERE request_id = ?", requestId).toArray().length > 0;
-      if (!charge || settled) return { refunded: false, refundedMcents: 0, balanceMcents: acct.balance };
-      this.sql.exec("INSERT INTO failures (request_id) VALUES (?)", requestId);
+      const balance = acct?.balance ?? 0;
+      const h = this.sql.exec<HoldRow>("SELECT * FROM holds WHERE call_id = ?", callId).toArray()[0];
+      if (!acct || !h) return { ok: false, state: "unknown", balanceMcents: balance };
+      if (h.state === "captured") return { ok: true, balanceMcents: balance };
+      if (h.state === "released") return { ok: false, state: "released", balanceMcents: balance };
+      this.sql.exec("UPDATE holds SET state = 'captured', reason = 'success', settled_at = ? WHERE call_id = ?", now, callId);
       this.sql.exec(
-        "UPDATE account SET xp = MAX(0, xp - ?), calls = MAX(0, calls - 1), rev = rev + 1 WHERE id = 1",
-        charge.xp_delta,
-      );
-      const amount = -charge.amount_mcents;
-      const recent = this.sql
-        .exec<{ n: number }>("SELECT COUNT(*) AS n FROM ledger WHERE kind = 'refund' AND ts > ?", now - HOUR_MS)
-        .one().n;
-      if (amount <= 0 || recent >= GATEWAY.refundsPerKeyPerHour) {
-        return { refunded: false, refundedMcents: 0, balanceMcents: acct.balance };
-      }
-      const balance = acct.balance + amount;
-      this.sql.exec(
-        "UPDATE account SET balance = ?, refunded = refunded + ?, spent = spent - ? WHERE id = 1",
-        balance,
-        amount,
-        amount,
-      );
-      this.sql.exec(
-        "INSERT INTO ledger (ts, kind, endpoint, amount_mcents, balance_after, request_id) VALUES (?, 'refund', ?, ?, ?, ?)",
+        "INSERT INTO ledger (ts, kind, endpoint, amount_mcents, balance_after, request_id) VALUES (?, 'capture', ?, 0, ?, ?)",
         now,
-        charge.endpoint,
-        amount,
+        h.endpoint,
         balance,
-        requestId,
+        callId,
       );
-      return { refunded: true, refundedMcents: amount, balanceMcents: balance };
+      if (response !== undefined) {
+        const stored = response.body !== null;
+        this.sql.exec(
+          "UPDATE idempotency SET state = 'done', status = ?, headers = ?, body = ?, stored = ? WHERE call_id = ?",
+          stored ? response.status : null,
+          stored ? JSON.stringify(response.headers) : null,
+          response.body,
+          stored ? 1 : 0,
+          callId,
+        );
+      } else {
+        // No answer to keep: the Idempotency-Key (if any) is done without a stored body.
+        this.sql.exec("UPDATE idempotency SET state = 'done', stored = 0 WHERE call_id = ?", callId);
+      }
+      return { ok: true, balanceMcents: balance };
     });
+    // Stored answers are forgotten by the alarm once they expire.
+    const expiry = this.nextIdempotencyExpiry();
+    if (result.ok && expiry !== null) this.arm(expiry);
+    return result;
+  }
+
+  /**
+   * The call failed: its XP and call count are taken back and its hold is released (a `release`
+   * ledger row, +price). A `caller` failure is released only while the key had fewer than
+   * GATEWAY.refundsPerKeyPerHour caller-failure releases in the last rolling hour; past that the
+   * hold is captured (the charge stands). `timeout` and `ours` are always released and not counted.
+   * The Idempotency-Key of a failed call is freed (a retry runs again). Idempotent per call id.
+   */
+  release(callId: string, reason: ReleaseReason): SettleResult {
+    if (!this.initialized) return { refunded: false, refundedMcents: 0, balanceMcents: 0, state: "unknown" };
+    const result = this.ctx.storage.transactionSync(() => this.releaseTx(callId, reason, Date.now()));
     this.scheduleReport();
     return result;
+  }
+
+  private releaseTx(callId: string, reason: ReleaseReason | "expired", now: number): SettleResult {
+    const acct = this.account();
+    const h = this.sql.exec<HoldRow>("SELECT * FROM holds WHERE call_id = ?", callId).toArray()[0];
+    if (!acct || !h) return { refunded: false, refundedMcents: 0, balanceMcents: acct?.balance ?? 0, state: "unknown" };
+    if (h.state === "captured") return { refunded: false, refundedMcents: 0, balanceMcents: acct.balance, state: "captured" };
+    if (h.state === "released") return { refunded: true, refundedMcents: h.amount, balanceMcents: acct.balance, state: "released" };
+    this.sql.exec("DELETE FROM idempotency WHERE call_id = ?", callId);
+    this.sql.exec(
+      "UPDATE account SET xp = MAX(0, xp - ?), calls = MAX(0, calls - 1), rev = rev + 1 WHERE id = 1",
+      h.xp,
+    );
+    if (reason === "caller") {
+      const recent =
+        this.sql
+          .exec<{ n: number }>(
+            "SELECT COUNT(*) AS n FROM holds WHERE state = 'released' AND reason = 'caller' AND settled_at > ?",
+            now - HOUR_MS,
+          )
+          .one().n +
+        this.sql.exec<{ n: number }>("SELECT COUNT(*) AS n FROM ledger WHERE kind = 'refund' AND ts > ?", now - HOUR_MS).one().n;
+      if (recent >= GATEWAY.refundsPerKeyPerHour) {
+        this.sql.exec("UPDATE holds SET state = 'captured', reason = 'kept', settled_at = ? WHERE call_id = ?", now, callId);
+        this.sql.exec(
+          "INSERT INTO ledger (ts, kind, endpoint, amount_mcents, balance_after, request_id) VALUES (?, 'capture', ?, 0, ?, ?)",
+          now,
+          h.endpoint,
+          acct.balance,
+          callId,
+        );
+        return { refunded: false, refundedMcents: 0, balanceMcents: acct.balance, state: "captured" };
+      }
+    }
+    const balance = acct.balance + h.amount;
+    this.sql.exec(
+      "UPDATE account SET balance = ?, refunded = refunded + ?, spent = spent - ? WHERE id = 1",
+      balance,
+      h.amount,
+      h.amount,
+    );
+    this.sql.exec("UPDATE holds SET state = 'released', reason = ?, settled_at = ? WHERE call_id = ?", reason, now, callId);
+    this.sql.exec(
+      "INSERT INTO ledger (ts, kind, endpoint, amount_mcents, balance_after, request_id) VALUES (?, 'release', ?, ?, ?, ?)",
+      now,
+      h.endpoint,
+      h.amount,
+      balance,
+      callId,
+    );
+    return { refunded: true, refundedMcents: h.amount, balanceMcents: balance, state: "released" };
   }
 
   /** The key's public stats, or null if this object holds no key. */
@@ -298,45 +501,99 @@ export class KeyDO extends DurableObject<AppEnv> {
     };
   }
 
-  /** Newest-first ledger entries, or null if this object holds no key. */
-  ledger(limit: number): LedgerEntry[] | null {
+  /**
+   * Newest-first ledger entries with `seq < before` (all when `before` is null), at most `limit`
+   * (1..500), and the cursor of the next page (null when there is none). Null if this object holds no key.
+   */
+  ledgerPage(limit: number, before: number | null = null): { entries: LedgerEntry[]; nextBefore: number | null } | null {
     if (!this.initialized) return null;
     const n = Math.min(Math.max(1, Math.trunc(limit)), 500);
-    return this.sql
+    const cursor = before === null ? Number.MAX_SAFE_INTEGER : before;
+    const rows = this.sql
       .exec<{ [K in keyof LedgerEntry]: LedgerEntry[K] }>(
-        "SELECT seq, ts, kind, endpoint, amount_mcents, balance_after, request_id FROM ledger ORDER BY seq DESC LIMIT ?",
-        n,
+        "SELECT seq, ts, kind, endpoint, amount_mcents, balance_after, request_id FROM ledger WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+        cursor,
+        n + 1,
       )
       .toArray();
+    const more = rows.length > n;
+    const entries = rows.slice(0, n);
+    return { entries, nextBefore: more ? entries[entries.length - 1]!.seq : null };
+  }
+
+  /** Newest-first ledger entries (the first page), or null if this object holds no key. */
+  ledger(limit: number): LedgerEntry[] | null {
+    return this.ledgerPage(limit)?.entries ?? null;
+  }
+
+  private nextIdempotencyExpiry(): number | null {
+    return this.sql.exec<{ t: number | null }>("SELECT MIN(expires_at) AS t FROM idempotency").one().t;
+  }
+
+  /** Makes sure the alarm fires no later than `at`. */
+  private arm(at: number): void {
+    if (this.alarmAt !== null && this.alarmAt <= at) return;
+    this.alarmAt = at;
+    // Not awaited: the write is ordered by the output gate.
+    void this.ctx.storage.setAlarm(at);
   }
 
   private scheduleReport(): void {
-    if (this.reportPending) return;
-    this.reportPending = true;
-    // Not awaited by the paid request: the write is ordered by the output gate.
-    void this.ctx.storage.setAlarm(Date.now() + REPORT_DELAY_MS);
+    if (this.reportAt !== null) return;
+    this.reportAt = Date.now() + REPORT_DELAY_MS;
+    this.arm(this.reportAt);
   }
 
-  /** Reports this key's public stats to the leaderboard, batching all changes since the last report. */
+  /**
+   * The sweeper: releases every hold past its deadline (its request died or never settled it; in
+   * full, never capped), forgets expired Idempotency-Keys and old settled holds, then reports this
+   * key's public stats to the leaderboard (batching all changes since the last report) and sets
+   * the next alarm.
+   */
   override async alarm(): Promise<void> {
-    this.reportPending = false;
-    const a = this.account();
-    if (!a) return;
-    const report: LeaderboardReport = {
-      key_id: a.key_id,
-      name: a.name,
-      xp: a.xp,
-      level: levelFor(a.xp),
-      badges: badgesFor({ calls: a.calls, spentMcents: a.spent }),
-      calls: a.calls,
-      rev: a.rev,
-    };
-    try {
-      const lb = this.env.LEADERBOARD.get(this.env.LEADERBOARD.idFromName("global"));
-      await lb.report([report]);
-    } catch (err) {
-      this.reportPending = true; // the runtime retries a failed alarm
-      throw err;
+    this.alarmAt = null;
+    if (!this.initialized) return;
+    const now = Date.now();
+    const expired = this.sql
+      .exec<{ call_id: string }>("SELECT call_id FROM holds WHERE state = 'held' AND deadline <= ?", now)
+      .toArray();
+    this.ctx.storage.transactionSync(() => {
+      for (const h of expired) this.releaseTx(h.call_id, "expired", now);
+      this.sql.exec("DELETE FROM idempotency WHERE expires_at <= ?", now);
+      this.sql.exec("DELETE FROM holds WHERE state != 'held' AND settled_at <= ?", now - SETTLED_HOLD_TTL_MS);
+    });
+    if (expired.length > 0) {
+      console.error(JSON.stringify({ msg: "released expired holds", count: expired.length }));
+      if (this.reportAt === null) this.reportAt = now;
     }
+    // Any alarm run reports pending changes (an early report is harmless: reports are rev-ordered).
+    if (this.reportAt !== null) {
+      const a = this.account();
+      this.reportAt = null;
+      if (a) {
+        const report: LeaderboardReport = {
+          key_id: a.key_id,
+          name: a.name,
+          xp: a.xp,
+          level: levelFor(a.xp),
+          badges: badgesFor({ calls: a.calls, spentMcents: a.spent }),
+          calls: a.calls,
+          rev: a.rev,
+        };
+        try {
+          const lb = this.env.LEADERBOARD.get(this.env.LEADERBOARD.idFromName("global"));
+          await lb.report([report]);
+        } catch (err) {
+          console.error(JSON.stringify({ msg: "leaderboard report failed", error: String(err) }));
+          if (this.reportAt === null) this.reportAt = Date.now() + REPORT_DELAY_MS;
+        }
+      }
+    }
+    const next = [
+      this.reportAt,
+      this.sql.exec<{ t: number | null }>("SELECT MIN(deadline) AS t FROM holds WHERE state = 'held'").one().t,
+      this.nextIdempotencyExpiry(),
+    ].filter((t): t is number => t !== null);
+    if (next.length > 0) this.arm(Math.max(Math.min(...next), Date.now() + 1));
   }
 }
