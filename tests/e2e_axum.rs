@@ -83,8 +83,8 @@ fn axum_project_builds_locked_and_passes_its_own_tests() {
     let bin = shared_target().join("debug/api");
     let port = free_port();
     let bare_port = free_port();
-    let mut server = serve(&bin, port, Some(ADMIN), &t.path().join("a.db"));
-    let mut bare = serve(&bin, bare_port, None, &t.path().join("b.db"));
+    let mut server = serve(&bin, port, Some(ADMIN), &t.path().join("a.db"), &chain.gateway_env());
+    let mut bare = serve(&bin, bare_port, None, &t.path().join("b.db"), &[]);
     wait_ready(port, &mut server);
     wait_ready(bare_port, &mut bare);
 
@@ -96,27 +96,35 @@ fn axum_project_builds_locked_and_passes_its_own_tests() {
     assert_eq!(header(&headers, "x-charged-mcents"), Some("250".into()), "{headers}");
     assert_eq!(header(&headers, "x-balance-mcents"), Some("750".into()));
 
-    chain.run_signup_checks(port, "mcp_");
-    audit(port, ADMIN, r#"mytool={"query":"fail"}"#, bare_port, SIGNUP_X402_NA);
+    chain.run_signup_checks(port, "mcp_", ADMIN, &server);
+    audit(port, ADMIN, r#"mytool={"query":"fail"}"#, bare_port, Some(&chain.control_url()), &[SIGNUP_X402_NA, NO_MCP_NA].concat());
     drop(server);
     drop(bare);
 }
 
-fn serve(bin: &Path, port: u16, admin: Option<&str>, db: &Path) -> Server {
+fn serve(bin: &Path, port: u16, admin: Option<&str>, db: &Path, env: &[(&str, String)]) -> Server {
     let mut c = Command::new(bin);
+    for var in ["SIGNUP_SECRET", "X402_RPC_URL", "X402_FACILITATOR_TIMEOUT_MS", "SIGNUP_SWEEP_INTERVAL_MS"] {
+        c.env_remove(var);
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
     c.env("PORT", port.to_string())
         .env("BIND", "127.0.0.1")
         .env("DATABASE_URL", format!("sqlite:{}", db.display()))
         .env_remove("REDIS_URL")
         .env_remove("ADMIN_KEY")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null());
+    // Its output goes to a log beside its database (the payment state lines are info), shown if it fails.
+    let log_path = db.with_extension("log");
+    let log = std::fs::File::create(&log_path).expect("server log file");
+    c.stdout(log.try_clone().unwrap()).stderr(log);
     if let Some(k) = admin {
         c.env("ADMIN_KEY", k);
     }
-    Server::spawn(c)
+    Server::spawn_logged(c, Some(log_path))
 }
 
 const FAILING_HANDLER: &str = r#"//! Fails on {"query":"fail"} (an upstream outage, as far as the gateway can tell).

@@ -154,6 +154,23 @@ impl Client {
         to_reply(result)
     }
 
+    /// A request to an absolute URL (another server than the gateway, e.g. a test harness).
+    pub fn request_url(&self, method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Reply {
+        let method = Method::from_bytes(method.as_bytes()).expect("valid method");
+        let mut b = http::Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let request = match body {
+            Some(bytes) => b.body(bytes.to_vec()).map(|r| self.agent.run(r)),
+            None => b.body(()).map(|r| self.agent.run(r)),
+        };
+        match request {
+            Ok(result) => to_reply(result),
+            Err(e) => Reply { status: 0, headers: http::HeaderMap::new(), body: format!("invalid request to {url}: {e}") },
+        }
+    }
+
     pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
         self.request("GET", path, headers, None)
     }

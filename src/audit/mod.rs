@@ -1,6 +1,7 @@
 //! `create-mcpay audit URL`: the attack suite any gateway speaking docs/contract.md is checked against.
 
 mod client;
+mod mcp;
 mod scenarios;
 mod signup;
 
@@ -38,7 +39,13 @@ pub fn run(args: &AuditArgs) -> Result<()> {
             Some((ep.to_string(), body.to_string()))
         }
     };
-    let opts = Options { failing_call, unconfigured_url: args.unconfigured_url.clone() };
+    let x402_harness = args.x402_harness.as_deref().map(|u| u.trim_end_matches('/').to_string());
+    if let Some(h) = &x402_harness
+        && !(h.starts_with("http://") || h.starts_with("https://"))
+    {
+        bail!("--x402-harness {h:?}: expected the harness's control URL, e.g. http://127.0.0.1:8402/__control (the controlUrl of tests/chain/chain.mjs's ready line)");
+    }
+    let opts = Options { failing_call, unconfigured_url: args.unconfigured_url.clone(), x402_harness };
     let mut client = client::Client::connect(url, args.admin_key.clone())?;
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     let mut results = Vec::new();

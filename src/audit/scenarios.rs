@@ -17,6 +17,8 @@ pub struct Options {
     pub failing_call: Option<(String, String)>,
     /// A second deployment of the same gateway with no ADMIN_KEY configured.
     pub unconfigured_url: Option<String>,
+    /// The control URL of a tests/chain x402 harness (chain.mjs) whose facilitator the gateway uses.
+    pub x402_harness: Option<String>,
 }
 
 pub type Run = fn(&mut Client, &Options) -> Result<Outcome>;
@@ -101,7 +103,7 @@ fn concurrent(c: &Client, ep: &Endpoint, key: &Key, n: usize) -> Vec<Reply> {
     })
 }
 
-fn ledger_sum(c: &Client, key: &Key) -> Result<(i64, usize)> {
+pub(super) fn ledger_sum(c: &Client, key: &Key) -> Result<(i64, usize)> {
     let l = c.ledger(key);
     let entries = l["entries"].as_array().ok_or_else(|| anyhow::anyhow!("/v1/me/ledger has no entries: {l}"))?;
     let sum = entries
@@ -128,6 +130,7 @@ pub fn all() -> Vec<Scenario> {
     let mut all = core();
     let last = all.pop().expect("the hourly-limit scenario");
     all.extend(super::signup::scenarios());
+    all.extend(super::mcp::scenarios());
     all.push(last);
     all
 }

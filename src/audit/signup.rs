@@ -1,13 +1,15 @@
 //! `POST /v1/signup` (contract 3.9): what every gateway must do before any payment is verified.
-//! Paying for real needs a chain or a payment processor; the end-to-end suites do that. These
-//! scenarios only send payments that must be refused, so an audit never spends or mints.
+//! Paying for real needs a chain or a payment processor; the end-to-end suites do that. Without
+//! `--x402-harness` these scenarios only send payments that must be refused, so an audit never
+//! spends or mints; with it, the harness's payer pays for real (its test money) while the harness's
+//! facilitator loses answers on purpose.
 
 use anyhow::{Result, ensure};
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::{Value, json};
 
-use super::client::{Client, Reply};
+use super::client::{Client, Reply, random_hex64};
 use super::scenarios::{Outcome, Scenario};
 
 const PATH: &str = "/v1/signup";
@@ -330,7 +332,227 @@ pub fn scenarios() -> Vec<Scenario> {
                 Ok(Outcome::Pass(pre.brief()))
             },
         },
+        Scenario {
+            name: "signup.x402_forged_replay",
+            expect: "an x402 payload for this offer with a forged signature (with --x402-harness: a settled payment's from/nonce and Idempotency-Key) → 402 payment_invalid, no key_id, no key",
+            run: |c, o| {
+                if !has_rail(c, "x402") {
+                    return na("no x402 rail");
+                }
+                let r = offer_or_na!(c);
+                let req = decode_required(&r)?;
+                let accepted = req["accepts"][0].clone();
+                // Some payer's authorization, well formed, for exactly this offer, with a signature
+                // nobody made: nothing about the payment may be looked up or answered.
+                let authorization = json!({
+                    "from": format!("0x{}", &random_hex64()[..40]), "to": accepted["payTo"], "value": accepted["amount"],
+                    "validAfter": "0", "validBefore": (now_secs() + 600).to_string(), "nonce": format!("0x{}", random_hex64()),
+                });
+                let r = signup(c, &[("PAYMENT-SIGNATURE", &forged_header(&req, &authorization)), ("Idempotency-Key", &random_hex64())]);
+                forged_refused(&r, &[])?;
+                let Some(h) = &o.x402_harness else {
+                    return Ok(Outcome::Pass(format!("{} (an invented from/nonce; a settled payment's needs --x402-harness)", r.brief())));
+                };
+                // A payment settled for real, then its public from/nonce with a forged signature,
+                // with and without the victim's Idempotency-Key.
+                let harness = Harness::connect(c, h, &accepted)?;
+                let idem = random_hex64();
+                let paid = harness.pay(c, &req)?;
+                let r = signup(c, &[("PAYMENT-SIGNATURE", &paid.header), ("Idempotency-Key", &idem)]);
+                ensure!(r.status == 201, "the real payment was not sold a key: {}", r.brief());
+                let v = r.json();
+                let (key, key_id) = (v["key"].as_str().unwrap_or_default().to_string(), v["key_id"].as_str().unwrap_or_default().to_string());
+                ensure!(!key.is_empty() && !key_id.is_empty(), "201 without key/key_id: {}", r.brief());
+                let stats0 = harness.stats(c, None)?;
+                let a = &paid.payload["payload"]["authorization"];
+                for sig in [format!("0x{}", "ab".repeat(65)), "0x".to_string()] {
+                    let mut forged = paid.payload.clone();
+                    forged["payload"] = json!({"authorization": a, "signature": sig});
+                    let header = STANDARD.encode(forged.to_string());
+                    for with_idem in [true, false] {
+                        let mut headers = vec![("PAYMENT-SIGNATURE", header.as_str())];
+                        if with_idem {
+                            headers.push(("Idempotency-Key", idem.as_str()));
+                        }
+                        let r = signup(c, &headers);
+                        forged_refused(&r, &[&key, &key[key.find('_').map_or(0, |i| i + 1)..], &key_id])?;
+                    }
+                }
+                let stats1 = harness.stats(c, None)?;
+                ensure!(
+                    stats1["verify"] == stats0["verify"] && stats1["settle"] == stats0["settle"],
+                    "a forged payload reached the facilitator: /verify {} → {}, /settle {} → {}",
+                    stats0["verify"], stats1["verify"], stats0["settle"], stats1["settle"]
+                );
+                Ok(Outcome::Pass(format!("invented and settled ({key_id}) payments forged: 402 payment_invalid, no key_id, no key, no facilitator call")))
+            },
+        },
+        Scenario {
+            name: "signup.x402_pending_recovery",
+            expect: "settled but the facilitator's answer is lost → 202 payment_pending with the reference; the retry delivers the key once, paid exactly once (needs --x402-harness)",
+            run: |c, o| {
+                if !has_rail(c, "x402") {
+                    return na("no x402 rail");
+                }
+                let r = offer_or_na!(c);
+                let Some(h) = &o.x402_harness else {
+                    return na("needs --x402-harness CONTROL_URL: a tests/chain harness whose facilitator this gateway uses, to lose the facilitator's answer on purpose");
+                };
+                let req = decode_required(&r)?;
+                let accepted = req["accepts"][0].clone();
+                let harness = Harness::connect(c, h, &accepted)?;
+                let amount: u128 = accepted["amount"].as_str().and_then(|a| a.parse().ok()).ok_or_else(|| anyhow::anyhow!("amount {}", accepted["amount"]))?;
+                let before = harness.balance(c, &accepted)?;
+                let idem = random_hex64();
+                let paid = harness.pay(c, &req)?;
+                let headers = [("PAYMENT-SIGNATURE", paid.header.as_str()), ("Idempotency-Key", idem.as_str())];
+                let r = {
+                    let _fault = harness.fault(c, "error_after_settle")?;
+                    signup(c, &headers)
+                };
+                ensure!(r.status == 202 && r.code() == "payment_pending", "settled, answer lost: expected 202 payment_pending, got {}", r.brief());
+                ensure!(!r.body.contains(NO_CHARGE), "a settled payment answered \"{NO_CHARGE}\": {}", r.body);
+                ensure!(r.json()["key"].is_null(), "a key in the pending answer");
+                let v = r.json();
+                let a = &paid.payload["payload"]["authorization"];
+                let reference = format!(
+                    "x402:{}:{}:{}:{}",
+                    accepted["network"].as_str().unwrap_or_default(),
+                    accepted["asset"].as_str().unwrap_or_default(),
+                    a["from"].as_str().unwrap_or_default(),
+                    a["nonce"].as_str().unwrap_or_default()
+                )
+                .to_ascii_lowercase();
+                ensure!(v["payment"]["reference"].as_str().map(str::to_ascii_lowercase) == Some(reference.clone()), "payment {} (want reference {reference})", v["payment"]);
+                ensure!(v["payment"]["state"] == "pending", "payment.state {}", v["payment"]["state"]);
+                ensure!(v["idempotency_key"] == idem.as_str(), "idempotency_key {} is not the request's", v["idempotency_key"]);
+                ensure!(r.header("retry-after").is_some_and(|s| s.trim().parse::<u64>().is_ok()), "202 without Retry-After");
+                let mid = harness.balance(c, &accepted)?;
+                ensure!(mid == before + amount, "the facilitator settled but payTo moved {before} → {mid} (want +{amount})");
+                // The retry (same payment, same Idempotency-Key) collects the key.
+                let mut got = signup(c, &headers);
+                for _ in 0..15 {
+                    if !((got.status == 409 && got.code() == "payment_in_progress") || got.status == 202) {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    got = signup(c, &headers);
+                }
+                let gv = got.json();
+                ensure!(got.status == 201 || (got.status == 200 && gv["replayed"] == true), "the retry: expected 201 (or 200 replayed), got {}", got.brief());
+                let key = gv["key"].as_str().unwrap_or_default().to_string();
+                let key_id = gv["key_id"].as_str().unwrap_or_default().to_string();
+                ensure!(!key.is_empty() && !key_id.is_empty(), "no key in {}", got.brief());
+                let me = c.get("/v1/me", &[("Authorization", &format!("Bearer {key}"))]);
+                ensure!(me.status == 200 && me.json()["key_id"] == key_id.as_str(), "/v1/me with the delivered key: {}", me.brief());
+                let again = signup(c, &headers);
+                let av = again.json();
+                ensure!(again.status == 200 && av["replayed"] == true && av["key"] == key.as_str(), "the next retry: expected 200 replayed with the same key, got {}", again.brief());
+                let after = harness.balance(c, &accepted)?;
+                ensure!(after == before + amount, "payTo moved {before} → {after}: want exactly +{amount}");
+                let used = harness.stats(c, Some((a["from"].as_str().unwrap_or_default(), a["nonce"].as_str().unwrap_or_default())))?;
+                ensure!(used["authorization"]["usedEvents"] == 1, "AuthorizationUsed events for the payment: {}", used["authorization"]);
+                Ok(Outcome::Pass(format!("202 payment_pending, then {} with {key_id}; payTo +{amount} once", got.status)))
+            },
+        },
     ]
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A PAYMENT-SIGNATURE for the offer `req` with `authorization` and a signature nobody made.
+fn forged_header(req: &Value, authorization: &Value) -> String {
+    let payload = json!({
+        "x402Version": 2, "resource": req["resource"], "accepted": req["accepts"][0],
+        "payload": {"signature": format!("0x{}", "ab".repeat(65)), "authorization": authorization},
+    });
+    STANDARD.encode(payload.to_string())
+}
+
+/// A forged payment's answer: 402 payment_invalid, no key_id, no key, none of `secrets` anywhere.
+fn forged_refused(r: &Reply, secrets: &[&str]) -> Result<()> {
+    refused(r, 402, "payment_invalid")?;
+    let v = r.json();
+    ensure!(v["key_id"].is_null() && v["replayed"].is_null(), "a forged payment was answered from a record: {}", r.body);
+    for s in secrets.iter().filter(|s| !s.is_empty()) {
+        ensure!(!r.body.contains(s), "a forged payment's answer contains the real payment's key or key_id: {}", r.body);
+    }
+    Ok(())
+}
+
+/// The tests/chain harness (chain.mjs) behind `--x402-harness`: its control API.
+struct Harness {
+    url: String,
+}
+
+/// A payment the harness's payer signed: the header value and the PaymentPayload.
+struct Paid {
+    header: String,
+    payload: Value,
+}
+
+/// Sets a settle fault on the harness's facilitator; dropping it clears the fault.
+struct Fault<'a> {
+    client: &'a Client,
+    url: String,
+}
+
+impl Drop for Fault<'_> {
+    fn drop(&mut self) {
+        let _ = self.client.request_url("POST", &format!("{}/fault", self.url), &[], Some(br#"{"settle":"none"}"#));
+    }
+}
+
+impl Harness {
+    /// Checks the harness answers and that the gateway's offer pays on its chain.
+    fn connect(c: &Client, url: &str, accepted: &Value) -> Result<Harness> {
+        let h = Harness { url: url.trim_end_matches('/').to_string() };
+        let info = h.get(c, "")?;
+        let same = |a: &Value, b: &Value| a.as_str().map(str::to_ascii_lowercase) == b.as_str().map(str::to_ascii_lowercase);
+        ensure!(
+            same(&info["payTo"], &accepted["payTo"]) && same(&info["asset"], &accepted["asset"]) && info["network"] == accepted["network"],
+            "the gateway's offer (network {}, asset {}, payTo {}) is not on the --x402-harness chain (network {}, asset {}, payTo {})",
+            accepted["network"], accepted["asset"], accepted["payTo"], info["network"], info["asset"], info["payTo"]
+        );
+        Ok(h)
+    }
+
+    fn get(&self, c: &Client, path: &str) -> Result<Value> {
+        let r = c.request_url("GET", &format!("{}{path}", self.url), &[], None);
+        ensure!(r.status == 200, "--x402-harness {}{path} answered {}", self.url, r.brief());
+        Ok(r.json())
+    }
+
+    fn post(&self, c: &Client, path: &str, body: &Value) -> Result<Value> {
+        let r = c.request_url("POST", &format!("{}{path}", self.url), &[("Content-Type", "application/json")], Some(body.to_string().as_bytes()));
+        ensure!(r.status == 200, "--x402-harness {}{path} answered {}", self.url, r.brief());
+        Ok(r.json())
+    }
+
+    fn pay(&self, c: &Client, req: &Value) -> Result<Paid> {
+        let v = self.post(c, "/pay", &json!({"accepted": req["accepts"][0], "resource": req["resource"]}))?;
+        let header = v["value"].as_str().ok_or_else(|| anyhow::anyhow!("the harness's /pay gave no value: {v}"))?.to_string();
+        Ok(Paid { header, payload: v["payload"].clone() })
+    }
+
+    fn fault<'a>(&self, c: &'a Client, mode: &str) -> Result<Fault<'a>> {
+        self.post(c, "/fault", &json!({"settle": mode}))?;
+        Ok(Fault { client: c, url: self.url.clone() })
+    }
+
+    fn balance(&self, c: &Client, accepted: &Value) -> Result<u128> {
+        let v = self.get(c, &format!("/balance?address={}", accepted["payTo"].as_str().unwrap_or_default()))?;
+        v["balance"].as_str().and_then(|b| b.parse().ok()).ok_or_else(|| anyhow::anyhow!("the harness's balance: {v}"))
+    }
+
+    fn stats(&self, c: &Client, authorization: Option<(&str, &str)>) -> Result<Value> {
+        match authorization {
+            Some((from, nonce)) => self.get(c, &format!("/stats?from={from}&nonce={nonce}")),
+            None => self.get(c, "/stats"),
+        }
+    }
 }
 
 #[cfg(test)]

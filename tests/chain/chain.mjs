@@ -1,13 +1,15 @@
 #!/usr/bin/env node
 // A local, offline chain with a real x402 facilitator, for the end-to-end tests.
 //
-//   node chain.mjs --port <anvil port> --facilitator-port <http port>
+//   node chain.mjs --port <anvil port> --facilitator-port <http port> [--confirmation-timeout-ms 1500]
 //
 // Starts anvil (chain id 31337), deploys Circle's FiatToken v2.2 ("USDC", version "2", 6 decimals),
 // mints USDC to a payer, and serves an x402 facilitator (POST /verify, POST /settle, GET /supported)
 // built from @x402/core's x402Facilitator and @x402/evm's `exact` scheme, settling on that chain with
-// one of anvil's funded accounts. When ready it prints ONE line of JSON on stdout (everything else
-// goes to stderr) and runs until it is killed; SIGTERM/SIGINT stop anvil too.
+// one of anvil's funded accounts. The same server has a fault layer in front of the facilitator and
+// a control API under /__control (faults, automine, signed payments, balances, counts: see serve()).
+// When ready it prints ONE line of JSON on stdout (everything else goes to stderr) and runs until it
+// is killed; SIGTERM/SIGINT stop anvil too.
 
 import { spawn } from "node:child_process";
 import { createServer } from "node:http";
@@ -47,7 +49,7 @@ function arg(name, fallback) {
 const anvilPort = Number(arg("port"));
 const facilitatorPort = Number(arg("facilitator-port"));
 // How long the facilitator waits for a settlement's receipt before answering `settlement_pending`.
-const CONFIRMATION_TIMEOUT_MS = Number(arg("confirmation-timeout-ms", "2000"));
+const CONFIRMATION_TIMEOUT_MS = Number(arg("confirmation-timeout-ms", "1500"));
 const CHAIN_ID = 31337;
 const NETWORK = `eip155:${CHAIN_ID}`;
 const rpcUrl = `http://127.0.0.1:${anvilPort}`;
@@ -245,10 +247,20 @@ function buildFacilitator() {
 //   error_after_settle   the real settle runs, then the answer is a 500
 //   reset_after_settle   the real settle runs, then the connection is reset (no answer)
 //   hang_after_settle    the real settle runs, then no answer is ever sent (until the fault is cleared)
+//   refuse_before_settle HTTP 200 `success: false` (errorReason "unexpected_settle_error"), nothing settled
+//   refuse_after_settle  the real settle runs, then the same refusal (a facilitator wrong about its outcome)
 // and `{"verify": "error"}` makes /verify answer 500 (nothing moved). The official facilitator's own
 // `settlement_pending` comes from turning anvil's automine off (`POST /__control/automine`): the
 // receipt wait (CONFIRMATION_TIMEOUT_MS) then times out with the transaction sent but not mined.
-const SETTLE_FAULTS = ["none", "error_before_settle", "error_after_settle", "reset_after_settle", "hang_after_settle"];
+const SETTLE_FAULTS = [
+  "none",
+  "error_before_settle",
+  "error_after_settle",
+  "reset_after_settle",
+  "hang_after_settle",
+  "refuse_before_settle",
+  "refuse_after_settle",
+];
 const VERIFY_FAULTS = ["none", "error"];
 const faults = { settle: "none", verify: "none" };
 const stats = { verify: 0, settle: 0, settleRan: 0, settleFaulted: 0 };
@@ -412,8 +424,17 @@ function serve(facilitator, info) {
       }
       stats.settle++;
       const fault = faults.settle;
-      if (fault === "error_before_settle") {
+      const refusal = () => ({
+        success: false,
+        errorReason: "unexpected_settle_error",
+        errorMessage: "injected fault: the facilitator reports a failed settlement",
+        transaction: "",
+        network: paymentRequirements.network,
+        payer: paymentPayload.payload?.authorization?.from,
+      });
+      if (fault === "error_before_settle" || fault === "refuse_before_settle") {
         stats.settleFaulted++;
+        if (fault === "refuse_before_settle") return send(res, 200, refusal());
         return send(res, 500, { error: "injected fault: the facilitator failed before settling" });
       }
       stats.settleRan++;
@@ -422,6 +443,7 @@ function serve(facilitator, info) {
       stats.settleFaulted++;
       log(`settle ran (${JSON.stringify(result)}); answering with the fault ${fault}`);
       if (fault === "error_after_settle") return send(res, 500, { error: "injected fault: the facilitator failed after settling" });
+      if (fault === "refuse_after_settle") return send(res, 200, refusal());
       if (fault === "reset_after_settle") return req.socket.destroy();
       // hang_after_settle: never answer; the socket is closed when the fault is cleared, or after 10 minutes.
       hung.add(res);

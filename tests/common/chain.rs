@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
+/// The SIGNUP_SECRET of the gateways under test (signup-x402.mjs derives the expected keys with it).
+pub const SIGNUP_SECRET: &str = "e2e-signup-secret-0123456789abcdef0123456789abcdef";
+
 /// A running chain + facilitator; dropping it stops both.
 pub struct Chain {
     /// The line chain.mjs printed when ready: rpcUrl, chainId, network, asset, assetName,
@@ -87,10 +90,29 @@ impl Chain {
         )
     }
 
+    /// The harness's control API (faults, automine, signed payments, balances, counts), for
+    /// `create-mcpay audit --x402-harness`.
+    pub fn control_url(&self) -> String {
+        self.get("controlUrl")
+    }
+
+    /// The environment of a gateway selling signups on this chain: the signup secret, the chain's RPC
+    /// (to resolve pending payments), a facilitator timeout short enough for the "hang" fault, and a
+    /// short sweep interval (so the sweep's recovery is seen within the test).
+    pub fn gateway_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("SIGNUP_SECRET", SIGNUP_SECRET.to_string()),
+            ("X402_RPC_URL", self.get("rpcUrl")),
+            ("X402_FACILITATOR_TIMEOUT_MS", "3000".to_string()),
+            ("SIGNUP_SWEEP_INTERVAL_MS", "1000".to_string()),
+        ]
+    }
+
     /// Runs tests/chain/signup-x402.mjs against the gateway on `port` (generated with signup enabled,
-    /// this chain's `[signup.x402]` table and API keys starting with `key_prefix`); panics with its
-    /// report unless every check passed.
-    pub fn run_signup_checks(&self, port: u16, key_prefix: &str) {
+    /// this chain's `[signup.x402]` table and API keys starting with `key_prefix`, served with
+    /// [`Chain::gateway_env`] and the admin key `admin`); panics with its report (and the ends of the
+    /// chain's and `gateway`'s logs) unless every check passed.
+    pub fn run_signup_checks(&self, port: u16, key_prefix: &str, admin: &str, gateway: &Server) {
         let started = Instant::now();
         let out = Command::new("node")
             .current_dir(harness_dir())
@@ -98,6 +120,8 @@ impl Chain {
             .args(["--gateway", &format!("http://127.0.0.1:{port}")])
             .args(["--chain", &self.info.to_string()])
             .args(["--key-prefix", key_prefix])
+            .args(["--admin-key", admin])
+            .args(["--signup-secret", SIGNUP_SECRET])
             .stdin(Stdio::null())
             .output()
             .expect("run node signup-x402.mjs");
@@ -105,9 +129,10 @@ impl Chain {
         eprintln!("{report}");
         assert!(
             out.status.success(),
-            "x402 signup checks failed ({}):\n{report}{}",
+            "x402 signup checks failed ({}):\n{report}{}{}",
             out.status,
-            self.server.log_tail()
+            self.server.log_tail(),
+            gateway.log_tail()
         );
         eprintln!("e2e: x402 signup checks ok in {:.1}s", started.elapsed().as_secs_f64());
     }

@@ -41,7 +41,11 @@ pub const SIGNUP_OFF_NA: &[&str] = &[
     "signup.payment_required", "signup.x402_offer", "signup.mpp_offer", "signup.x402_malformed",
     "signup.x402_other_offer", "signup.mpp_tampered", "signup.two_credentials",
     "signup.idempotency_key_syntax", "signup.body_cannot_buy_more", "signup.cors",
+    "signup.x402_forged_replay", "signup.x402_pending_recovery",
 ];
+/// ... to a gateway that serves no MCP endpoint (worker, axum).
+#[allow(dead_code)]
+pub const NO_MCP_NA: &[&str] = &["mcp.duplicate_jsonrpc_ids"];
 /// ... with signup enabled and both rails configured.
 #[allow(dead_code)]
 pub const SIGNUP_ON_NA: &[&str] = &["signup.disabled"];
@@ -49,16 +53,19 @@ pub const SIGNUP_ON_NA: &[&str] = &["signup.disabled"];
 #[allow(dead_code)]
 pub const SIGNUP_X402_NA: &[&str] = &["signup.disabled", "signup.mpp_offer", "signup.mpp_tampered"];
 
-/// Runs the audit against a gateway; every scenario must pass except those named in `not_applicable`,
-/// which must be reported n/a (and no others).
-pub fn audit(port: u16, admin: &str, failing_call: &str, bare_port: u16, not_applicable: &[&str]) {
-    let out = cli()
-        .args(["audit", &format!("http://127.0.0.1:{port}"), "--admin-key", admin])
+/// Runs the audit against a gateway (with `x402_harness`, the control URL of the tests/chain harness
+/// whose facilitator the gateway uses); every scenario must pass except those named in
+/// `not_applicable`, which must be reported n/a (and no others).
+pub fn audit(port: u16, admin: &str, failing_call: &str, bare_port: u16, x402_harness: Option<&str>, not_applicable: &[&str]) {
+    let mut c = cli();
+    c.args(["audit", &format!("http://127.0.0.1:{port}"), "--admin-key", admin])
         .args(["--failing-call", failing_call])
         .args(["--unconfigured-url", &format!("http://127.0.0.1:{bare_port}")])
-        .args(["--json"])
-        .output()
-        .unwrap();
+        .args(["--json"]);
+    if let Some(url) = x402_harness {
+        c.args(["--x402-harness", url]);
+    }
+    let out = c.output().unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_str(&report).unwrap_or_else(|e| panic!("audit --json: {e}: {report}"));
@@ -96,7 +103,7 @@ impl Server {
         Server(c.spawn().expect("start the server"), log)
     }
 
-    fn log_tail(&self) -> String {
+    pub fn log_tail(&self) -> String {
         let Some(path) = &self.1 else { return String::new() };
         let text = std::fs::read_to_string(path).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();

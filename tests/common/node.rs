@@ -70,7 +70,11 @@ pub fn workers_project_end_to_end(target: &str, signup: bool) {
 
     // Serve it for real: one instance with an ADMIN_KEY, one without (for the 503 scenario).
     let port = free_port();
-    let mut server = wrangler_dev(&dir, &xdg, port, Some(ADMIN), &t.path().join("state-a"), MPP_VARS);
+    let mut vars: Vec<(&str, String)> = MPP_VARS.iter().map(|(k, v)| (*k, v.to_string())).collect();
+    if let Some(chain) = &chain {
+        vars.extend(chain.gateway_env());
+    }
+    let mut server = wrangler_dev(&dir, &xdg, port, Some(ADMIN), &t.path().join("state-a"), &vars);
     let bare_port = free_port();
     let mut bare = wrangler_dev(&dir, &xdg, bare_port, None, &t.path().join("state-b"), &[]);
     wait_ready(port, &mut server);
@@ -102,9 +106,14 @@ pub fn workers_project_end_to_end(target: &str, signup: bool) {
 
     // Signups paid for real on the local chain, then the whole attack suite, with nothing left out.
     if let Some(chain) = &chain {
-        chain.run_signup_checks(port, "mcp_");
+        chain.run_signup_checks(port, "mcp_", ADMIN, &server);
     }
-    audit(port, ADMIN, r#"mytool={"query":"fail"}"#, bare_port, if signup { SIGNUP_ON_NA } else { SIGNUP_OFF_NA });
+    let mut na = if signup { SIGNUP_ON_NA } else { SIGNUP_OFF_NA }.to_vec();
+    if target != "mpp" {
+        na.extend_from_slice(NO_MCP_NA); // only the mpp target serves /mcp
+    }
+    let harness = chain.as_ref().map(|c| c.control_url());
+    audit(port, ADMIN, r#"mytool={"query":"fail"}"#, bare_port, harness.as_deref(), &na);
     drop(server);
     drop(bare);
 }
@@ -132,7 +141,7 @@ const MPP_VARS: &[(&str, &str)] = &[
     ("STRIPE_NETWORK_ID", "e2e-network"),
 ];
 
-fn wrangler_dev(dir: &Path, xdg: &Path, port: u16, admin: Option<&str>, state: &Path, vars: &[(&str, &str)]) -> Server {
+fn wrangler_dev(dir: &Path, xdg: &Path, port: u16, admin: Option<&str>, state: &Path, vars: &[(&str, String)]) -> Server {
     let wrangler = dir.join("node_modules/.bin/wrangler");
     let mut dev = node_cmd(wrangler.to_str().unwrap(), dir, xdg);
     // Every instance gets its own inspector port too (the default, 9229, is shared and races).
