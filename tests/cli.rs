@@ -492,6 +492,89 @@ fn audit_lists_its_scenarios_and_refuses_without_a_gateway() {
         .stderr(contains("/v1/pricing"));
 }
 
+/// Issue 18, defect 2: a malformed gateway URL is a clear error (exit 1), never a panic (101); a
+/// bare `host:port` is read as `http://host:port`.
+#[test]
+fn audit_refuses_malformed_urls_and_reads_a_bare_host_port_as_http() {
+    for bad in ["http://", "http://[::1", "http://a b", ":8787", "localhost:abc", "http://127.0.0.1:99999", "ftp://127.0.0.1:8787"] {
+        let out = bin().env_remove("MCPAY_ADMIN_KEY").args(["audit", bad, "--admin-key", "k"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bad}: {err}");
+        assert!(err.contains("the gateway URL") && err.contains("http://127.0.0.1:8787") && !err.contains("panicked"), "{bad}: {err}");
+    }
+    let out = bin().env_remove("MCPAY_ADMIN_KEY").args(["audit", "127.0.0.1:1", "--admin-key", "k"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("http://127.0.0.1:1/v1/pricing") && !err.contains("panicked"), "{err}");
+    // Nothing answered: said so, not "answered 0 transport error".
+    assert!(err.contains("could not reach") && !err.contains("answered 0"), "{err}");
+    let out = bin().args(["audit", "http://127.0.0.1:1", "--admin-key", "k", "--unconfigured-url", "127.0.0.1:abc"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && err.contains("--unconfigured-url"), "{err}");
+}
+
+/// A tiny gateway for the audit: `/v1/pricing` lists one endpoint, every mint is refused (401),
+/// anything else is 404. Returns its URL and the number of requests it has seen.
+fn refusing_gateway() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap_or_default();
+            let mut length = 0usize;
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let _ = reader.read_exact(&mut vec![0; length]);
+            let path = line.split_whitespace().nth(1).unwrap_or("");
+            let (status, body) = match path {
+                "/v1/pricing" => (200, r#"{"ok":true,"endpoints":[{"name":"example","price_mcents":100,"scope":"example","path":"/v1/example"}],"signup":null}"#),
+                "/v1/admin/mint" => (401, r#"{"ok":false,"error":{"code":"invalid_admin_key","message":"no"}}"#),
+                _ => (404, r#"{"ok":false,"error":{"code":"not_found","message":"no"}}"#),
+            };
+            let mut out = stream;
+            let _ = write!(out, "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        }
+    });
+    (url, seen)
+}
+
+/// Issue 18, defect 6: without an admin key the audit stops before its first request, naming
+/// --admin-key and MCPAY_ADMIN_KEY; and the keys it reports minted are the 201s, not the attempts.
+#[test]
+fn audit_without_an_admin_key_stops_at_once_and_counts_only_minted_keys() {
+    let (url, seen) = refusing_gateway();
+    for extra in [&[][..], &["--admin-key", ""][..], &["--only", "route.health"][..]] {
+        let out = bin().env_remove("MCPAY_ADMIN_KEY").args(["audit", &url]).args(extra).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {err}");
+        assert!(err.contains("--admin-key") && err.contains("MCPAY_ADMIN_KEY"), "{extra:?}: {err}");
+        assert!(out.stdout.is_empty(), "{extra:?}: ran scenarios: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 0, "the audit sent requests without an admin key");
+
+    // The environment variable is the flag's equivalent.
+    let out = bin().env("MCPAY_ADMIN_KEY", "wrong").args(["audit", &url, "--only", "admin.balance_*", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(v["failed"].as_u64().unwrap() >= 5, "{v}");
+    assert_eq!(v["mints"], 0, "every mint was refused (401), yet the audit counts keys minted: {v}");
+    let text = bin().env("MCPAY_ADMIN_KEY", "wrong").args(["audit", &url, "--only", "admin.balance_*"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&text.stdout).contains("(0 keys minted"), "{}", String::from_utf8_lossy(&text.stdout));
+}
+
 /// On a terminal, missing values are asked for (dialoguer). `script` gives the CLI a real pty.
 #[test]
 fn prompts_on_a_terminal_for_what_is_missing() {

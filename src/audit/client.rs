@@ -25,8 +25,11 @@ impl Reply {
     pub fn code(&self) -> String {
         self.json()["error"]["code"].as_str().unwrap_or("").to_string()
     }
-    /// `401 invalid_key` — short evidence for a report line.
+    /// `401 invalid_key` — short evidence for a report line (for no answer at all, why not).
     pub fn brief(&self) -> String {
+        if self.status == 0 {
+            return self.body.clone();
+        }
         let code = self.code();
         let mut body: String = self.body.chars().take(160).collect();
         if self.body.len() > 160 {
@@ -109,6 +112,9 @@ impl Client {
             shared: Default::default(),
         };
         let pricing = c.get("/v1/pricing", &[]);
+        if pricing.status == 0 {
+            bail!("could not reach {}/v1/pricing: {}; is the gateway running there?", c.base, pricing.body);
+        }
         if pricing.status != 200 {
             bail!("{}/v1/pricing answered {}; is this a gateway that speaks docs/contract.md?", c.base, pricing.brief());
         }
@@ -142,21 +148,13 @@ impl Client {
     }
 
     pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Reply {
-        let method = Method::from_bytes(method.as_bytes()).expect("valid method");
-        let mut b = http::Request::builder().method(method).uri(format!("{}{}", self.base, path));
-        for (k, v) in headers {
-            b = b.header(*k, *v);
-        }
-        let result = match body {
-            Some(bytes) => self.agent.run(b.body(bytes.to_vec()).expect("request")),
-            None => self.agent.run(b.body(()).expect("request")),
-        };
-        to_reply(result)
+        self.request_url(method, &format!("{}{}", self.base, path), headers, body)
     }
 
-    /// A request to an absolute URL (another server than the gateway, e.g. a test harness).
+    /// A request to an absolute URL (another server than the gateway, e.g. a test harness). A
+    /// request that cannot be built (a bad URL or header) is answered as status 0, never a panic.
     pub fn request_url(&self, method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Reply {
-        let method = Method::from_bytes(method.as_bytes()).expect("valid method");
+        let Ok(method) = Method::from_bytes(method.as_bytes()) else { return unsendable(url, "bad method") };
         let mut b = http::Request::builder().method(method).uri(url);
         for (k, v) in headers {
             b = b.header(*k, *v);
@@ -167,7 +165,7 @@ impl Client {
         };
         match request {
             Ok(result) => to_reply(result),
-            Err(e) => Reply { status: 0, headers: http::HeaderMap::new(), body: format!("invalid request to {url}: {e}") },
+            Err(e) => unsendable(url, &e.to_string()),
         }
     }
 
@@ -191,13 +189,20 @@ impl Client {
         }
         let mut reader = std::io::Cursor::new(body);
         let send = ureq::SendBody::from_reader(&mut reader);
-        to_reply(self.agent.run(b.body(send).expect("request")))
+        match b.body(send) {
+            Ok(req) => to_reply(self.agent.run(req)),
+            Err(e) => unsendable(&format!("{}{path}", self.base), &e.to_string()),
+        }
     }
 
+    /// POST /v1/admin/mint with the admin key; `mints` counts the keys actually minted (201s).
     pub fn mint_raw(&mut self, body: &str) -> Reply {
         let admin = self.admin_key.clone().unwrap_or_default();
-        self.mints += 1;
-        self.post("/v1/admin/mint", &[("X-Admin-Key", &admin)], body)
+        let r = self.post("/v1/admin/mint", &[("X-Admin-Key", &admin)], body);
+        if r.status == 201 {
+            self.mints += 1;
+        }
+        r
     }
 
     /// Mints a key or fails with the gateway's answer.
@@ -253,8 +258,13 @@ impl Client {
         me["balance_mcents"].as_u64().ok_or_else(|| anyhow!("/v1/me gave no balance_mcents: {me}"))
     }
 
-    pub fn ledger(&self, key: &Key) -> Value {
-        self.get("/v1/me/ledger?limit=500", &[("Authorization", &key.bearer())]).json()
+    /// One page of the key's ledger (contract 3.5): the newest 500 rows, or those before `before`.
+    pub fn ledger(&self, key: &Key, before: Option<u64>) -> Value {
+        let path = match before {
+            Some(seq) => format!("/v1/me/ledger?limit=500&before={seq}"),
+            None => "/v1/me/ledger?limit=500".to_string(),
+        };
+        self.get(&path, &[("Authorization", &key.bearer())]).json()
     }
 
     pub fn first(&self) -> Endpoint {
@@ -280,8 +290,13 @@ fn to_reply(result: Result<http::Response<ureq::Body>, ureq::Error>) -> Reply {
             Reply { status, headers, body }
         }
         // The connection was refused or cut: report it as status 0 so scenarios can tell.
-        Err(e) => Reply { status: 0, headers: http::HeaderMap::new(), body: format!("transport error: {e}") },
+        Err(e) => Reply { status: 0, headers: http::HeaderMap::new(), body: format!("no HTTP answer ({e})") },
     }
+}
+
+/// A request that could not even be built: status 0, like a transport failure.
+fn unsendable(url: &str, why: &str) -> Reply {
+    Reply { status: 0, headers: http::HeaderMap::new(), body: format!("no HTTP answer (the request to {url} could not be built: {why})") }
 }
 
 /// 64 random lowercase hex characters (for well-formed keys nobody minted).
@@ -296,4 +311,61 @@ pub fn random_hex64() -> String {
     }
     out.truncate(64);
     out
+}
+
+/// A gateway's base URL from the command line, checked before any request: `http://` or
+/// `https://`, a host, a port that fits, no query or fragment. A bare `host:port` (no scheme, as
+/// wrangler prints it) is read as `http://host:port`. `what` names the flag in errors.
+pub fn base_url(raw: &str, what: &str) -> Result<String> {
+    let trimmed = raw.trim();
+    let example = "e.g. http://127.0.0.1:8787 or https://my-api.example.workers.dev";
+    if trimmed.is_empty() {
+        bail!("{what} is empty: give the gateway's URL, {example}");
+    }
+    let full = if trimmed.contains("://") { trimmed.to_string() } else { format!("http://{trimmed}") };
+    let uri: http::Uri = full.parse().map_err(|e| anyhow!("{what} {raw:?} is not a URL ({e}); {example}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        Some(other) => bail!("{what} {raw:?}: the scheme {other}:// is not HTTP; use http:// or https://, {example}"),
+        None => bail!("{what} {raw:?} has no scheme; {example}"),
+    }
+    let Some(authority) = uri.authority() else { bail!("{what} {raw:?} has no host; {example}") };
+    if authority.host().is_empty() || authority.host() == "[]" {
+        bail!("{what} {raw:?} has no host; {example}");
+    }
+    if authority.as_str().contains('@') {
+        bail!("{what} {raw:?}: credentials in the URL are not supported (the admin key goes in --admin-key)");
+    }
+    let hostport = authority.as_str();
+    if let Some(i) = hostport.rfind(':').filter(|&i| !hostport[i..].contains(']')) {
+        let port = &hostport[i + 1..];
+        if port.is_empty() {
+            bail!("{what} {raw:?}: a ':' without a port number; {example}");
+        }
+        if !port.parse::<u16>().is_ok_and(|p| p >= 1) {
+            bail!("{what} {raw:?}: the port {port} is not a TCP port (1-65535); {example}");
+        }
+    }
+    if uri.query().is_some() || full.contains('#') {
+        bail!("{what} {raw:?}: a base URL has no query string or fragment; {example}");
+    }
+    Ok(full.trim_end_matches('/').to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::base_url;
+
+    #[test]
+    fn base_urls_are_checked_and_a_bare_host_port_is_http() {
+        assert_eq!(base_url("127.0.0.1:8787", "URL").unwrap(), "http://127.0.0.1:8787");
+        assert_eq!(base_url("localhost:8787/", "URL").unwrap(), "http://localhost:8787");
+        assert_eq!(base_url("https://api.example.workers.dev/", "URL").unwrap(), "https://api.example.workers.dev");
+        assert_eq!(base_url("http://[::1]:8787", "URL").unwrap(), "http://[::1]:8787");
+        assert_eq!(base_url("http://h/prefix", "URL").unwrap(), "http://h/prefix");
+        for bad in ["", "http://", "http://[::1", "http://a b", ":8787", "localhost:abc", "http://h:99999", "http://h:0", "http://h:", "ftp://h", "http://u:p@h", "http://h/?q=1", "http://h/#f"] {
+            let e = base_url(bad, "the gateway URL").expect_err(bad).to_string();
+            assert!(e.contains("the gateway URL"), "{bad}: {e}");
+        }
+    }
 }

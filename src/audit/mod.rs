@@ -1,9 +1,9 @@
 //! `create-mcpay audit URL`: the attack suite any gateway speaking docs/contract.md is checked against.
 
+mod checks;
 mod client;
-mod mcp;
+mod scenario;
 mod scenarios;
-mod signup;
 
 use std::time::Instant;
 
@@ -12,7 +12,8 @@ use console::style;
 use serde_json::json;
 
 use crate::cli::AuditArgs;
-pub use scenarios::{Outcome, Options, Scenario, all};
+pub use scenario::{Options, Outcome, Scenario};
+pub use scenarios::all;
 
 pub fn run(args: &AuditArgs) -> Result<()> {
     let selected: Vec<Scenario> = all()
@@ -28,10 +29,27 @@ pub fn run(args: &AuditArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let Some(url) = &args.url else { bail!("audit needs the gateway's URL, e.g. `create-mcpay audit http://127.0.0.1:8787 --admin-key $ADMIN_KEY`") };
+    let Some(raw_url) = &args.url else { bail!("audit needs the gateway's URL, e.g. `create-mcpay audit http://127.0.0.1:8787 --admin-key $ADMIN_KEY`") };
+    let url = &client::base_url(raw_url, "the gateway URL")?;
+    if !raw_url.contains("://") {
+        eprintln!("note: reading {raw_url:?} as {url}");
+    }
     if selected.is_empty() {
         bail!("--only {:?} matches no scenario; see `create-mcpay audit --list`", args.only.as_deref().unwrap_or(""));
     }
+    // Most scenarios mint the keys they attack with: without the admin key the audit would report
+    // dozens of failures that are not the gateway's. Stop before the first request instead.
+    let admin_key = args.admin_key.clone().filter(|k| !k.trim().is_empty());
+    if admin_key.is_none() {
+        bail!(
+            "audit needs the gateway's admin key to mint the keys its scenarios use: pass --admin-key KEY or set MCPAY_ADMIN_KEY \
+             (the ADMIN_KEY the gateway at {url} runs with: .dev.vars for a worker, the environment for axum)"
+        );
+    }
+    let unconfigured_url = match &args.unconfigured_url {
+        Some(u) => Some(client::base_url(u, "--unconfigured-url")?),
+        None => None,
+    };
     let failing_call = match &args.failing_call {
         None => None,
         Some(raw) => {
@@ -45,8 +63,8 @@ pub fn run(args: &AuditArgs) -> Result<()> {
     {
         bail!("--x402-harness {h:?}: expected the harness's control URL, e.g. http://127.0.0.1:8402/__control (the controlUrl of tests/chain/chain.mjs's ready line)");
     }
-    let opts = Options { failing_call, unconfigured_url: args.unconfigured_url.clone(), x402_harness };
-    let mut client = client::Client::connect(url, args.admin_key.clone())?;
+    let opts = Options { failing_call, unconfigured_url, x402_harness };
+    let mut client = client::Client::connect(url, admin_key)?;
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     let mut results = Vec::new();
     let started = Instant::now();

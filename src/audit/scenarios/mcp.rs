@@ -5,8 +5,9 @@
 use anyhow::ensure;
 use serde_json::{Value, json};
 
-use super::client::{Client, Reply};
-use super::scenarios::{Outcome, Scenario, ledger_sum};
+use crate::audit::client::{Client, Reply};
+use crate::audit::checks::ledger_sum;
+use crate::audit::scenario::{Outcome, Scenario};
 
 const PATH: &str = "/mcp";
 

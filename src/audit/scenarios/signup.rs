@@ -9,8 +9,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::{Value, json};
 
-use super::client::{Client, Reply, random_hex64};
-use super::scenarios::{Outcome, Scenario};
+use crate::audit::client::{Client, Reply, random_hex64};
+use crate::audit::scenario::{Outcome, Scenario};
 
 const PATH: &str = "/v1/signup";
 const NO_CHARGE: &str = "no charge applied";

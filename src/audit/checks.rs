@@ -1,0 +1,143 @@
+//! Checks the scenarios of several areas share: expected answers, refusals that charge nothing, the
+//! shared key, and the ledger's sum.
+
+use anyhow::{Result, ensure};
+
+use super::client::{Client, Endpoint, Key, Reply};
+use super::scenario::Outcome;
+
+pub const NO_CHARGE: &str = "no charge applied";
+
+pub fn pass(s: impl Into<String>) -> Result<Outcome> {
+    Ok(Outcome::Pass(s.into()))
+}
+
+pub fn expect(r: &Reply, status: u16, code: &str) -> Result<()> {
+    ensure!(r.status == status, "expected {status} {code}, got {}", r.brief());
+    if !code.is_empty() {
+        ensure!(r.code() == code, "expected error code {code}, got {}", r.brief());
+    }
+    Ok(())
+}
+
+/// `r` is a refusal before any charge: the status, the note, and the key's balance unchanged.
+pub fn refused_uncharged(c: &Client, r: &Reply, status: u16, code: &str, key: &Key, balance: u64) -> Result<Outcome> {
+    expect(r, status, code)?;
+    ensure!(r.body.contains(NO_CHARGE), "{} without \"note\": \"{NO_CHARGE}\": {}", r.status, r.body);
+    let now = c.balance(key)?;
+    ensure!(now == balance, "balance moved from {balance} to {now} on a refused call");
+    pass(format!("{} {}, balance still {balance}", r.status, r.code()))
+}
+
+/// The first endpoint, its shared key and that key's balance now.
+pub fn setup(c: &mut Client) -> Result<(Endpoint, Key, u64)> {
+    let ep = c.first();
+    let (key, bal) = c.shared_key(&ep)?;
+    Ok((ep, key, bal))
+}
+
+/// The key's whole ledger (every page: `next_before` is followed while the gateway gives one, and a
+/// gateway that does not page answers everything at once) as the sum of every row but the mint, and
+/// the number of rows.
+pub fn ledger_sum(c: &Client, key: &Key) -> Result<(i64, usize)> {
+    let (mut sum, mut rows) = (0i64, 0usize);
+    let mut before: Option<u64> = None;
+    for _ in 0..10_000 {
+        let l = c.ledger(key, before);
+        let entries = l["entries"].as_array().ok_or_else(|| anyhow::anyhow!("/v1/me/ledger has no entries: {l}"))?;
+        sum += entries.iter().filter(|e| e["kind"] != "mint").map(|e| e["amount_mcents"].as_i64().unwrap_or(0)).sum::<i64>();
+        rows += entries.len();
+        match l.get("next_before") {
+            None | Some(serde_json::Value::Null) => return Ok((sum, rows)),
+            Some(next) => {
+                let next = next.as_u64().ok_or_else(|| anyhow::anyhow!("/v1/me/ledger: next_before {next} is not a seq"))?;
+                ensure!(!entries.is_empty(), "/v1/me/ledger gave an empty page with next_before {next}");
+                ensure!(before.is_none_or(|b| next < b), "/v1/me/ledger: next_before {next} does not move back from before={}", before.unwrap_or(0));
+                before = Some(next);
+            }
+        }
+    }
+    anyhow::bail!("/v1/me/ledger: still paging after 10000 pages")
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+
+    use super::*;
+
+    /// A one-thread HTTP server answering `answer(method, path)` on each request (connection: close).
+    pub fn serve(answer: fn(&str, &str) -> (u16, String)) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap_or_default();
+                let mut parts = line.split_whitespace();
+                let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+                let mut length = 0usize;
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; length];
+                let _ = reader.read_exact(&mut body);
+                let (status, text) = answer(&method, &path);
+                let mut out = stream;
+                let _ = write!(
+                    out,
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+            }
+        });
+        format!("http://127.0.0.1:{port}")
+    }
+
+    const PRICING: &str = r#"{"ok":true,"endpoints":[{"name":"example","price_mcents":100,"scope":"example","path":"/v1/example"}],"signup":null}"#;
+
+    fn key() -> Key {
+        Key { key: "mcp_00".into(), key_id: "k_1".into() }
+    }
+
+    #[test]
+    fn ledger_sum_follows_next_before_to_the_end() {
+        let url = serve(|_, path| match path {
+            "/v1/pricing" => (200, PRICING.into()),
+            "/v1/me/ledger?limit=500" => (200, r#"{"ok":true,"entries":[
+                {"seq":4,"kind":"release","amount_mcents":100},{"seq":3,"kind":"hold","amount_mcents":-100}],"next_before":3}"#.into()),
+            "/v1/me/ledger?limit=500&before=3" => (200, r#"{"ok":true,"entries":[{"seq":2,"kind":"hold","amount_mcents":-100}],"next_before":2}"#.into()),
+            "/v1/me/ledger?limit=500&before=2" => (200, r#"{"ok":true,"entries":[{"seq":1,"kind":"mint","amount_mcents":1000}],"next_before":null}"#.into()),
+            _ => (404, "{}".into()),
+        });
+        let c = Client::connect(&url, None).unwrap();
+        assert_eq!(ledger_sum(&c, &key()).unwrap(), (-100, 4));
+    }
+
+    #[test]
+    fn ledger_sum_reads_a_gateway_that_does_not_page_and_refuses_a_cursor_that_does_not_move() {
+        let url = serve(|_, path| match path {
+            "/v1/pricing" => (200, PRICING.into()),
+            "/v1/me/ledger?limit=500" => (200, r#"{"ok":true,"entries":[{"seq":2,"kind":"hold","amount_mcents":-100},{"seq":1,"kind":"mint","amount_mcents":500}]}"#.into()),
+            _ => (404, "{}".into()),
+        });
+        let c = Client::connect(&url, None).unwrap();
+        assert_eq!(ledger_sum(&c, &key()).unwrap(), (-100, 2));
+
+        let stuck = serve(|_, path| match path {
+            "/v1/pricing" => (200, PRICING.into()),
+            _ => (200, r#"{"ok":true,"entries":[{"seq":2,"kind":"hold","amount_mcents":-100}],"next_before":5}"#.into()),
+        });
+        let c = Client::connect(&stuck, None).unwrap();
+        let e = ledger_sum(&c, &key()).unwrap_err().to_string();
+        assert!(e.contains("next_before 5"), "{e}");
+    }
+}

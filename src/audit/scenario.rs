@@ -1,0 +1,29 @@
+//! What a scenario is: a name, what a gateway that follows docs/contract.md must do, and the check
+//! that runs it against the live gateway and returns the evidence. A scenario that cannot apply to
+//! the gateway under audit says so (NotApplicable) instead of passing.
+
+use anyhow::Result;
+
+use super::client::Client;
+
+pub enum Outcome {
+    Pass(String),
+    NotApplicable(String),
+}
+
+pub struct Options {
+    /// `ENDPOINT=JSON`: a call whose handler fails on our side, for the refund scenarios.
+    pub failing_call: Option<(String, String)>,
+    /// A second deployment of the same gateway with no ADMIN_KEY configured.
+    pub unconfigured_url: Option<String>,
+    /// The control URL of a tests/chain x402 harness (chain.mjs) whose facilitator the gateway uses.
+    pub x402_harness: Option<String>,
+}
+
+pub type Run = fn(&mut Client, &Options) -> Result<Outcome>;
+
+pub struct Scenario {
+    pub name: &'static str,
+    pub expect: &'static str,
+    pub run: Run,
+}
