@@ -40,6 +40,7 @@ backend_tests!(
     x402_sweep_alone_resolves,
     x402_forged_payment_reads_nothing,
     x402_expired_and_cancelled_are_released,
+    x402_expiry_follows_the_chain_clock,
     x402_killed_request_is_resolved_by_the_sweep,
     admin_payments_listing,
     derived_keys_depend_on_the_secret,
@@ -627,6 +628,55 @@ async fn x402_expired_and_cancelled_are_released(db: &TestDb) {
     assert_eq!(db.payment_state(&reference(&n3)).await.as_deref(), Some("released"));
     // Counted: three settlement attempts (one each), nothing moved, no key.
     assert_eq!((f.calls("settle").len(), f.chain.state.transfers(), db.mint_rows().await), (3, 0, 0));
+}
+
+/// Expiry is the chain's clock, not this server's: with the server's clock past validBefore but
+/// the chain's blocks stamped earlier, the facilitator's transfer may still be mined, so the
+/// payment stays pending (a request and the sweep); mined → the key; never mined → released only
+/// once the chain's clock passes validBefore.
+async fn x402_expiry_follows_the_chain_clock(db: &TestDb) {
+    if skip() {
+        return;
+    }
+    let f = Facilitator::start(None).await;
+    let s = db.server_with_signup(rails(&f)).await;
+    let accepted = accepted_requirement(&s).await;
+    let n1 = nonce(450);
+    let valid_before = now_secs() + 1;
+    let pay1 = payer().header(&accepted, &n1, valid_before);
+    f.set(Answer::Ok, Answer::Http500);
+    expect_pending(signup(&s, &[("PAYMENT-SIGNATURE", &pay1), ("Idempotency-Key", IDEM)]).await, &reference(&n1), None).await;
+    while now_secs() <= valid_before {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    f.chain.state.clock_offset_secs.store(-30, std::sync::atomic::Ordering::SeqCst);
+    f.set(Answer::Ok, Answer::Refuse);
+    expect_pending(signup(&s, &[("PAYMENT-SIGNATURE", &pay1), ("Idempotency-Key", IDEM)]).await, &reference(&n1), None).await;
+    gateway::signup::sweep(&*db.signup_state(rails(&f)).await).await;
+    assert_eq!(db.payment_state(&reference(&n1)).await.as_deref(), Some("pending"));
+    assert!(f.chain.state.calls("eth_getBlockByNumber") >= 2);
+    // The transfer in flight is mined (in a block stamped before validBefore): the key, paid once.
+    f.chain.state.transfer(&payer().address, &n1).unwrap();
+    let res = signup(&s, &[("PAYMENT-SIGNATURE", &pay1), ("Idempotency-Key", IDEM)]).await;
+    assert_eq!(res.status().as_u16(), 201);
+    assert_eq!(f.chain.state.transfers(), 1);
+    // Never mined: pending while the chain is behind, released once its clock passes validBefore.
+    let n2 = nonce(451);
+    let valid_before = now_secs() + 1;
+    f.chain.state.clock_offset_secs.store(0, std::sync::atomic::Ordering::SeqCst);
+    f.set(Answer::Ok, Answer::Http500);
+    let pay2 = payer().header(&accepted, &n2, valid_before);
+    expect_pending(signup(&s, &[("PAYMENT-SIGNATURE", &pay2), ("Idempotency-Key", IDEM)]).await, &reference(&n2), None).await;
+    while now_secs() <= valid_before {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    f.chain.state.clock_offset_secs.store(-30, std::sync::atomic::Ordering::SeqCst);
+    gateway::signup::sweep(&*db.signup_state(rails(&f)).await).await;
+    assert_eq!(db.payment_state(&reference(&n2)).await.as_deref(), Some("pending"));
+    f.chain.state.clock_offset_secs.store(0, std::sync::atomic::Ordering::SeqCst);
+    gateway::signup::sweep(&*db.signup_state(rails(&f)).await).await;
+    assert_eq!(db.payment_state(&reference(&n2)).await.as_deref(), Some("released"));
+    assert_eq!(f.chain.state.transfers(), 1);
 }
 
 /// Kill-safety: a request dies while its payment is `settling` (the facilitator took the money

@@ -124,6 +124,8 @@ export class FakeChain {
   /** The JSON-RPC methods asked, in order. */
   readonly asked: string[] = [];
   down = false;
+  /** Seconds the chain's block clock runs ahead of (or, negative, behind) this machine's. */
+  clockOffsetSeconds = 0;
 
   constructor() {
     chainSeq++;
@@ -169,6 +171,35 @@ export class FakeChain {
         return toHex(84532);
       case "eth_blockNumber":
         return toHex(this.block);
+      case "eth_getBlockByNumber": {
+        // latest: the last block; pending: the next one, stamped with the chain's clock.
+        const tag = String(body.params[0]);
+        const number = tag === "pending" ? this.block + 1n : this.block;
+        const timestamp = BigInt(Math.floor(Date.now() / 1000) + this.clockOffsetSeconds);
+        return {
+          number: toHex(number),
+          hash: pad(toHex(number), { size: 32 }),
+          parentHash: pad(toHex(number - 1n), { size: 32 }),
+          timestamp: toHex(tag === "pending" ? timestamp : timestamp - 1n),
+          transactions: [],
+          uncles: [],
+          logsBloom: null,
+          gasLimit: "0x0",
+          gasUsed: "0x0",
+          baseFeePerGas: "0x0",
+          difficulty: "0x0",
+          extraData: "0x",
+          miner: "0x0000000000000000000000000000000000000000",
+          nonce: "0x0000000000000000",
+          size: "0x0",
+          stateRoot: pad("0x0", { size: 32 }),
+          receiptsRoot: pad("0x0", { size: 32 }),
+          transactionsRoot: pad("0x0", { size: 32 }),
+          sha3Uncles: pad("0x0", { size: 32 }),
+          mixHash: pad("0x0", { size: 32 }),
+          totalDifficulty: "0x0",
+        };
+      }
       case "eth_getLogs": {
         const f = body.params[0] as { address: string; topics: Array<string | null>; fromBlock: string };
         const from = BigInt(f.fromBlock === "earliest" ? 0 : f.fromBlock);

@@ -352,6 +352,51 @@ describe("signup over x402: payments that can no longer move are released", () =
     expect(facilitator.settleCalls).toBe(1);
   });
 
+  it("expiry is the chain's clock, not the server's: a server clock past validBefore with the chain behind keeps it pending (the transfer may still be mined); released once the chain passes it", async () => {
+    const before = (await budgetCounts()).signups;
+    const facilitator = new TestFacilitator("settle_down");
+    const { app, chain } = signupApp({ facilitator });
+    const nonce = freshNonce();
+    const reference = x402Reference(nonce);
+    const validBefore = Math.floor(Date.now() / 1000) + 1;
+    const sig = await paymentSignature({ nonce, validBefore: String(validBefore) });
+    const idem = idempotencyKey();
+    await expectPending(await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig, "Idempotency-Key": idem })), reference, null, idem);
+    await new Promise((r) => setTimeout(r, 1_200));
+    // This machine's clock is past validBefore; the chain's blocks are still stamped 30 s earlier,
+    // so the facilitator's transfer can still be mined: not released, by a request nor the sweep.
+    chain.clockOffsetSeconds = -30;
+    facilitator.mode = "settle_false";
+    await expectPending(await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig, "Idempotency-Key": idem })), reference, null, idem);
+    expect(await runDurableObjectAlarm(paymentObjectFor(`signup:${reference}`))).toBe(true);
+    expect((await snapshot(reference))!.state).toBe("pending");
+    expect((await budgetCounts()).signups).toBe(before + 1);
+    expect(chain.count("eth_getBlockByNumber")).toBeGreaterThanOrEqual(2);
+    // The in-flight transfer is mined in a block stamped before validBefore: the payer gets the key.
+    chain.transfer(PAYER, nonce);
+    const res = await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig, "Idempotency-Key": idem }));
+    expect(res.status, await res.clone().text()).toBe(201);
+    expect(((await res.json()) as SignupBody).key).toBe(await expectedDerivedKey(idem, reference));
+    expect(chain.transfers).toBe(1);
+
+    // Another payment, never mined: released only once the chain's clock passes validBefore.
+    const nonce2 = freshNonce();
+    const reference2 = x402Reference(nonce2);
+    const vb2 = Math.floor(Date.now() / 1000) + 1;
+    const sig2 = await paymentSignature({ nonce: nonce2, validBefore: String(vb2) });
+    chain.clockOffsetSeconds = 0;
+    facilitator.mode = "settle_down";
+    expect((await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig2, "Idempotency-Key": idem }))).status).toBe(202);
+    await new Promise((r) => setTimeout(r, 1_200));
+    chain.clockOffsetSeconds = -30;
+    expect(await runDurableObjectAlarm(paymentObjectFor(`signup:${reference2}`))).toBe(true);
+    expect((await snapshot(reference2))!.state).toBe("pending");
+    chain.clockOffsetSeconds = 0;
+    expect(await runDurableObjectAlarm(paymentObjectFor(`signup:${reference2}`))).toBe(true);
+    expect((await snapshot(reference2))!.state).toBe("released");
+    expect(chain.transfers).toBe(1);
+  });
+
   it("the payer canceled the authorization → released: 402 payment_failed, budget slot back", async () => {
     const before = (await budgetCounts()).signups;
     const facilitator = new TestFacilitator("settle_down");
@@ -448,6 +493,31 @@ describe("signup over MPP: an error that is not a refusal leaves the payment pen
     });
     const c2 = await mppCredential(app2);
     await expectError(await call(app2, signupRequest({ Authorization: c2 })), 402, "payment_invalid");
+  });
+});
+
+describe("signup over x402: a replay answers in the presenting request's protocol version", () => {
+  it("settled through v2 (PAYMENT-SIGNATURE), replayed as v1 (X-PAYMENT) → X-PAYMENT-RESPONSE with v1's network name; and back", async () => {
+    const { app, facilitator } = signupApp();
+    for (const [first, second] of [["v2", "v1"], ["v1", "v2"]] as const) {
+      const nonce = freshNonce();
+      const idem = idempotencyKey();
+      const header = async (v: "v1" | "v2") =>
+        v === "v2" ? { "PAYMENT-SIGNATURE": await paymentSignature({ nonce }) } : { "X-PAYMENT": await xPayment({ nonce, network: "base-sepolia" }) };
+      const a = await call(app, signupRequest({ ...(await header(first)), "Idempotency-Key": idem }));
+      expect(a.status).toBe(201);
+      const b = await call(app, signupRequest({ ...(await header(second)), "Idempotency-Key": idem }));
+      expect(b.status).toBe(200);
+      expect(((await b.json()) as SignupBody).key).toBe(((await a.json()) as SignupBody).key);
+      if (second === "v1") {
+        expect(b.headers.get("PAYMENT-RESPONSE")).toBeNull();
+        expect(decodePaymentResponseHeader(b.headers.get("X-PAYMENT-RESPONSE")!)).toMatchObject({ success: true, transaction: txHashFor(nonce), network: "base-sepolia" });
+      } else {
+        expect(b.headers.get("X-PAYMENT-RESPONSE")).toBeNull();
+        expect(decodePaymentResponseHeader(b.headers.get("PAYMENT-RESPONSE")!)).toMatchObject({ success: true, transaction: txHashFor(nonce), network: REQUIREMENT.network });
+      }
+    }
+    expect(facilitator.settleCalls).toBe(2);
   });
 });
 

@@ -231,6 +231,26 @@ impl Chain {
         Ok(None)
     }
 
+    /// The chain's own clock, in seconds: at least the timestamp its next block will carry — the
+    /// larger of the `pending` block's timestamp (nodes that build one stamp it with the next
+    /// block's time) and the `latest` block's. An EIP-3009 transfer succeeds only in a block stamped
+    /// before `validBefore`, and block timestamps never go back: once this is at or past
+    /// `validBefore`, that authorization can never be mined. The server's clock decides nothing (it
+    /// may run ahead of the chain, and a block stamped just before `validBefore` may not have
+    /// reached this RPC yet). Read it before looking for the transfer.
+    pub async fn chain_time(&self) -> Result<u64, String> {
+        let latest = self.block_timestamp("latest").await?;
+        // Not every node serves a pending block: the latest one then decides alone.
+        let pending = self.block_timestamp("pending").await.unwrap_or(0);
+        Ok(latest.max(pending))
+    }
+
+    async fn block_timestamp(&self, tag: &'static str) -> Result<u64, String> {
+        let v = self.call("eth_getBlockByNumber", json!([tag, false])).await?;
+        let ts = v.get("timestamp").ok_or_else(|| format!("eth_getBlockByNumber({tag}): no block"))?;
+        quantity(ts).map_err(|e| format!("eth_getBlockByNumber({tag}): timestamp {e}"))
+    }
+
     /// `authorizationState(from, nonce)` of `asset` (eth_call on the latest block): true once the
     /// authorization was used or cancelled.
     pub async fn authorization_state(&self, asset: Address, from: Address, nonce: B256) -> Result<bool, String> {

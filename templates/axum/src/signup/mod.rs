@@ -40,8 +40,6 @@ use crate::keys::{generate_api_key, generate_key_id, secrets_equal, sha256_hex};
 use crate::mint::parse_signup_input;
 use crate::shape::MAX_JSON_DEPTH;
 use crate::store::{ClaimOutcome, NewKey, SettleRecordOutcome, SettlingRecord, SignupClaim, SignupJob, SignupMint, SignupRecord};
-#[cfg(feature = "x402")]
-use crate::store::now_ms;
 
 pub use self::mpp::{Method, MppRail, SignupMethod};
 #[cfg(feature = "x402")]
@@ -705,6 +703,15 @@ async fn resolve_x402(app: &AppState, rail: &X402Rail, job: &Job, p: &x402::X402
     let Some(chain) = rail.chain() else { return to_pending(app, job, None).await };
     let a = &p.authorization;
     let from_block = job.from_block.unwrap_or(0).max(0) as u64;
+    // The chain's clock first, then its logs: expired by the chain's clock with no transfer seen
+    // after that means none can ever be mined (this server's clock decides nothing).
+    let chain_now = match chain.chain_time().await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(reference = %job.reference, error = %e, "x402 chain unreachable: still pending");
+            return to_pending(app, job, None).await;
+        }
+    };
     let done = match chain.transfer_done(rail.asset(), a.from, a.nonce, from_block).await {
         Ok(done) => done,
         Err(e) => {
@@ -723,7 +730,7 @@ async fn resolve_x402(app: &AppState, rail: &X402Rail, job: &Job, p: &x402::X402
         Ok(true) => {
             release(app, job, "The payer cancelled the authorization before it was used; no money moved (checked on chain).".into()).await
         }
-        Ok(false) if now_ms() / 1000 >= a.valid_before_secs() => {
+        Ok(false) if i64::try_from(chain_now).unwrap_or(i64::MAX) >= a.valid_before_secs() => {
             release(app, job, "The authorization expired without being settled; no money moved (checked on chain).".into()).await
         }
         Ok(false) => settle_x402(app, rail, job, p, true).await,

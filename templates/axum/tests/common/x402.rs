@@ -66,6 +66,8 @@ pub struct ChainState {
     transfers: AtomicUsize,
     /// Answer 503 to everything.
     pub down: AtomicBool,
+    /// Seconds the chain's block clock runs ahead of (negative: behind) this machine's.
+    pub clock_offset_secs: std::sync::atomic::AtomicI64,
 }
 
 fn rpc_reply(id: &Value, result: Value) -> Reply {
@@ -84,6 +86,15 @@ async fn chain_rpc(State(st): State<Arc<ChainState>>, body: Bytes) -> Reply {
     let params = &req["params"];
     match method.as_str() {
         "eth_blockNumber" => rpc_reply(&id, json!(format!("0x{:x}", *st.block.lock().unwrap()))),
+        "eth_getBlockByNumber" => {
+            // latest: the last block; pending: the next one, stamped with the chain's clock.
+            let tag = params[0].as_str().unwrap();
+            assert!(tag == "latest" || tag == "pending", "{params}");
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+            let ts = now + st.clock_offset_secs.load(Ordering::SeqCst) - i64::from(tag == "latest");
+            let block = *st.block.lock().unwrap() + u64::from(tag == "pending");
+            rpc_reply(&id, json!({ "number": format!("0x{block:x}"), "timestamp": format!("0x{:x}", ts.max(0)), "transactions": [] }))
+        }
         "eth_getLogs" => {
             let f = &params[0];
             assert_eq!(f["topics"][0], AUTHORIZATION_USED_TOPIC, "{f}");

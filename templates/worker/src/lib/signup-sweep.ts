@@ -9,7 +9,7 @@ import type { AppEnv } from "./env";
 import type { KeyDO } from "./key-do";
 import { generateKeyId } from "./keys";
 import type { PaymentDO, SignupPaid, SignupRecord, SignupSnapshot, SignupStore, X402Settlement } from "./payment-do";
-import { askChain, facilitatorSettle, facilitatorTimeoutMs, httpFacilitator, settlementHeader, type FacilitatorClient } from "./signup-x402";
+import { askChain, chainTime, facilitatorSettle, facilitatorTimeoutMs, httpFacilitator, settlementHeader, type FacilitatorClient } from "./signup-x402";
 
 /** key = prefix + hex(HMAC-SHA256(SIGNUP_SECRET, DERIVATION_PREFIX + sha256_hex(idem) + ":" + reference)). */
 export const DERIVATION_PREFIX = "mcpay-signup-v2:";
@@ -63,6 +63,7 @@ export async function settleX402(
   const asset = String(x.requirement.asset);
   const { from, nonce } = x.authorization;
   const fromBlock = BigInt(x.fromBlock);
+  const validBefore = /^[0-9]{1,78}$/.test(x.authorization.validBefore) ? BigInt(x.authorization.validBefore) : 0n;
   const transaction = knownTx;
   const decide = async (s: Settled): Promise<Settled> => {
     if (s.kind === "paid") await store.signupPaid(token, s.paid);
@@ -74,23 +75,30 @@ export async function settleX402(
     const out = await facilitatorSettle(facilitator, x.payload as unknown as PaymentPayload, x.requirement as unknown as PaymentRequirements, timeoutMs);
     if (out.kind === "success") return decide({ kind: "paid", paid: paidOf(x, out.transaction) });
     if (out.kind === "unknown") return decide({ kind: "pending", transaction: out.transaction ?? transaction });
-    // A definite refusal: the chain says whether anything moved.
+    // A definite refusal: the chain says whether anything moved (its clock first: see chainTime).
+    const now = mode === "resolve" ? await chainTime(rpcUrl) : null;
+    if (mode === "resolve" && now === null) return decide({ kind: "pending", transaction });
     const c = await askChain(rpcUrl, asset, from, nonce, fromBlock);
     if (c.kind === "transferred") return decide({ kind: "paid", paid: paidOf(x, c.transaction) });
     if (c.kind === "unreachable") return decide({ kind: "pending", transaction });
-    if (mode === "resolve" && c.kind === "unused" && Date.now() / 1000 < Number(x.authorization.validBefore)) {
+    if (mode === "resolve" && c.kind === "unused" && now! < validBefore) {
       // An earlier attempt's outcome was unknown: its transaction may still be in flight and mine
-      // later, so a refusal now does not prove nothing will move. Pending until validBefore.
+      // later, so a refusal now does not prove nothing will move. Pending until the chain's clock
+      // passes validBefore.
       return decide({ kind: "pending", transaction });
     }
     return decide({ kind: "released", message: `Settlement failed: ${out.reason}.` });
   };
   if (mode === "settle") return settleOnce();
+  // The chain's clock before its logs: expired by the chain's clock and no transfer seen after
+  // that means none can ever be mined (the server's clock decides nothing).
+  const now = await chainTime(rpcUrl);
+  if (now === null) return decide({ kind: "pending", transaction });
   const c = await askChain(rpcUrl, asset, from, nonce, fromBlock);
   if (c.kind === "transferred") return decide({ kind: "paid", paid: paidOf(x, c.transaction) });
   if (c.kind === "unreachable") return decide({ kind: "pending", transaction });
   if (c.kind === "canceled") return decide({ kind: "released", message: "The payer canceled the authorization before it was settled; no money moved." });
-  if (Date.now() / 1000 >= Number(x.authorization.validBefore)) {
+  if (now >= validBefore) {
     return decide({ kind: "released", message: "The authorization expired without being settled; no money moved." });
   }
   return settleOnce();

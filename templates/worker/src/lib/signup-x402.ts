@@ -420,6 +420,32 @@ export async function currentBlock(rpcUrl: string): Promise<bigint> {
   return chain(rpcUrl).getBlockNumber({ cacheTime: 0 });
 }
 
+/**
+ * The chain's own clock: the timestamp the next block will carry, at least — the larger of the
+ * `pending` block's timestamp (nodes that build one: the next block's time) and the `latest`
+ * block's. An EIP-3009 transfer succeeds only in a block whose timestamp is before `validBefore`,
+ * and block timestamps never go back, so once this is at or past `validBefore` no transfer of that
+ * authorization can be mined any more. The server's own clock decides nothing: it may run ahead of
+ * the chain, and a block stamped just before `validBefore` may not have reached our RPC yet.
+ * Read it BEFORE looking for the transfer. Null when the RPC cannot be reached.
+ */
+export async function chainTime(rpcUrl: string): Promise<bigint | null> {
+  const client = chain(rpcUrl);
+  try {
+    const latest = await client.getBlock({ blockTag: "latest" });
+    let pending = 0n;
+    try {
+      pending = (await client.getBlock({ blockTag: "pending" })).timestamp ?? 0n;
+    } catch {
+      // Not every node serves a pending block: the latest one decides alone.
+    }
+    return latest.timestamp > pending ? latest.timestamp : pending;
+  } catch (err) {
+    console.error(JSON.stringify({ msg: "x402 chain time query failed", error: String(err).slice(0, 500) }));
+    return null;
+  }
+}
+
 export type ChainAnswer =
   | { kind: "transferred"; transaction: string }
   | { kind: "canceled" }

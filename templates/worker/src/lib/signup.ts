@@ -14,6 +14,7 @@
 // Keys are always derived from SIGNUP_SECRET and the signup's Idempotency-Key (the client's, or one
 // the gateway makes and returns only in a 202), so a pending payment's key can be minted by the
 // PaymentDO's alarm and shown to its holder later.
+import { decodePaymentResponseHeader } from "@x402/core/http";
 import { PROJECT } from "../generated/manifest";
 import { isJsonContentType, readBoundedText } from "./body";
 import type { AppEnv } from "./env";
@@ -37,6 +38,7 @@ import {
   paymentRequired,
   paymentRequiredHeader,
   sameAuthorization,
+  settlementHeader,
   x402Rail,
   type FacilitatorFactory,
   type X402Payment,
@@ -108,6 +110,8 @@ interface Ctx {
   readonly rails: Rails;
   readonly keyPrefix: string;
   readonly secret: string;
+  /** The x402 protocol version (and network name) of the presented payment, once read. */
+  presented?: { readonly version: 1 | 2; readonly clientNetwork: string };
 }
 
 function describe(config: SignupConfig): string {
@@ -283,7 +287,7 @@ async function answerUsed(c: Ctx, reference: string, record: SignupRecord, idemp
       record.derivation === "v1"
         ? await deriveV1Key(c.keyPrefix, idempotencyKey!, reference)
         : await deriveSignupKey(c.keyPrefix, c.secret, record.idemHash, reference);
-    return json(200, { ...successBody(c, key, record), replayed: true }, record.header ? { [record.header.name]: record.header.value } : undefined);
+    return json(200, { ...successBody(c, key, record), replayed: true }, successHeaders(c, record));
   }
   throw new HttpError(409, "payment_already_used", {
     message: "This payment has already bought a key (send the Idempotency-Key of that signup to get it again).",
@@ -322,7 +326,27 @@ function mppUnknown(reference: string): HttpError {
 }
 
 function created(c: Ctx, key: string, record: SignupRecord): Response {
-  return json(201, successBody(c, key, record), record.header ? { [record.header.name]: record.header.value } : undefined);
+  return json(201, successBody(c, key, record), successHeaders(c, record));
+}
+
+/**
+ * The success header of a signup's answer, in the protocol version of the request presenting the
+ * payment: a v1 (X-PAYMENT) request gets X-PAYMENT-RESPONSE and a v2 one PAYMENT-RESPONSE, even
+ * when the payment was settled through the other version's request.
+ */
+function successHeaders(c: Ctx, record: SignupRecord): Record<string, string> | undefined {
+  const h = record.header;
+  if (!h) return undefined;
+  const p = c.presented;
+  const rail = c.rails.x402;
+  if (record.rail !== "x402" || !p || !rail || h.name === (p.version === 1 ? "X-PAYMENT-RESPONSE" : "PAYMENT-RESPONSE")) return { [h.name]: h.value };
+  try {
+    const settled = decodePaymentResponseHeader(h.value);
+    const out = settlementHeader(p.version, p.clientNetwork, rail.requirement.network, settled.transaction, settled.payer ?? "");
+    return { [out.name]: out.value };
+  } catch {
+    return { [h.name]: h.value };
+  }
 }
 
 /** After a paid payment was minted: the key for the holder of its Idempotency-Key, else 409. */
@@ -517,6 +541,7 @@ export async function handleSignup(o: Resolved, request: Request, env: AppEnv, r
   }
   // 4-6. One credential for a configured rail, naming this offer.
   const cred = await readCredential(c);
+  if (cred.rail === "x402") c.presented = { version: cred.payment.version, clientNetwork: cred.payment.clientNetwork };
   // 7. The credential is genuine (x402: the EIP-712 signature, locally; MPP: checked in step 6).
   //    Nothing is looked up for a credential that fails here.
   if (cred.rail === "x402") {
