@@ -30,7 +30,7 @@ import { HANDLERS } from "../src/generated/handlers";
 import type { AppEnv } from "../src/lib/env";
 import type { PaymentSetupResult } from "../src/lib/mpp-methods";
 import type { SignupConfig } from "../src/lib/signup-config";
-import type { FacilitatorFactory } from "../src/lib/signup-x402";
+import { TRANSFER_WITH_AUTHORIZATION, type FacilitatorFactory } from "../src/lib/signup-x402";
 import { BASE, SCOPE, dumpSql } from "./helpers";
 
 /**
@@ -286,16 +286,7 @@ const PAYER_ACCOUNT = privateKeyToAccount("0x59c6995e998f97a5a0044966f0945389dc9
 export const MALLORY = privateKeyToAccount("0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a");
 export const PAYER = PAYER_ACCOUNT.address;
 
-const TRANSFER_TYPES = {
-  TransferWithAuthorization: [
-    { name: "from", type: "address" },
-    { name: "to", type: "address" },
-    { name: "value", type: "uint256" },
-    { name: "validAfter", type: "uint256" },
-    { name: "validBefore", type: "uint256" },
-    { name: "nonce", type: "bytes32" },
-  ],
-} as const;
+const TRANSFER_TYPES = TRANSFER_WITH_AUTHORIZATION;
 
 const DOMAIN = { name: "USDC", version: "2", chainId: 84532, verifyingContract: REQUIREMENT.asset as Address };
 

@@ -237,7 +237,8 @@ export interface Authorization {
 const UINT = /^[0-9]{1,78}$/;
 const SIGNATURE_65 = /^0x[0-9a-fA-F]{130}$/;
 
-const TRANSFER_WITH_AUTHORIZATION = {
+/** EIP-3009 TransferWithAuthorization, the EIP-712 type x402 `exact` payments sign. */
+export const TRANSFER_WITH_AUTHORIZATION = {
   TransferWithAuthorization: [
     { name: "from", type: "address" },
     { name: "to", type: "address" },
