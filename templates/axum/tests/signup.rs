@@ -32,8 +32,6 @@ backend_tests!(
 );
 
 const SECRET: &str = "test-mpp-secret-0123456789abcdef-0123456789";
-const IDEM: &str = "idem-0123456789abcdef0123456789abcdef";
-const PAY_TO: &str = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C";
 
 // ------------------------------------------------------------------------ a test MPP method
 
@@ -113,33 +111,6 @@ fn challenges(res: &reqwest::Response) -> Vec<PaymentChallenge> {
 
 fn mpp_credential(challenge: &PaymentChallenge, proof: &str) -> String {
     format_authorization(&PaymentCredential::new(challenge.to_echo(), json!({ "proof": proof }))).unwrap()
-}
-
-async fn offer(s: &TestServer) -> reqwest::Response {
-    s.client.post(s.url("/v1/signup")).send().await.unwrap()
-}
-
-async fn signup(s: &TestServer, headers: &[(&str, &str)]) -> reqwest::Response {
-    let mut req = s.client.post(s.url("/v1/signup"));
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    req.send().await.unwrap()
-}
-
-/// The minted key works: /v1/me shows the signup balance, scopes and name; one mint row.
-async fn assert_key_works(s: &TestServer, body: &Value, name: Option<&str>) {
-    let key = body["key"].as_str().unwrap();
-    assert!(key.starts_with(GATEWAY.key_prefix) && key.len() == GATEWAY.key_prefix.len() + 64, "{body}");
-    let me = s.me(key).await;
-    assert_eq!(me["key_id"], body["key_id"]);
-    assert_eq!(me["balance_mcents"], SIGNUP.balance_mcents);
-    assert_eq!(me["scopes"], json!(SIGNUP.scopes));
-    assert_eq!(me["name"], json!(name));
-    let ledger = s.ledger(key).await;
-    assert_eq!(ledger.len(), 1);
-    assert_eq!(ledger[0]["kind"], "mint");
-    assert_eq!(ledger[0]["amount_mcents"], SIGNUP.balance_mcents);
 }
 
 fn skip_disabled() -> bool {
@@ -557,15 +528,6 @@ fn x402_configured() -> bool {
     cfg!(feature = "x402") && SIGNUP.enabled && SIGNUP.x402.is_some()
 }
 
-/// The requirement every target emits for this manifest, byte for byte.
-fn expected_requirement() -> String {
-    let x = SIGNUP.x402.unwrap();
-    format!(
-        r#"{{"scheme":"exact","network":"{}","amount":"{}","asset":"{}","payTo":"{}","maxTimeoutSeconds":{},"extra":{{"name":"{}","version":"{}"}}}}"#,
-        x.network, x.amount, x.asset, PAY_TO, x.max_timeout_seconds, x.asset_name, x.asset_version
-    )
-}
-
 #[cfg(feature = "x402")]
 fn x402_rail(facilitator: &str) -> Option<gateway::signup::X402Rail> {
     let cfg = SIGNUP.x402?;
@@ -577,10 +539,3 @@ fn x402_rail(_: &str) -> Option<gateway::signup::X402Rail> {
     None
 }
 
-/// A URL nothing listens on.
-async fn url_of_nothing() -> String {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
-    drop(l);
-    url
-}

@@ -23,7 +23,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use common::x402::*;
 use common::*;
-use gateway::generated::{GATEWAY, SIGNUP, SignupX402Config};
+use gateway::generated::{SIGNUP, SignupX402Config};
 use gateway::keys::sha256_hex;
 use gateway::signup::{Signup, X402Rail, derived_key};
 use serde_json::{Value, json};
@@ -47,8 +47,6 @@ backend_tests!(
     x402_real_chain,
 );
 
-const PAY_TO: &str = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C";
-const IDEM: &str = "idem-0123456789abcdef0123456789abcdef";
 
 fn payer() -> Payer {
     Payer::new(7)
@@ -71,35 +69,6 @@ fn rails(f: &Facilitator) -> Signup {
     Signup::new(Some(rail(f)), None).with_secret(SIGNUP_SECRET)
 }
 
-/// The requirement every target emits for this manifest, byte for byte.
-fn expected_requirement() -> String {
-    let x = SIGNUP.x402.unwrap();
-    format!(
-        r#"{{"scheme":"exact","network":"{}","amount":"{}","asset":"{}","payTo":"{}","maxTimeoutSeconds":{},"extra":{{"name":"{}","version":"{}"}}}}"#,
-        x.network, x.amount, x.asset, PAY_TO, x.max_timeout_seconds, x.asset_name, x.asset_version
-    )
-}
-
-/// A URL nothing listens on.
-async fn url_of_nothing() -> String {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
-    drop(l);
-    url
-}
-
-async fn offer(s: &TestServer) -> reqwest::Response {
-    s.client.post(s.url("/v1/signup")).send().await.unwrap()
-}
-
-async fn signup(s: &TestServer, headers: &[(&str, &str)]) -> reqwest::Response {
-    let mut req = s.client.post(s.url("/v1/signup"));
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    req.send().await.unwrap()
-}
-
 async fn accepted_requirement(s: &TestServer) -> Value {
     let body = json_of(offer(s).await).await;
     body["accepts"][0].clone()
@@ -118,21 +87,6 @@ fn tx_of(nonce: &str) -> String {
 /// The key a payment with this Idempotency-Key buys.
 fn key_for(idem: &str, reference: &str) -> String {
     derived_key(SIGNUP_SECRET, &sha256_hex(idem), reference)
-}
-
-/// The minted key works: /v1/me shows the signup balance, scopes and name; one mint row.
-async fn assert_key_works(s: &TestServer, body: &Value, name: Option<&str>) {
-    let key = body["key"].as_str().unwrap();
-    assert!(key.starts_with(GATEWAY.key_prefix) && key.len() == GATEWAY.key_prefix.len() + 64, "{body}");
-    let me = s.me(key).await;
-    assert_eq!(me["key_id"], body["key_id"]);
-    assert_eq!(me["balance_mcents"], SIGNUP.balance_mcents);
-    assert_eq!(me["scopes"], json!(SIGNUP.scopes));
-    assert_eq!(me["name"], json!(name));
-    let ledger = s.ledger(key).await;
-    assert_eq!(ledger.len(), 1);
-    assert_eq!(ledger[0]["kind"], "mint");
-    assert_eq!(ledger[0]["amount_mcents"], SIGNUP.balance_mcents);
 }
 
 /// A `202 payment_pending` for `reference`: Retry-After, no note, the payment and the key to retry with.

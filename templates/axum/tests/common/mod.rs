@@ -438,3 +438,57 @@ pub async fn expect_error(res: reqwest::Response, status: u16, code: &str, no_ch
     }
     body
 }
+
+// ------------------------------------------------------------------------ signup (both rails)
+
+/// The receiving address of the signup tests' x402 rail.
+pub const PAY_TO: &str = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C";
+/// An Idempotency-Key of the signup tests.
+pub const IDEM: &str = "idem-0123456789abcdef0123456789abcdef";
+
+/// The requirement every target emits for this manifest, byte for byte.
+pub fn expected_requirement() -> String {
+    let x = gateway::generated::SIGNUP.x402.unwrap();
+    format!(
+        r#"{{"scheme":"exact","network":"{}","amount":"{}","asset":"{}","payTo":"{}","maxTimeoutSeconds":{},"extra":{{"name":"{}","version":"{}"}}}}"#,
+        x.network, x.amount, x.asset, PAY_TO, x.max_timeout_seconds, x.asset_name, x.asset_version
+    )
+}
+
+/// A URL nothing listens on.
+pub async fn url_of_nothing() -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    drop(l);
+    url
+}
+
+/// `POST /v1/signup` with no payment: the offer.
+pub async fn offer(s: &TestServer) -> reqwest::Response {
+    s.client.post(s.url("/v1/signup")).send().await.unwrap()
+}
+
+/// `POST /v1/signup` with these headers and no body.
+pub async fn signup(s: &TestServer, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut req = s.client.post(s.url("/v1/signup"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
+}
+
+/// The minted key works: /v1/me shows the signup balance, scopes and name; one mint row.
+pub async fn assert_key_works(s: &TestServer, body: &Value, name: Option<&str>) {
+    let signup = gateway::generated::SIGNUP;
+    let key = body["key"].as_str().unwrap();
+    assert!(key.starts_with(GATEWAY.key_prefix) && key.len() == GATEWAY.key_prefix.len() + 64, "{body}");
+    let me = s.me(key).await;
+    assert_eq!(me["key_id"], body["key_id"]);
+    assert_eq!(me["balance_mcents"], signup.balance_mcents);
+    assert_eq!(me["scopes"], serde_json::json!(signup.scopes));
+    assert_eq!(me["name"], serde_json::json!(name));
+    let ledger = s.ledger(key).await;
+    assert_eq!(ledger.len(), 1);
+    assert_eq!(ledger[0]["kind"], "mint");
+    assert_eq!(ledger[0]["amount_mcents"], signup.balance_mcents);
+}
