@@ -74,6 +74,20 @@ async function expectError(res: Response, status: number, code: string, note = t
   return body;
 }
 
+/**
+ * A validBefore a few seconds ahead: long enough that a slow (loaded) machine still settles before
+ * it, short enough to wait out. A 1 s margin made the first request itself arrive expired under load.
+ */
+function soonValidBefore(): number {
+  return Math.floor(Date.now() / 1000) + 3;
+}
+
+/** Waits until this machine's clock (and the test chain's, offset 0) is past `validBefore`. */
+async function waitPast(validBefore: number): Promise<void> {
+  const ms = validBefore * 1000 + 150 - Date.now();
+  if (ms > 0) await new Promise((r) => setTimeout(r, ms));
+}
+
 const FAST: AppEnv = { ...signupEnv, X402_FACILITATOR_TIMEOUT_MS: "300" };
 
 type Fault = "settle_then_500" | "settle_then_hang" | "settle_pending";
@@ -317,11 +331,12 @@ describe("signup over x402: payments that can no longer move are released", () =
     const { app, chain } = signupApp({ facilitator });
     const nonce = freshNonce();
     const reference = x402Reference(nonce);
-    const sig = await paymentSignature({ nonce, validBefore: String(Math.floor(Date.now() / 1000) + 2) });
+    const validBefore = soonValidBefore();
+    const sig = await paymentSignature({ nonce, validBefore: String(validBefore) });
     const idem = idempotencyKey();
     await expectPending(await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig, "Idempotency-Key": idem })), reference, null, idem);
     expect((await budgetCounts()).signups).toBe(before + 1);
-    await new Promise((r) => setTimeout(r, 2_100));
+    await waitPast(validBefore);
     facilitator.mode = "ok";
     const res = await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig, "Idempotency-Key": idem }));
     const body = await expectError(res, 402, "payment_failed");
@@ -342,9 +357,10 @@ describe("signup over x402: payments that can no longer move are released", () =
     const { app, chain } = signupApp({ facilitator });
     const nonce = freshNonce();
     const reference = x402Reference(nonce);
-    const sig = await paymentSignature({ nonce, validBefore: String(Math.floor(Date.now() / 1000) + 1) });
+    const validBefore = soonValidBefore();
+    const sig = await paymentSignature({ nonce, validBefore: String(validBefore) });
     expect((await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig }))).status).toBe(202);
-    await new Promise((r) => setTimeout(r, 1_100));
+    await waitPast(validBefore);
     expect(await runDurableObjectAlarm(paymentObjectFor(`signup:${reference}`))).toBe(true);
     expect((await snapshot(reference))!.state).toBe("released");
     expect((await budgetCounts()).signups).toBe(before);
@@ -358,11 +374,11 @@ describe("signup over x402: payments that can no longer move are released", () =
     const { app, chain } = signupApp({ facilitator });
     const nonce = freshNonce();
     const reference = x402Reference(nonce);
-    const validBefore = Math.floor(Date.now() / 1000) + 1;
+    const validBefore = soonValidBefore();
     const sig = await paymentSignature({ nonce, validBefore: String(validBefore) });
     const idem = idempotencyKey();
     await expectPending(await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig, "Idempotency-Key": idem })), reference, null, idem);
-    await new Promise((r) => setTimeout(r, 1_200));
+    await waitPast(validBefore);
     // This machine's clock is past validBefore; the chain's blocks are still stamped 30 s earlier,
     // so the facilitator's transfer can still be mined: not released, by a request nor the sweep.
     chain.clockOffsetSeconds = -30;
@@ -382,12 +398,12 @@ describe("signup over x402: payments that can no longer move are released", () =
     // Another payment, never mined: released only once the chain's clock passes validBefore.
     const nonce2 = freshNonce();
     const reference2 = x402Reference(nonce2);
-    const vb2 = Math.floor(Date.now() / 1000) + 1;
+    const vb2 = soonValidBefore();
     const sig2 = await paymentSignature({ nonce: nonce2, validBefore: String(vb2) });
     chain.clockOffsetSeconds = 0;
     facilitator.mode = "settle_down";
     expect((await call(app, signupRequest({ "PAYMENT-SIGNATURE": sig2, "Idempotency-Key": idem }))).status).toBe(202);
-    await new Promise((r) => setTimeout(r, 1_200));
+    await waitPast(vb2);
     chain.clockOffsetSeconds = -30;
     expect(await runDurableObjectAlarm(paymentObjectFor(`signup:${reference2}`))).toBe(true);
     expect((await snapshot(reference2))!.state).toBe("pending");
