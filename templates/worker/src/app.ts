@@ -228,7 +228,7 @@ function paidHeaders(chargedMcents: number, balanceMcents: number): Record<strin
 }
 
 /** `Idempotency-Key` syntax (contract 3.8). */
-const IDEMPOTENCY_KEY_RE = /^[A-Za-z0-9_-]{32,128}$/;
+export const IDEMPOTENCY_KEY_RE = /^[A-Za-z0-9_-]{32,128}$/;
 /** Answers larger than this are not stored for Idempotency-Key replays. */
 export const IDEMPOTENCY_MAX_STORED_BYTES = 65_536;
 /** Settlement RPC attempts in the request before leaving the hold to the KeyDO's alarm. */

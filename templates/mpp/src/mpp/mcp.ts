@@ -15,6 +15,7 @@ import { parseBearer, sha256Hex } from "../lib/keys";
 import { isCallType } from "../lib/manifest-util";
 import type { Gateway } from "./app";
 import { paymentOf, settleOutcome } from "./app";
+import { IDEMPOTENCY_KEY_RE, IDEMPOTENCY_MAX_STORED_BYTES } from "../app";
 import type { MppEnv } from "./env";
 import { classifyMcp, issueCredit, newTrace, payHandler, realmFor, redeemCredit, type PaymentTrace } from "./pay";
 import { EXECUTE, parseCall, runTool, type RunContext } from "./tools";
@@ -78,6 +79,15 @@ function pricing(): Record<string, unknown> {
 
 function limits(): Record<string, unknown> {
   return { max_code_bytes: MPP.maxCodeBytes, timeout_ms: MPP.timeoutMs, cpu_ms: MPP.cpuMs, network: false, secrets: false, failure_policy: FAILURE_POLICY };
+}
+
+/** The per-call Idempotency-Key of an MCP tools/call (contract 3.10). */
+const IDEMPOTENCY_META = "io.mcpay/idempotency_key";
+
+function idempotencyOf(meta: Record<string, unknown> | undefined): string | null | "invalid" {
+  const v = meta?.[IDEMPOTENCY_META];
+  if (v === undefined) return null;
+  return typeof v === "string" && IDEMPOTENCY_KEY_RE.test(v) ? v : "invalid";
 }
 
 function toolResult(body: Record<string, unknown>, isError = false): CallToolResult {
@@ -169,21 +179,45 @@ function buildServer(g: Gateway, request: Request, env: MppEnv, ctx: ExecutionCo
       // Every tools/call is charged and settled under its own id, made here (never from the
       // client's JSON-RPC id), so a failing call can only ever refund itself.
       const callId = `${requestId}/mcp/${crypto.randomUUID()}`;
+      // Idempotency over MCP: params._meta["io.mcpay/idempotency_key"] plays the Idempotency-Key
+      // header's part (one per tools/call, so it also works inside a batch); the "body" is the tool
+      // name and its arguments. A retry after a lost answer gets the stored result, never a second hold.
+      const idem = idempotencyOf(req.params._meta);
+      if (idem === "invalid") {
+        throw new McpError(ErrorCode.InvalidParams, `${IDEMPOTENCY_META} must match ${IDEMPOTENCY_KEY_RE.source}.`, { code: "invalid_input", note: "no charge applied" });
+      }
+      const holdOptions =
+        idem === null ? {} : { idempotencyKey: idem, bodyHash: await sha256Hex(`mcp:${JSON.stringify([tool, req.params.arguments ?? {}])}`) };
       // Held, then captured (done) or released (failed); a hold left by a dead request is released
       // by the key's alarm (contract 3.8).
-      const charge = await stub.hold(tool, callId);
+      const charge = await stub.hold(tool, callId, holdOptions);
+      if (!charge.ok && charge.code === "replay") {
+        if (charge.response?.body == null) {
+          throw new McpError(ErrorCode.InvalidRequest, "The first call with this idempotency key succeeded but its result was too large to store; it is not run or charged again.", {
+            code: "idempotency_response_not_stored",
+            original_request_id: charge.originalRequestId,
+            max_stored_bytes: IDEMPOTENCY_MAX_STORED_BYTES,
+            note: "no charge applied",
+          });
+        }
+        const stored = JSON.parse(new TextDecoder().decode(charge.response.body)) as Record<string, unknown>;
+        return { ...toolResult(stored), _meta: { "io.mcpay/idempotent_replayed": true } };
+      }
       if (!charge.ok) throw new McpError(ErrorCode.InvalidRequest, `Not charged: ${charge.code}.`, { ...charge, note: "no charge applied" });
       const outcome = await runTool(tool, call.input, g.options.handlers, { ...runCtx, keyId: charge.keyId, chargedMcents: charge.chargedMcents, balanceMcents: charge.balanceMcents }, g.limits);
       if (outcome.kind === "done") {
+        const body = { ...outcome.body, charged_mcents: charge.chargedMcents, balance_mcents: charge.balanceMcents, request_id: requestId };
+        const bytes = new TextEncoder().encode(JSON.stringify(body));
+        const stored = idem === null ? undefined : { status: 200, headers: [], body: bytes.byteLength <= IDEMPOTENCY_MAX_STORED_BYTES ? (bytes.buffer as ArrayBuffer) : null };
         // A capture that fails leaves the hold to the alarm (released): the result is still served.
-        const captured = await stub.capture(callId).catch((err: unknown) => {
+        const captured = await stub.capture(callId, stored).catch((err: unknown) => {
           console.error(JSON.stringify({ msg: "capture failed", request_id: requestId, call_id: callId, error: String(err) }));
           return null;
         });
         if (captured !== null && !captured.ok && captured.state === "released") {
           return toolResult({ ok: false, error: { code: "handler_timeout", message: "The tool did not finish in time; the held price was released." }, refunded: true, balance_mcents: captured.balanceMcents, request_id: requestId }, true);
         }
-        return toolResult({ ...outcome.body, charged_mcents: charge.chargedMcents, balance_mcents: charge.balanceMcents, request_id: requestId });
+        return toolResult(body);
       }
       // A failing tool is settled like a failing handler of POST /v1/<tool> (refund cap applies).
       // A release that fails is left to the key's alarm, which releases the hold in full.

@@ -110,6 +110,27 @@ describe("MCP", () => {
     expect((await getMe(key)).balance_mcents).toBe(price);
   });
 
+  it("prepaid key + _meta io.mcpay/idempotency_key: a retry gets the stored result, held once; other arguments → idempotency_mismatch; a bad key → invalid_input", async () => {
+    const price = PRICE_MCENTS.execute_code;
+    const { key } = await seedKey({ balance: price * 3, scopes: ["execute_code"] });
+    const auth = { Authorization: `Bearer ${key}` };
+    const meta = { "io.mcpay/idempotency_key": "mcp-idem-" + crypto.randomUUID().replaceAll("-", "") };
+    const first = await rpc(app, "tools/call", { name: "execute_code", arguments: ARGS, _meta: meta }, auth);
+    expect(first.result.structuredContent).toMatchObject({ ok: true, result: 42, charged_mcents: price, balance_mcents: price * 2 });
+    const again = await rpc(app, "tools/call", { name: "execute_code", arguments: ARGS, _meta: meta }, auth);
+    expect(again.result.structuredContent).toEqual(first.result.structuredContent);
+    expect(again.result._meta["io.mcpay/idempotent_replayed"]).toBe(true);
+    const other = await rpc(app, "tools/call", { name: "execute_code", arguments: { ...ARGS, input: { x: 1 } }, _meta: meta }, auth);
+    expect(other.error?.data).toMatchObject({ code: "idempotency_mismatch", note: "no charge applied" });
+    const bad = await rpc(app, "tools/call", { name: "execute_code", arguments: ARGS, _meta: { "io.mcpay/idempotency_key": "short" } }, auth);
+    expect(bad.error?.data).toMatchObject({ code: "invalid_input", note: "no charge applied" });
+    // Held and captured once for the three attempts.
+    expect((await getMe(key)).balance_mcents).toBe(price * 2);
+    const ledger = await getLedger(key);
+    expect(ledger.filter((e) => e.kind === "hold")).toHaveLength(1);
+    expect(ledger.filter((e) => e.kind === "capture")).toHaveLength(1);
+  });
+
   it("a prepaid key without the scope is refused and not charged", async () => {
     const other = CALL_TYPES.find((t) => t !== "execute_code")!;
     const { key } = await seedKey({ balance: 10_000, scopes: [other as never] });
