@@ -1,20 +1,25 @@
-//! The HTTP gateway: routing, authentication, validate-before-charge, the charge, the handler
-//! run and the refund on failure. Everything goes through one fallback handler so that the
+//! The HTTP gateway: routing, authentication, validate-before-charge, the hold of a paid call,
+//! the handler run within its time limit, then the capture (success) or release (failure). Everything goes through one fallback handler so that the
 //! status codes, headers and error shape are exactly the contract's (docs/contract.md).
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::Response;
+use http_body_util::BodyExt;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
 
-use crate::body::read_json;
+use crate::body::{is_json_content_type, parse_json, read_bounded, read_json};
 use crate::config::SignupSettings;
 use crate::generated::{Endpoint, GATEWAY, PROJECT_NAME, PROJECT_VERSION, SIGNUP};
 use crate::handler::{Call, Context, Handlers, Reply};
@@ -24,8 +29,10 @@ use crate::levels::{badges_for, level_for};
 use crate::mint::parse_mint_input;
 use crate::ratelimit::{Acquire, RateLimiter};
 use crate::shape::{check_shape, normalize_integers};
-use crate::signup::{Signup, pricing_entry};
-use crate::store::{ChargeOutcome, KeyRow, MintOutcome, NewKey, Store};
+use crate::signup::{Signup, pricing_entry, valid_idempotency_key};
+use crate::store::{
+    CaptureOutcome, HoldOutcome, HoldRequest, IdemFound, IdemRequest, KeyRow, MintOutcome, NewKey, ReleaseReason, Store, StoredResponse,
+};
 
 const LEDGER_DEFAULT: i64 = 50;
 const LEDGER_MAX: i64 = 500;
@@ -40,6 +47,8 @@ pub struct AppState {
     pub handlers: Arc<dyn Handlers>,
     /// The payment rails of POST /v1/signup (see [`crate::signup`]).
     pub signup: Signup,
+    /// BODY_READ_TIMEOUT_MS (see [`AppState::set_body_read_timeout`]).
+    body_read_timeout_ms: std::sync::atomic::AtomicU64,
 }
 
 impl AppState {
@@ -56,7 +65,19 @@ impl AppState {
         handlers: Arc<dyn Handlers>,
         signup: Signup,
     ) -> Arc<Self> {
-        Arc::new(AppState { store, limiter, admin_key, handlers, signup })
+        let body_read_timeout_ms = (crate::config::DEFAULT_BODY_READ_TIMEOUT.as_millis() as u64).into();
+        Arc::new(AppState { store, limiter, admin_key, handlers, signup, body_read_timeout_ms })
+    }
+
+    /// How long a request body may take to arrive once its headers are read (BODY_READ_TIMEOUT_MS;
+    /// default 10 s): past it the request answers 408 request_timeout, before anything is held.
+    pub fn set_body_read_timeout(&self, timeout: std::time::Duration) {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.body_read_timeout_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn body_read_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.body_read_timeout_ms.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
 
@@ -131,7 +152,8 @@ async fn entry(State(app): State<Arc<AppState>>, req: Request) -> Response {
     let method = req.method().clone();
     let admin = is_admin_path(&path);
     let route = Route::find(&path);
-    let mut res = match dispatch(&app, route, req, &request_id, admin).await {
+    let timeout = app.body_read_timeout();
+    let mut res = match crate::body::with_body_deadline(timeout, dispatch(&app, route, req, &request_id, admin)).await {
         Ok(res) => res,
         Err(err) => err.into_response(&request_id),
     };
@@ -198,7 +220,14 @@ fn bearer_error(e: BearerError, no_charge: bool) -> ApiError {
 }
 
 fn bearer(headers: &HeaderMap, no_charge: bool) -> Result<String, ApiError> {
-    let key = parse_bearer(headers.get(header::AUTHORIZATION).map(|v| v.as_bytes())).map_err(|e| bearer_error(e, no_charge))?;
+    // Two or more Authorization headers are never well-formed (contract 3.8 step 3): taking the
+    // first would let a proxy and a client disagree on which key is charged.
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(bearer_error(BearerError::Invalid, no_charge));
+    }
+    let key = parse_bearer(first.map(|v| v.as_bytes())).map_err(|e| bearer_error(e, no_charge))?;
     Ok(sha256_hex(key))
 }
 
@@ -299,9 +328,19 @@ async fn ledger(app: &AppState, headers: &HeaderMap, query: Option<&str>) -> Res
             .ok_or_else(|| ApiError::new(400, "invalid_input").message(format!("limit must be an integer from 1 to {LEDGER_MAX}.")))?;
         limit = n.min(LEDGER_MAX);
     }
+    // before=<seq>: the page of entries older than that seq (the previous page's next_before).
+    let mut before = None;
+    if let Some(raw) = query_param(query, "before") {
+        let n = ((1..=15).contains(&raw.len()) && raw.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| raw.parse::<i64>().ok())
+            .flatten()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| ApiError::new(400, "invalid_input").message("before must be a ledger seq: an integer from 1 to 999999999999999."))?;
+        before = Some(n);
+    }
     let k = key_row(app, &hash, false).await?;
-    let entries = app.store.ledger(k.id, limit).await.map_err(|e| db_error(e, false))?;
-    Ok(json_response(StatusCode::OK, &json!({ "ok": true, "entries": entries })))
+    let (entries, next_before) = app.store.ledger(k.id, limit, before).await.map_err(|e| db_error(e, false))?;
+    Ok(json_response(StatusCode::OK, &json!({ "ok": true, "entries": entries, "next_before": next_before })))
 }
 
 async fn leaderboard(app: &AppState) -> Result<Response, ApiError> {
@@ -373,21 +412,53 @@ async fn mint(app: &AppState, req: Request, request_id: &str) -> Result<Response
 
 // ---------------------------------------------------------------------------- paid routes
 
+/// Answers larger than this are not stored for `Idempotency-Key` replays (contract 3.8).
+pub const IDEMPOTENCY_MAX_STORED_BYTES: usize = 65_536;
+/// Settlement attempts in the request before the hold is left to the sweeper, and the pauses
+/// between them (at most 3 attempts within about 0.5 s, contract 3.8).
+const SETTLE_ATTEMPTS: usize = 3;
+const SETTLE_BACKOFF_MS: [u64; 2] = [50, 250];
+
 fn paid_headers(res: &mut Response, charged: i64, balance: i64) {
     set_header(res.headers_mut(), "x-charged-mcents", charged);
     set_header(res.headers_mut(), "x-balance-mcents", balance);
 }
 
+/// A paid call's `Idempotency-Key` and the SHA-256 of its body bytes.
+struct Idem {
+    key: String,
+    body_sha256: String,
+}
+
+/// Step 3a: the optional `Idempotency-Key`, one header matching `^[A-Za-z0-9_-]{32,128}$`.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let Some(first) = values.next() else { return Ok(None) };
+    match first.to_str() {
+        Ok(k) if values.next().is_none() && valid_idempotency_key(k) => Ok(Some(k.to_string())),
+        _ => Err(ApiError::new(400, "invalid_input")
+            .message("Idempotency-Key must be 32 to 128 characters from A-Z a-z 0-9 _ - (one header).")
+            .no_charge()),
+    }
+}
+
 async fn paid(app: &Arc<AppState>, ep: Endpoint, req: Request, request_id: &str) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
-    // 1. Key syntax (existence is checked just before the charge).
+    // 2-3. Key syntax (existence is checked with the hold).
     let key_hash = bearer(&parts.headers, true)?;
-    // 2-4. Content-Type, bounded body, JSON.
-    let mut input = read_json(&parts.headers, body, GATEWAY.max_body_bytes, true).await?;
-    // 5. Shape from mcpay.toml.
+    // 3a. Idempotency-Key syntax.
+    let idem_key = idempotency_key(&parts.headers)?;
+    // 4-6. Content-Type, bounded body, JSON. The bytes are kept: an Idempotency-Key record holds
+    //      their SHA-256 (a retry must send the same bytes, not just the same JSON value).
+    if !is_json_content_type(&parts.headers) {
+        return Err(ApiError::new(415, "unsupported_media_type").no_charge());
+    }
+    let raw = read_bounded(&parts.headers, body, GATEWAY.max_body_bytes, true).await?;
+    let mut input = parse_json(&raw, true)?;
+    // 7. Shape from mcpay.toml.
     check_shape(&input, ep.input_shape()).map_err(|m| ApiError::new(400, "invalid_input").message(m).no_charge())?;
     normalize_integers(&mut input, ep.input_shape());
-    // 6. The handler's own validation (typed input).
+    // 8. The handler's own validation (typed input).
     let handlers = app.handlers.clone();
     let call = match std::panic::catch_unwind(AssertUnwindSafe(|| handlers.prepare(ep, input))) {
         Ok(Ok(call)) => call,
@@ -400,29 +471,78 @@ async fn paid(app: &Arc<AppState>, ep: Endpoint, req: Request, request_id: &str)
             return Err(ApiError::internal().no_charge());
         }
     };
+    let idem = idem_key.map(|key| Idem { key, body_sha256: hex::encode(Sha256::digest(&raw)) });
 
-    // 7-8. Charge, run and settle in a task of its own: once the charge is committed, a client that
-    //      goes away (dropping this request's future) can no longer stop the handler from running
-    //      or its failure from being settled.
+    // 9-11. Hold, run and settle in a task of its own: once the hold is committed, a client that
+    //       goes away (dropping this request's future) can no longer stop the handler from running
+    //       or the hold from being captured or released.
     let task_app = app.clone();
     let rid = request_id.to_string();
-    match tokio::spawn(async move { charge_and_run(&task_app, ep, &key_hash, call, &rid).await }).await {
+    match tokio::spawn(async move { hold_and_run(&task_app, ep, &key_hash, call, &rid, idem).await }).await {
         Ok(result) => result,
         Err(e) => {
             tracing::error!(request_id, error = %e, "paid call task failed");
             Err(ApiError::internal())
         }
     }
-
 }
 
+/// Step 9b's answers: a recorded Idempotency-Key with another endpoint or body, still running,
+/// or captured (the stored answer replayed, or 409 when it was too large to store).
+fn idempotent_answer(found: IdemFound) -> Result<Response, ApiError> {
+    match found {
+        IdemFound::Mismatch => Err(ApiError::new(422, "idempotency_mismatch")
+            .message("This Idempotency-Key was used with another endpoint or body; use a new Idempotency-Key.")
+            .no_charge()),
+        IdemFound::InProgress { retry_after_seconds } => Err(ApiError::new(409, "idempotency_in_progress")
+            .message("A call with this Idempotency-Key is still running; retry after Retry-After seconds.")
+            .no_charge()
+            .extra("retry_after_seconds", retry_after_seconds)
+            .header(header::RETRY_AFTER, retry_after_seconds)),
+        IdemFound::Replay { original_request_id, response: None } => Err(ApiError::new(409, "idempotency_response_not_stored")
+            .message(
+                "This Idempotency-Key's call succeeded and was charged once, but its answer was too large to store; it cannot be replayed.",
+            )
+            .no_charge()
+            .extra("original_request_id", original_request_id)
+            .extra("max_stored_bytes", IDEMPOTENCY_MAX_STORED_BYTES)
+            .header(HeaderName::from_static("idempotent-replayed"), "true")),
+        IdemFound::Replay { response: Some(stored), .. } => {
+            let mut res = Response::new(Body::from(stored.body.unwrap_or_default()));
+            *res.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+            let h = res.headers_mut();
+            for (name, value) in &stored.headers {
+                if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+                    h.append(n, v);
+                }
+            }
+            set_header(h, "idempotent-replayed", "true");
+            Ok(res)
+        }
+    }
+}
 
-/// Steps 7-8 of a paid call: the charge (key → scope → rate limit → balance, nothing written unless
-/// all pass), then the handler, then the settlement of a failure.
-async fn charge_and_run(app: &Arc<AppState>, ep: Endpoint, key_hash: &str, call: Call, request_id: &str) -> Result<Response, ApiError> {
+/// Steps 9-11 of a paid call: the hold (key → scope → Idempotency-Key → rate limit → balance,
+/// nothing written unless all pass), then the handler within its time limit, then the capture
+/// (success) or the release (failure, timeout).
+async fn hold_and_run(
+    app: &Arc<AppState>,
+    ep: Endpoint,
+    key_hash: &str,
+    call: Call,
+    request_id: &str,
+    idem: Option<Idem>,
+) -> Result<Response, ApiError> {
     let key = key_row(app, key_hash, true).await?;
     if !key.scope_list().iter().any(|s| s == ep.scope()) {
         return Err(ApiError::new(403, "scope_denied").no_charge().extra("required_scope", ep.scope()));
+    }
+    let idem_request = idem.as_ref().map(|i| IdemRequest { key: &i.key, body_sha256: &i.body_sha256 });
+    // 9b. A recorded Idempotency-Key answers before the rate limit (checked again with the hold).
+    if let Some(ir) = &idem_request
+        && let Some(found) = app.store.find_idempotency(key.id, ir, ep.name()).await.map_err(|e| db_error(e, true))?
+    {
+        return idempotent_answer(found);
     }
     let bucket = format!("rl:{}:{}", key.key_id, ep.name());
     let limit = ep.rate_limit_per_minute();
@@ -442,25 +562,36 @@ async fn charge_and_run(app: &Arc<AppState>, ep: Endpoint, key_hash: &str, call:
         }
     }
     let price = ep.price_mcents();
-    let balance = match app.store.charge(key.id, ep.name(), price, ep.xp(), request_id).await {
-        Ok(ChargeOutcome::Charged { balance_mcents }) => balance_mcents,
+    let time_limit = app.handlers.timeout(ep);
+    let hold = HoldRequest {
+        key_ref: key.id,
+        endpoint: ep.name(),
+        price,
+        xp: ep.xp(),
+        request_id,
+        timeout_ms: i64::try_from(time_limit.as_millis()).unwrap_or(i64::MAX / 2),
+        idem: idem_request,
+    };
+    let balance = match app.store.hold(&hold).await {
+        Ok(HoldOutcome::Held { balance_mcents, .. }) => balance_mcents,
         other => {
+            // Nothing was held: the rate-limit slot is given back (only holds count).
             if limit > 0 {
                 app.limiter.release(&bucket, request_id).await;
             }
-            return Err(match other {
-                Ok(ChargeOutcome::Insufficient { balance_mcents }) => ApiError::new(402, "insufficient_balance")
+            return match other {
+                Ok(HoldOutcome::Insufficient { balance_mcents }) => Err(ApiError::new(402, "insufficient_balance")
                     .no_charge()
                     .extra("price_mcents", price)
-                    .extra("balance_mcents", balance_mcents),
-                Ok(_) => ApiError::new(401, "invalid_key").no_charge(),
-                Err(e) => db_error(e, true),
-            });
+                    .extra("balance_mcents", balance_mcents)),
+                Ok(HoldOutcome::Idempotent(found)) => idempotent_answer(found),
+                Ok(_) => Err(ApiError::new(401, "invalid_key").no_charge()),
+                Err(e) => Err(db_error(e, true)),
+            };
         }
     };
 
-    // 8. Run the handler in its own task: a panic is a failure, and the settlement happens
-    //    even if the client goes away. Failure refunds within the hourly cap.
+    // 10. The handler, within its time limit.
     let ctx = Context {
         endpoint: ep,
         key_id: key.key_id.clone(),
@@ -468,60 +599,203 @@ async fn charge_and_run(app: &Arc<AppState>, ep: Endpoint, key_hash: &str, call:
         charged_mcents: price,
         balance_mcents: balance,
     };
-    let app2 = app.clone();
-    let rid = request_id.to_string();
-    let key_ref = key.id;
-    let outcome = tokio::spawn(async move {
-        let failure = match tokio::spawn(call(ctx)).await {
-            Ok(Ok(Reply::Response(r))) if r.status().is_server_error() => format!("handler returned status {}", r.status()),
-            Ok(Ok(reply)) => return Ok(reply),
-            Ok(Err(e)) => e.message().to_string(),
-            Err(e) if e.is_panic() => "handler panicked".to_string(),
-            Err(e) => e.to_string(),
-        };
-        tracing::error!(request_id = %rid, endpoint = ep.name(), error = %failure, "handler failed");
-        let settled = app2
-            .store
-            .settle_failure(key_ref, ep.name(), ep.xp(), &rid, GATEWAY.refunds_per_key_per_hour)
-            .await;
-        Err(settled)
-    })
-    .await;
+    let outcome = run_handler(call, ctx, time_limit, idem.is_some(), price, balance, request_id).await;
 
-    match outcome {
-        Ok(Ok(Reply::Response(mut res))) => {
-            paid_headers(&mut res, price, balance);
-            Ok(res)
-        }
-        Ok(Ok(Reply::Json(result))) => {
-            let mut res = json_response(
-                StatusCode::OK,
-                &json!({ "ok": true, "result": result, "charged_mcents": price, "balance_mcents": balance, "request_id": request_id }),
-            );
-            paid_headers(&mut res, price, balance);
-            Ok(res)
-        }
-        Ok(Err(Ok(settled))) => {
-            let charged = if settled.refunded { 0 } else { price };
-            let message = if settled.refunded {
-                "The endpoint handler failed; the charge was refunded."
-            } else {
-                "The endpoint handler failed; the hourly refund limit for this key is reached, so the charge stands."
+    // 11. Capture or release.
+    let failure = match outcome {
+        Outcome::Success { response, stored } => {
+            let captured = settle_with_retry(request_id, "capture", || app.store.capture(key.id, request_id, stored.as_ref())).await;
+            return match captured {
+                // Captured; or the capture kept failing: the answer is still sent and the sweeper
+                // releases the hold (the gateway never keeps money for an outcome it did not record).
+                Some(CaptureOutcome::Captured { .. }) | None => Ok(response),
+                // Released meanwhile (past its deadline): the call counts as timed out, uncharged.
+                Some(CaptureOutcome::Released { balance_mcents } | CaptureOutcome::Unknown { balance_mcents }) => {
+                    tracing::warn!(request_id, endpoint = ep.name(), "hold released before its capture");
+                    Ok(failed_answer(504, "handler_timeout", TIMEOUT_MESSAGE, true, 0, balance_mcents, None, request_id))
+                }
             };
-            let mut res = ApiError::new(502, "handler_failed")
-                .message(message)
-                .extra("refunded", settled.refunded)
-                .extra("charged_mcents", charged)
-                .extra("balance_mcents", settled.balance_mcents)
-                .into_response(request_id);
-            paid_headers(&mut res, charged, settled.balance_mcents);
-            Ok(res)
         }
-        Ok(Err(Err(e))) => Err(db_error(e, false)),
-        Err(e) => {
-            tracing::error!(request_id, error = %e, "paid call task failed");
-            Err(ApiError::internal())
+        Outcome::Failed(failure) => Some(failure),
+        Outcome::TimedOut => None,
+    };
+    let timed_out = failure.is_none();
+    match &failure {
+        Some(error) => tracing::error!(request_id, endpoint = ep.name(), error = %error, "handler failed"),
+        None => tracing::error!(request_id, endpoint = ep.name(), timeout_ms = time_limit.as_millis() as u64, "handler timed out"),
+    }
+    let reason = if timed_out { ReleaseReason::Timeout } else { ReleaseReason::Caller { cap: GATEWAY.refunds_per_key_per_hour } };
+    let (status, code) = if timed_out { (504, "handler_timeout") } else { (502, "handler_failed") };
+    let Some(settled) = settle_with_retry(request_id, "release", || app.store.release(key.id, request_id, reason)).await else {
+        // The hold stays until the sweeper releases it (within the time limit + the sweep margin).
+        return Ok(failed_answer(
+            status,
+            code,
+            "The endpoint handler failed; the held price will be released shortly.",
+            false,
+            price,
+            balance,
+            Some(true),
+            request_id,
+        ));
+    };
+    let message = match (timed_out, settled.refunded) {
+        (true, _) => TIMEOUT_MESSAGE,
+        (false, true) => "The endpoint handler failed; the charge was refunded.",
+        (false, false) => "The endpoint handler failed; the hourly refund limit for this key is reached, so the charge stands.",
+    };
+    let charged = if settled.refunded { 0 } else { price };
+    Ok(failed_answer(status, code, message, settled.refunded, charged, settled.balance_mcents, None, request_id))
+}
+
+const TIMEOUT_MESSAGE: &str = "The endpoint handler did not finish in time; the held price was released.";
+
+/// 502 handler_failed / 504 handler_timeout, with the settlement's fields and headers.
+#[allow(clippy::too_many_arguments)]
+fn failed_answer(
+    status: u16,
+    code: &'static str,
+    message: &str,
+    refunded: bool,
+    charged: i64,
+    balance: i64,
+    refund_pending: Option<bool>,
+    request_id: &str,
+) -> Response {
+    let mut err = ApiError::new(status, code).message(message).extra("refunded", refunded);
+    if let Some(pending) = refund_pending {
+        err = err.extra("refund_pending", pending);
+    }
+    let mut res = err.extra("charged_mcents", charged).extra("balance_mcents", balance).into_response(request_id);
+    paid_headers(&mut res, charged, balance);
+    res
+}
+
+/// Runs a settlement step up to SETTLE_ATTEMPTS times; None when every attempt failed.
+async fn settle_with_retry<T, F, Fut>(request_id: &str, what: &str, mut step: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    for attempt in 0..SETTLE_ATTEMPTS {
+        match step().await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                tracing::error!(request_id, attempt = attempt + 1, error = %e, "{what} failed");
+                if let Some(ms) = SETTLE_BACKOFF_MS.get(attempt).filter(|_| attempt + 1 < SETTLE_ATTEMPTS) {
+                    tokio::time::sleep(Duration::from_millis(*ms)).await;
+                }
+            }
+        }
+    }
+    None
+}
+
+enum Outcome {
+    /// The answer to send, and what an Idempotency-Key replay will send (when the call has one).
+    Success { response: Response, stored: Option<StoredResponse> },
+    Failed(String),
+    TimedOut,
+}
+
+/// Runs the handler in a task of its own (a panic is a failure) for at most `limit`; past it the
+/// task is aborted and whatever it still does is discarded. With `store`, the answer is also
+/// captured for replays: at most IDEMPOTENCY_MAX_STORED_BYTES + 1 bytes of it are buffered.
+async fn run_handler(call: Call, ctx: Context, limit: Duration, store: bool, charged: i64, balance: i64, request_id: &str) -> Outcome {
+    let task = tokio::spawn(call(ctx));
+    let abort = task.abort_handle();
+    let work = async move {
+        match task.await {
+            Ok(Ok(Reply::Response(r))) if r.status().is_server_error() => Outcome::Failed(format!("handler returned status {}", r.status())),
+            Ok(Ok(Reply::Response(mut r))) => {
+                paid_headers(&mut r, charged, balance);
+                if !store {
+                    return Outcome::Success { response: r, stored: None };
+                }
+                match buffer_for_replay(r).await {
+                    Ok((response, stored)) => Outcome::Success { response, stored: Some(stored) },
+                    Err(e) => Outcome::Failed(format!("handler response body failed: {e}")),
+                }
+            }
+            Ok(Ok(Reply::Json(result))) => {
+                let mut response = json_response(
+                    StatusCode::OK,
+                    &json!({ "ok": true, "result": result, "charged_mcents": charged, "balance_mcents": balance, "request_id": request_id }),
+                );
+                paid_headers(&mut response, charged, balance);
+                if !store {
+                    return Outcome::Success { response, stored: None };
+                }
+                match buffer_for_replay(response).await {
+                    Ok((response, stored)) => Outcome::Success { response, stored: Some(stored) },
+                    Err(e) => Outcome::Failed(format!("response body failed: {e}")),
+                }
+            }
+            Ok(Err(e)) => Outcome::Failed(e.message().to_string()),
+            Err(e) if e.is_panic() => Outcome::Failed("handler panicked".to_string()),
+            Err(e) => Outcome::Failed(e.to_string()),
+        }
+    };
+    match tokio::time::timeout(limit, work).await {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            abort.abort();
+            Outcome::TimedOut
         }
     }
 }
 
+/// Reads the answer's body up to IDEMPOTENCY_MAX_STORED_BYTES + 1 bytes: the stored copy (its
+/// body None when larger) and the response to send, whole either way.
+async fn buffer_for_replay(res: Response) -> Result<(Response, StoredResponse), axum::Error> {
+    let (parts, mut body) = res.into_parts();
+    // The request id and CORS headers are the replaying request's own.
+    let headers: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .filter(|(n, _)| n.as_str() != "x-request-id" && !n.as_str().starts_with("access-control-"))
+        .map(|(n, v)| (n.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    let status = parts.status.as_u16();
+    // The frames read so far, kept as they came (no copy).
+    let mut head: VecDeque<Bytes> = VecDeque::new();
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            len += data.len();
+            head.push_back(data);
+            if len > IDEMPOTENCY_MAX_STORED_BYTES {
+                // Too large to store: sent whole (what was read, then the rest), never stored.
+                let rest = Body::new(Prefixed { head, tail: body });
+                return Ok((Response::from_parts(parts, rest), StoredResponse { status, headers, body: None }));
+            }
+        }
+    }
+    let bytes: Vec<u8> = head.iter().flat_map(|b| b.iter().copied()).collect();
+    let stored = StoredResponse { status, headers, body: Some(bytes.clone()) };
+    Ok((Response::from_parts(parts, Body::from(bytes)), stored))
+}
+
+/// A response body that sends `head` (frames already read from `tail`), then the rest of `tail`.
+struct Prefixed {
+    head: VecDeque<Bytes>,
+    tail: Body,
+}
+
+/// `Option<Result<http_body::Frame<Bytes>, axum::Error>>`, named through http-body-util.
+type FrameResult = <http_body_util::combinators::Frame<'static, Body> as std::future::Future>::Output;
+
+impl HttpBody for Prefixed {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<FrameResult> {
+        while let Some(chunk) = self.head.pop_front() {
+            if !chunk.is_empty() {
+                // A body of exactly `chunk` yields it as one ready data frame.
+                return Pin::new(&mut Body::from(chunk)).poll_frame(cx);
+            }
+        }
+        Pin::new(&mut self.tail).poll_frame(cx)
+    }
+}

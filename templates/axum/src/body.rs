@@ -1,13 +1,42 @@
 //! Bounded request bodies: Content-Length is checked before reading, and the stream itself is
 //! counted while reading, so chunked bodies without Content-Length are bounded too.
 
+use std::future::Future;
+use std::time::Duration;
+
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, header};
 use http_body_util::BodyExt;
 use serde_json::Value;
+use tokio::time::Instant;
 
+use crate::config::DEFAULT_BODY_READ_TIMEOUT;
 use crate::http::ApiError;
 use crate::shape::MAX_JSON_DEPTH;
+
+tokio::task_local! {
+    /// When the body of the request being served must have arrived (BODY_READ_TIMEOUT_MS after
+    /// its headers). A task-local so that every route reading a body honours it.
+    static BODY_DEADLINE: Instant;
+}
+
+/// Runs `f` (one request) with its body deadline `timeout` from now.
+pub async fn with_body_deadline<F: Future>(timeout: Duration, f: F) -> F::Output {
+    BODY_DEADLINE.scope(Instant::now() + timeout, f).await
+}
+
+fn body_deadline() -> Instant {
+    BODY_DEADLINE.try_with(|d| *d).unwrap_or_else(|_| Instant::now() + DEFAULT_BODY_READ_TIMEOUT)
+}
+
+/// 408: the body stalled. Read before anything is held, so nothing was charged; the connection is
+/// closed because the rest of the body may still arrive.
+fn timed_out(no_charge: bool) -> ApiError {
+    ApiError::new(408, "request_timeout")
+        .message("The request body did not arrive in time.")
+        .charge_note(no_charge)
+        .header(header::CONNECTION, "close")
+}
 
 /// True if the Content-Type is application/json (parameters such as charset allowed).
 /// Several Content-Type headers are read as one comma-joined value (as fetch does): refused.
@@ -40,15 +69,22 @@ async fn drain(mut body: Body, limit: u64) {
             }
         }
     };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), work).await;
+    let until = body_deadline().min(Instant::now() + Duration::from_secs(5));
+    let _ = tokio::time::timeout_at(until, work).await;
 }
 
 /// Reads at most `max` bytes of the body.
 pub async fn read_bounded(headers: &HeaderMap, body: Body, max: u64, no_charge: bool) -> Result<Bytes, ApiError> {
     if let Some(v) = headers.get(header::CONTENT_LENGTH) {
-        let n = v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()).ok_or_else(|| {
-            ApiError::new(400, "invalid_json").message("Invalid Content-Length.").charge_note(no_charge)
-        })?;
+        // Decimal digits only, as on the Worker: "-5", "+5", "12abc", "1e3" are refused. (hyper
+        // already answers a bare 400 to most of these before the gateway sees the request.)
+        let n = v
+            .to_str()
+            .ok()
+            .map(str::trim)
+            .filter(|s| (1..=15).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| ApiError::new(400, "invalid_json").message("Invalid Content-Length.").charge_note(no_charge))?;
         if n > max {
             // Refused before reading: nothing is buffered. A declared body of moderate size is
             // discarded as it arrives (bounded in bytes and time) so that the client, still
@@ -59,20 +95,23 @@ pub async fn read_bounded(headers: &HeaderMap, body: Body, max: u64, no_charge: 
             return Err(too_large(max, no_charge));
         }
     }
-    let mut body = body;
-    let mut buf: Vec<u8> = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|_| {
-            ApiError::new(400, "invalid_json").message("Could not read the request body.").charge_note(no_charge)
-        })?;
-        if let Ok(data) = frame.into_data() {
-            if (buf.len() + data.len()) as u64 > max {
-                return Err(too_large(max, no_charge));
+    let read = async {
+        let mut body = body;
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| {
+                ApiError::new(400, "invalid_json").message("Could not read the request body.").charge_note(no_charge)
+            })?;
+            if let Ok(data) = frame.into_data() {
+                if (buf.len() + data.len()) as u64 > max {
+                    return Err(too_large(max, no_charge));
+                }
+                buf.extend_from_slice(&data);
             }
-            buf.extend_from_slice(&data);
         }
-    }
-    Ok(Bytes::from(buf))
+        Ok(Bytes::from(buf))
+    };
+    tokio::time::timeout_at(body_deadline(), read).await.unwrap_or_else(|_| Err(timed_out(no_charge)))
 }
 
 /// Content-Type, bounded read and JSON parse (415 / 413 / 400).
@@ -81,14 +120,64 @@ pub async fn read_json(headers: &HeaderMap, body: Body, max: u64, no_charge: boo
         return Err(ApiError::new(415, "unsupported_media_type").charge_note(no_charge));
     }
     let bytes = read_bounded(headers, body, max, no_charge).await?;
-    serde_json::from_slice::<Value>(&bytes).map_err(|e| {
+    parse_json(&bytes, no_charge)
+}
+
+/// JSON text → Value (400 invalid_json), telling apart valid JSON that serde_json cannot hold.
+pub fn parse_json(bytes: &[u8], no_charge: bool) -> Result<Value, ApiError> {
+    let invalid_json = || ApiError::new(400, "invalid_json").charge_note(no_charge);
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return Err(invalid_json().message("Request body is not valid UTF-8."));
+    };
+    serde_json::from_str::<Value>(text).map_err(|e| {
         if e.to_string().contains("recursion limit") {
             // serde_json stops at 128 levels; the contract's limit is 32 anyway.
             ApiError::new(400, "invalid_input")
                 .message(format!("JSON nesting deeper than {MAX_JSON_DEPTH} levels."))
                 .charge_note(no_charge)
+        } else if e.to_string().starts_with("number out of range")
+            // Valid JSON (checked without converting numbers) with a number beyond f64, e.g. 1e400:
+            // the Worker reads it as Infinity, which no field accepts (not finite, not an integer).
+            && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+        {
+            ApiError::new(400, "invalid_input")
+                .message("Numbers must be finite: the body holds a number out of range (e.g. 1e400).")
+                .charge_note(no_charge)
         } else {
-            ApiError::new(400, "invalid_json").charge_note(no_charge)
+            invalid_json()
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // hyper refuses most of these before the gateway runs; the gateway refuses them anyway.
+    #[tokio::test]
+    async fn content_length_must_be_decimal_digits() {
+        for declared in ["-5", "+5", "12abc", "1e3", "0x10", "", "1234567890123456"] {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_LENGTH, declared.parse().unwrap());
+            let err = read_bounded(&headers, Body::from("{}"), 16, true).await.unwrap_err();
+            assert_eq!((err.status.as_u16(), err.code, err.no_charge), (400, "invalid_json", true), "{declared:?}");
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, " 2 ".parse().unwrap());
+        assert_eq!(read_bounded(&headers, Body::from("{}"), 16, true).await.unwrap(), "{}");
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_invalid_input_only_in_valid_json() {
+        let code = |s: &str| parse_json(s.as_bytes(), false).map(|_| "ok").unwrap_or_else(|e| e.code);
+        assert_eq!(code(r#"{"balance_mcents": 1e400, "scopes": ["x"]}"#), "invalid_input");
+        assert_eq!(code("-1e400"), "invalid_input");
+        assert_eq!(code("[1, 2e999]"), "invalid_input");
+        assert_eq!(code(r#"{"a": 1e400"#), "invalid_json");
+        assert_eq!(code(r#"{"a": 1e400,}"#), "invalid_json");
+        assert_eq!(code(r#"{"a": 1e400} x"#), "invalid_json");
+        assert_eq!(code(""), "invalid_json");
+        assert_eq!(code(r#"{"a": 1e-400}"#), "ok");
+        assert_eq!(code(r#"{"a": 1e300}"#), "ok");
+    }
 }

@@ -1,6 +1,7 @@
 //! Configuration from the environment.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use crate::generated::PROJECT_NAME;
 
@@ -15,6 +16,9 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// REDIS_PREFIX: namespace of this gateway's Redis keys (default `mcpay:<project>:`).
     pub redis_prefix: String,
+    /// BODY_READ_TIMEOUT_MS: how long a request body may take to arrive, from the moment its
+    /// headers were read (default 10000, 100..=600000). Past it: 408 request_timeout, no charge.
+    pub body_read_timeout: Duration,
     /// BIND (host, or host:port) and PORT. Default 127.0.0.1:8080.
     pub bind: SocketAddr,
     /// Secrets and settings of the signup payment rails (POST /v1/signup).
@@ -101,6 +105,7 @@ impl std::fmt::Debug for Config {
             .field("admin_key", &self.admin_key.as_ref().map(|_| "<set>"))
             .field("database", &redact_url(&self.database_url))
             .field("redis", &self.redis_url.as_deref().map(redact_url))
+            .field("body_read_timeout", &self.body_read_timeout)
             .field("bind", &self.bind)
             .field("signup", &self.signup)
             .finish()
@@ -128,6 +133,27 @@ pub fn redact_rpc_url(url: &str) -> String {
     }
 }
 
+/// The default of BODY_READ_TIMEOUT_MS.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// BODY_READ_TIMEOUT_MS: an integer number of milliseconds, 100..=600000.
+pub fn parse_body_read_timeout(v: &str) -> Result<Duration, String> {
+    match v.parse::<u64>() {
+        Ok(ms) if (100..=600_000).contains(&ms) && v.bytes().all(|b| b.is_ascii_digit()) => Ok(Duration::from_millis(ms)),
+        _ => Err(format!("BODY_READ_TIMEOUT_MS={v:?} must be a whole number of milliseconds from 100 to 600000 (default 10000).")),
+    }
+}
+
+/// ADMIN_KEY is compared with the X-Admin-Key header, whose surrounding whitespace HTTP strips:
+/// a key that starts or ends with whitespace could never match, so it is refused at start-up
+/// (not trimmed: the Worker target compares ADMIN_KEY as set, too).
+pub fn check_admin_key(key: &str) -> Result<(), String> {
+    if key.trim() != key {
+        return Err("ADMIN_KEY starts or ends with whitespace (a space, tab or newline), so no X-Admin-Key header could ever match it. Remove the whitespace from ADMIN_KEY (e.g. generate it with `openssl rand -hex 32`) and start again.".into());
+    }
+    Ok(())
+}
+
 fn non_empty(name: &str) -> Option<String> {
     std::env::var(name).ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
 }
@@ -150,8 +176,17 @@ impl Config {
                 }
             },
         };
+        let admin_key = std::env::var("ADMIN_KEY").ok().filter(|k| !k.is_empty());
+        if let Some(k) = &admin_key {
+            check_admin_key(k)?;
+        }
+        let body_read_timeout = match non_empty("BODY_READ_TIMEOUT_MS") {
+            Some(v) => parse_body_read_timeout(&v)?,
+            None => DEFAULT_BODY_READ_TIMEOUT,
+        };
         Ok(Config {
-            admin_key: std::env::var("ADMIN_KEY").ok().filter(|k| !k.is_empty()),
+            admin_key,
+            body_read_timeout,
             database_url: non_empty("DATABASE_URL").unwrap_or_else(|| format!("sqlite:{PROJECT_NAME}.db")),
             redis_url: non_empty("REDIS_URL"),
             redis_prefix: non_empty("REDIS_PREFIX").unwrap_or_else(|| format!("mcpay:{PROJECT_NAME}:")),
@@ -180,5 +215,25 @@ mod tests {
         }
         assert!(shown.contains("base.example") && shown.contains("2500"), "{shown}");
         assert_eq!(redact_rpc_url("http://127.0.0.1:8545"), "http://127.0.0.1:8545");
+    }
+
+    #[test]
+    fn admin_key_with_surrounding_whitespace_is_refused() {
+        assert!(check_admin_key("s3cret-admin-key").is_ok());
+        assert!(check_admin_key("inner space ok").is_ok());
+        for bad in [" s3cret", "s3cret ", "s3cret\n", "\ts3cret", " "] {
+            let e = check_admin_key(bad).unwrap_err();
+            assert!(e.contains("ADMIN_KEY") && e.contains("Remove the whitespace"), "{e}");
+        }
+    }
+
+    #[test]
+    fn body_read_timeout_bounds() {
+        assert_eq!(parse_body_read_timeout("100"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_body_read_timeout("600000"), Ok(Duration::from_secs(600)));
+        for bad in ["99", "600001", "-5", "1e3", "+500", "10s", ""] {
+            let e = parse_body_read_timeout(bad).unwrap_err();
+            assert!(e.contains("BODY_READ_TIMEOUT_MS"), "{e}");
+        }
     }
 }

@@ -15,7 +15,7 @@ pub const CORS_HEADERS: [(&str, &str); 3] = [
     ("access-control-allow-headers", "Authorization, Content-Type, Idempotency-Key, PAYMENT-SIGNATURE, X-PAYMENT"),
     (
         "access-control-expose-headers",
-        "X-Request-Id, X-Charged-Mcents, X-Balance-Mcents, Retry-After, WWW-Authenticate, PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, Payment-Receipt",
+        "X-Request-Id, X-Charged-Mcents, X-Balance-Mcents, Retry-After, WWW-Authenticate, Idempotent-Replayed, PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, Payment-Receipt",
     ),
 ];
 
@@ -41,6 +41,7 @@ fn default_message(code: &str) -> &'static str {
         "invalid_key" => "Invalid API key.",
         "unsupported_media_type" => "Content-Type must be application/json.",
         "body_too_large" => "Request body too large.",
+        "request_timeout" => "The request body did not arrive in time.",
         "invalid_json" => "Request body is not valid JSON.",
         "invalid_input" => "Invalid input.",
         "scope_denied" => "This key is not allowed to call this endpoint.",

@@ -17,6 +17,7 @@ pub mod store;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use app::{AppState, router};
 pub use config::Config;
@@ -39,7 +40,9 @@ pub async fn state_from_config(config: &Config) -> Result<Arc<AppState>, BoxErro
         None => RateLimiter::local(),
     };
     let signup = Signup::from_settings(&config.signup);
-    Ok(AppState::with_signup(store, limiter, config.admin_key.clone(), Arc::new(GeneratedHandlers), signup))
+    let state = AppState::with_signup(store, limiter, config.admin_key.clone(), Arc::new(GeneratedHandlers), signup);
+    state.set_body_read_timeout(config.body_read_timeout);
+    Ok(state)
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then finishes in-flight requests.
@@ -74,6 +77,95 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down: finishing in-flight requests");
 }
 
+/// How often each instance sweeps holds and Idempotency-Key records (contract 3.8): a hold still
+/// unsettled at its deadline (hold time + the endpoint's timeout_ms + 60 s) is released at most
+/// this long after it.
+pub const HOLD_SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// What one pass of the hold sweeper did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Holds this pass released.
+    pub released: usize,
+    /// Releases (or listings) that failed; the next pass retries them.
+    pub failed: usize,
+    pub idempotency_forgotten: u64,
+    pub holds_forgotten: u64,
+}
+
+/// One pass of the hold sweeper: releases in full (never capped, never counted) every hold still
+/// held past its deadline on the database's clock (its request died, or could not settle it),
+/// then forgets expired Idempotency-Key records and holds settled more than 24 h ago. Safe with
+/// several instances: each hold is released by one conditional update, whoever runs it first.
+pub async fn sweep_holds(store: &Store) -> SweepReport {
+    const BATCH: i64 = 200;
+    let mut report = SweepReport::default();
+    // Bounded per pass; the next pass takes the rest.
+    for _ in 0..50 {
+        let due = match store.due_holds(BATCH).await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::error!(error = %e, "hold sweep: listing expired holds failed");
+                report.failed += 1;
+                break;
+            }
+        };
+        let full = due.len() as i64 == BATCH;
+        for h in due {
+            match store.release_expired(h.key_ref, &h.request_id).await {
+                Ok(o) if o.settled_now => {
+                    report.released += 1;
+                    tracing::info!(
+                        request_id = %h.request_id,
+                        endpoint = %h.endpoint,
+                        price_mcents = h.price,
+                        balance_mcents = o.balance_mcents,
+                        "hold released by the sweeper (its request did not settle it)"
+                    );
+                }
+                // Settled meanwhile, by its request or another instance.
+                Ok(_) => {}
+                Err(e) => {
+                    report.failed += 1;
+                    tracing::error!(request_id = %h.request_id, error = %e, "hold sweep: release failed; retried next pass");
+                }
+            }
+        }
+        if !full || report.failed > 0 {
+            break;
+        }
+    }
+    match store.forget_expired().await {
+        Ok((idem, holds)) => {
+            report.idempotency_forgotten = idem;
+            report.holds_forgotten = holds;
+        }
+        Err(e) => {
+            report.failed += 1;
+            tracing::error!(error = %e, "hold sweep: forgetting expired records failed");
+        }
+    }
+    report
+}
+
+/// The hold sweeper of one instance: a pass now (holds left by a crash or a restart), awaited,
+/// then one every `every` in a task of its own.
+pub async fn start_hold_sweeper(store: Store, every: Duration) -> tokio::task::JoinHandle<()> {
+    let first = sweep_holds(&store).await;
+    if first.released > 0 {
+        tracing::info!(released = first.released, "start-up sweep released unsettled holds");
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            sweep_holds(&store).await;
+        }
+    })
+}
+
 /// The whole server: configuration → store → limiter → HTTP, with graceful shutdown.
 pub async fn run(config: Config) -> Result<(), BoxError> {
     signup::install_tls_provider();
@@ -89,9 +181,12 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         "listening"
     );
     let store = state.store.clone();
+    // Releases holds whose requests died: one pass now, then every HOLD_SWEEP_EVERY.
+    let hold_sweeper = start_hold_sweeper(store.clone(), HOLD_SWEEP_EVERY).await;
     // Resolves pending signup payments: one pass now, then every 30 s.
     let sweeper = signup::spawn_sweeper(state.clone());
     serve(listener, state, shutdown_signal()).await?;
+    hold_sweeper.abort();
     if let Some(sweeper) = sweeper {
         sweeper.abort();
     }

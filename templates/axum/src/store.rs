@@ -4,7 +4,9 @@
 //!
 //! Money moves only inside transactions that begin with a write to the key's row, so
 //! concurrent requests on one key serialize on that row (PostgreSQL row lock, SQLite write
-//! lock) and a charge is one conditional update: `balance >= price` or nothing happens.
+//! lock): a paid call's hold takes the price only if `balance >= price`, and its capture or
+//! release is one conditional update of the hold's state (`held` → `captured` | `released`).
+//! Hold, settlement and sweep times come from the database's clock, shared by every instance.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -46,7 +48,7 @@ macro_rules! with_writer {
     };
 }
 
-/// Appends one ledger row inside the transaction `$tx` (kind is 'mint', 'charge' or 'refund').
+/// Appends one ledger row inside the transaction `$tx` (kind: 'mint', 'hold', 'capture' or 'release').
 macro_rules! insert_ledger {
     ($tx:ident, $key_ref:expr, $now:expr, $kind:expr, $endpoint:expr, $amount:expr, $balance:expr, $request_id:expr) => {
         sqlx::query(
@@ -143,17 +145,181 @@ pub enum MintOutcome {
     Limited { retry_after_seconds: u64 },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChargeOutcome {
-    Charged { balance_mcents: i64 },
+/// A hold not settled by its request is released by the sweeper once this long past the
+/// endpoint's `timeout_ms` (contract 3.8: the hold's deadline = hold time + timeout_ms + margin).
+pub const HOLD_MARGIN_MS: i64 = 60_000;
+/// How long an `Idempotency-Key` record is kept after its hold.
+pub const IDEMPOTENCY_TTL_MS: i64 = 24 * HOUR_MS;
+/// Settled holds are kept this long (settling stays idempotent per call id meanwhile); their
+/// ledger rows stay forever.
+const SETTLED_HOLD_TTL_MS: i64 = 24 * HOUR_MS;
+/// `Retry-After` of `409 idempotency_in_progress` is at most this (contract: 1–5 s).
+const IN_PROGRESS_RETRY_MAX_MS: i64 = 5_000;
+
+/// The database's clock in Unix milliseconds, as an SQL expression per backend.
+macro_rules! db_now {
+    (sqlite) => {
+        "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
+    };
+    (postgres) => {
+        "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+    };
+}
+
+/// The answer of a captured call, kept for `Idempotency-Key` replays: status, headers (in
+/// order, without X-Request-Id and CORS headers) and body (None: larger than the limit, not stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Vec<u8>>,
+}
+
+/// A paid call's `Idempotency-Key` and the lowercase hex SHA-256 of its body bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct IdemRequest<'a> {
+    pub key: &'a str,
+    pub body_sha256: &'a str,
+}
+
+/// The hold of one paid call (see [`Store::hold`]).
+#[derive(Debug, Clone, Copy)]
+pub struct HoldRequest<'a> {
+    pub key_ref: i64,
+    pub endpoint: &'a str,
+    pub price: i64,
+    pub xp: i64,
+    /// The gateway's call id (the X-Request-Id of the paid call); never a client-supplied id.
+    pub request_id: &'a str,
+    /// The handler's time limit: the hold's deadline is this + [`HOLD_MARGIN_MS`] after the hold.
+    pub timeout_ms: i64,
+    pub idem: Option<IdemRequest<'a>>,
+}
+
+/// What an `Idempotency-Key` already recorded for the key answers instead of a new call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdemFound {
+    /// Recorded with another endpoint or body: 422 idempotency_mismatch.
+    Mismatch,
+    /// Its call is still held (running): 409 idempotency_in_progress.
+    InProgress { retry_after_seconds: u64 },
+    /// Its call was captured: the stored answer (None: too large, not stored).
+    Replay { original_request_id: String, response: Option<StoredResponse> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldOutcome {
+    Held { balance_mcents: i64, deadline: i64 },
     Insufficient { balance_mcents: i64 },
     UnknownKey,
+    Idempotent(IdemFound),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Settlement {
+pub enum CaptureOutcome {
+    Captured { balance_mcents: i64 },
+    /// Released before the capture (past its deadline): nothing is charged.
+    Released { balance_mcents: i64 },
+    /// No such hold.
+    Unknown { balance_mcents: i64 },
+}
+
+/// Why a hold is released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseReason {
+    /// The handler failed (error, panic, status ≥ 500): released while the key had fewer than
+    /// `cap` caller-failure releases in the last rolling hour, else captured.
+    Caller { cap: u32 },
+    /// The handler did not finish within its time limit: always released, never counted.
+    Timeout,
+    /// The gateway's own failure: always released, never counted.
+    Ours,
+    /// Swept past its deadline (see [`Store::release_expired`]).
+    Expired,
+}
+
+impl ReleaseReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            ReleaseReason::Caller { .. } => "caller",
+            ReleaseReason::Timeout => "timeout",
+            ReleaseReason::Ours => "ours",
+            ReleaseReason::Expired => "expired",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldState {
+    Held,
+    Captured,
+    Released,
+    Unknown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReleaseOutcome {
+    /// The price was given back (now or earlier).
     pub refunded: bool,
     pub balance_mcents: i64,
+    /// The hold's state after this call.
+    pub state: HoldState,
+    /// This call settled the hold (false: it was settled already, or not due).
+    pub settled_now: bool,
+}
+
+impl ReleaseOutcome {
+    fn standing(state: HoldState, balance_mcents: i64) -> Self {
+        ReleaseOutcome { refunded: state == HoldState::Released, balance_mcents, state, settled_now: false }
+    }
+}
+
+/// A hold past its deadline (see [`Store::due_holds`]).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DueHold {
+    pub key_ref: i64,
+    pub request_id: String,
+    pub endpoint: String,
+    pub price: i64,
+    pub deadline: i64,
+}
+
+/// An `Idempotency-Key` record (unexpired) with the deadline of its call's hold.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct IdemRow {
+    endpoint: String,
+    body_sha256: String,
+    request_id: String,
+    state: String,
+    status: Option<i64>,
+    headers: Option<String>,
+    body: Option<Vec<u8>>,
+    deadline: Option<i64>,
+}
+
+const IDEM_SELECT: &str = "SELECT i.endpoint, i.body_sha256, i.request_id, i.state, i.status, i.headers, i.body, h.deadline \
+     FROM idempotency i LEFT JOIN holds h ON h.key_ref = i.key_ref AND h.request_id = i.request_id \
+     WHERE i.key_ref = $1 AND i.idem_key = $2 AND i.expires_at > $3";
+
+impl IdemRow {
+    fn found(self, endpoint: &str, body_sha256: &str, now: i64) -> IdemFound {
+        if self.endpoint != endpoint || self.body_sha256 != body_sha256 {
+            return IdemFound::Mismatch;
+        }
+        if self.state == "running" {
+            let wait_ms = (self.deadline.unwrap_or(now) - now).min(IN_PROGRESS_RETRY_MAX_MS);
+            return IdemFound::InProgress { retry_after_seconds: ceil_seconds(wait_ms) };
+        }
+        let response = match (self.status, self.body) {
+            (Some(status), Some(body)) => Some(StoredResponse {
+                status: u16::try_from(status).unwrap_or(500),
+                headers: self.headers.as_deref().and_then(|h| serde_json::from_str(h).ok()).unwrap_or_default(),
+                body: Some(body),
+            }),
+            _ => None,
+        };
+        IdemFound::Replay { original_request_id: self.request_id, response }
+    }
 }
 
 /// A payment a signup request wants to use (see [`Store::claim_signup`]).
@@ -400,110 +566,325 @@ impl Store {
         })
     }
 
-    /// Charges one call: one conditional update (balance >= price) and its ledger row, atomically.
-    pub async fn charge(&self, key_ref: i64, endpoint: &str, price: i64, xp: i64, request_id: &str) -> DbResult<ChargeOutcome> {
-        let now = now_ms();
-        with_writer!(self, p => {
-            let mut tx = p.begin().await?;
-            let updated: Option<i64> = sqlx::query_scalar(
-                "UPDATE api_keys SET balance = balance - $1, xp = xp + $2, calls = calls + 1, spent = spent + $1, active = 1 \
-                 WHERE id = $3 AND balance >= $1 RETURNING balance",
-            )
-            .bind(price)
-            .bind(xp)
-            .bind(key_ref)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(balance) = updated else {
-                let current: Option<i64> = sqlx::query_scalar("SELECT balance FROM api_keys WHERE id = $1")
-                    .bind(key_ref)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                tx.rollback().await?;
-                return Ok(match current {
-                    Some(b) => ChargeOutcome::Insufficient { balance_mcents: b },
-                    None => ChargeOutcome::UnknownKey,
-                });
-            };
-            insert_ledger!(tx, key_ref, now, "charge", Some(endpoint), -price, balance, request_id);
-            tx.commit().await?;
-            Ok(ChargeOutcome::Charged { balance_mcents: balance })
+    /// The database's clock, in Unix milliseconds (every instance of a gateway agrees on it).
+    pub async fn db_now(&self) -> DbResult<i64> {
+        let sql = self.sql_now();
+        with_pool!(self, p => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await)
+    }
+
+    fn sql_now(&self) -> &'static str {
+        match self {
+            Store::Sqlite { .. } => concat!("SELECT ", db_now!(sqlite)),
+            Store::Postgres(_) => concat!("SELECT ", db_now!(postgres)),
+        }
+    }
+
+    /// The first statement of every transaction that moves a key's money: a write to the key's
+    /// row, so that concurrent transactions on one key serialize (PostgreSQL row lock, SQLite
+    /// write lock), returning its balance and the database's clock.
+    fn sql_lock_key(&self) -> &'static str {
+        match self {
+            Store::Sqlite { .. } => {
+                concat!("UPDATE api_keys SET balance = balance WHERE id = $1 RETURNING balance, ", db_now!(sqlite))
+            }
+            Store::Postgres(_) => {
+                concat!("UPDATE api_keys SET balance = balance WHERE id = $1 RETURNING balance, ", db_now!(postgres))
+            }
+        }
+    }
+
+    /// What an `Idempotency-Key` already recorded for this key says about a new request with it
+    /// (None: not recorded, or expired). Read-only; [`Store::hold`] checks it again atomically.
+    pub async fn find_idempotency(&self, key_ref: i64, idem: &IdemRequest<'_>, endpoint: &str) -> DbResult<Option<IdemFound>> {
+        let now_sql = self.sql_now();
+        with_pool!(self, p => {
+            let now: i64 = sqlx::query_scalar(now_sql).fetch_one(p).await?;
+            let row = sqlx::query_as::<_, IdemRow>(IDEM_SELECT)
+                .bind(key_ref)
+                .bind(idem.key)
+                .bind(now)
+                .fetch_optional(p)
+                .await?;
+            Ok(row.map(|r| r.found(endpoint, idem.body_sha256, now)))
         })
     }
 
-    /// After a charged call's handler failed: takes back the call's XP and call count, and
-    /// refunds the charge unless the key already had `cap` refunds in the last rolling hour.
-    /// Idempotent per request id; the amount refunded is the one the call's charge row took.
-    pub async fn settle_failure(
-        &self,
-        key_ref: i64,
-        endpoint: &str,
-        xp: i64,
-        request_id: &str,
-        cap: u32,
-    ) -> DbResult<Settlement> {
-        let now = now_ms();
+    /// Steps 9b–10 of a paid call, in one transaction: an `Idempotency-Key` already recorded
+    /// answers instead (nothing written); else balance ≥ price, then the hold: balance −= price,
+    /// XP and calls += the call's, a `hold` ledger row, the `holds` row (deadline = now +
+    /// `timeout_ms` + [`HOLD_MARGIN_MS`], on the database's clock) and the `Idempotency-Key`
+    /// record (running). The key's existence and scope were checked by the caller; a key that
+    /// vanished is `UnknownKey`. A call id holds at most once (a reused one is an error).
+    pub async fn hold(&self, h: &HoldRequest<'_>) -> DbResult<HoldOutcome> {
+        let lock = self.sql_lock_key();
         with_writer!(self, p => {
             let mut tx = p.begin().await?;
-            // Settled at most once per (key, request id), across every instance: the primary key
-            // of `settlements` decides. Only a call with exactly one charge row is ours to settle,
-            // and the refund is the amount that charge took (fail closed on anything else).
-            let first = sqlx::query(
-                "INSERT INTO settlements (key_ref, request_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            let Some((balance, now)) = sqlx::query_as::<_, (i64, i64)>(lock).bind(h.key_ref).fetch_optional(&mut *tx).await? else {
+                tx.rollback().await?;
+                return Ok(HoldOutcome::UnknownKey);
+            };
+            if let Some(idem) = &h.idem {
+                let row = sqlx::query_as::<_, IdemRow>(IDEM_SELECT)
+                    .bind(h.key_ref)
+                    .bind(idem.key)
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if let Some(row) = row {
+                    tx.rollback().await?;
+                    return Ok(HoldOutcome::Idempotent(row.found(h.endpoint, idem.body_sha256, now)));
+                }
+                // An expired record of this Idempotency-Key (not swept yet) gives way to the new call.
+                sqlx::query("DELETE FROM idempotency WHERE key_ref = $1 AND idem_key = $2")
+                    .bind(h.key_ref)
+                    .bind(idem.key)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if balance < h.price {
+                tx.rollback().await?;
+                return Ok(HoldOutcome::Insufficient { balance_mcents: balance });
+            }
+            let balance: i64 = sqlx::query_scalar(
+                "UPDATE api_keys SET balance = balance - $1, xp = xp + $2, calls = calls + 1, spent = spent + $1, active = 1 \
+                 WHERE id = $3 AND balance >= $1 RETURNING balance",
             )
-            .bind(key_ref)
-            .bind(request_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            let charged: Vec<i64> = sqlx::query_scalar(
-                "SELECT amount_mcents FROM ledger WHERE key_ref = $1 AND request_id = $2 AND kind = 'charge'",
-            )
-            .bind(key_ref)
-            .bind(request_id)
-            .fetch_all(&mut *tx)
+            .bind(h.price)
+            .bind(h.xp)
+            .bind(h.key_ref)
+            .fetch_one(&mut *tx)
             .await?;
-            if !first || charged.len() != 1 {
-                let balance: i64 = sqlx::query_scalar("SELECT balance FROM api_keys WHERE id = $1")
+            insert_ledger!(tx, h.key_ref, now, "hold", Some(h.endpoint), -h.price, balance, h.request_id);
+            let deadline = now + h.timeout_ms.max(0) + HOLD_MARGIN_MS;
+            sqlx::query(
+                "INSERT INTO holds (key_ref, request_id, endpoint, price, xp, state, deadline, created_at, idem_key) \
+                 VALUES ($1, $2, $3, $4, $5, 'held', $6, $7, $8)",
+            )
+            .bind(h.key_ref)
+            .bind(h.request_id)
+            .bind(h.endpoint)
+            .bind(h.price)
+            .bind(h.xp)
+            .bind(deadline)
+            .bind(now)
+            .bind(h.idem.as_ref().map(|i| i.key))
+            .execute(&mut *tx)
+            .await?;
+            if let Some(idem) = &h.idem {
+                sqlx::query(
+                    "INSERT INTO idempotency (key_ref, idem_key, endpoint, body_sha256, request_id, state, created_at, expires_at) \
+                     VALUES ($1, $2, $3, $4, $5, 'running', $6, $7)",
+                )
+                .bind(h.key_ref)
+                .bind(idem.key)
+                .bind(h.endpoint)
+                .bind(idem.body_sha256)
+                .bind(h.request_id)
+                .bind(now)
+                .bind(now + IDEMPOTENCY_TTL_MS)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(HoldOutcome::Held { balance_mcents: balance, deadline })
+        })
+    }
+
+    /// Step 11, success: the hold of call `request_id` becomes final (a `capture` ledger row,
+    /// amount 0, balance_after = the balance now) and, when the call has an Idempotency-Key, its
+    /// answer is stored with it (`answer.body` None: too large, not stored). One conditional
+    /// update on state = 'held': capturing again changes nothing; a hold already released (by
+    /// the sweeper, past its deadline) stays released and is reported so.
+    pub async fn capture(&self, key_ref: i64, request_id: &str, answer: Option<&StoredResponse>) -> DbResult<CaptureOutcome> {
+        let lock = self.sql_lock_key();
+        let headers = answer.map(|a| serde_json::to_string(&a.headers).unwrap_or_else(|_| "[]".into()));
+        with_writer!(self, p => {
+            let mut tx = p.begin().await?;
+            let Some((balance, now)) = sqlx::query_as::<_, (i64, i64)>(lock).bind(key_ref).fetch_optional(&mut *tx).await? else {
+                tx.rollback().await?;
+                return Ok(CaptureOutcome::Unknown { balance_mcents: 0 });
+            };
+            let taken: Option<(String, Option<String>)> = sqlx::query_as(
+                "UPDATE holds SET state = 'captured', reason = 'success', settled_at = $1 \
+                 WHERE key_ref = $2 AND request_id = $3 AND state = 'held' RETURNING endpoint, idem_key",
+            )
+            .bind(now)
+            .bind(key_ref)
+            .bind(request_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((endpoint, idem_key)) = taken else {
+                let state: Option<String> = sqlx::query_scalar("SELECT state FROM holds WHERE key_ref = $1 AND request_id = $2")
                     .bind(key_ref)
-                    .fetch_one(&mut *tx)
+                    .bind(request_id)
+                    .fetch_optional(&mut *tx)
                     .await?;
                 tx.rollback().await?;
-                return Ok(Settlement { refunded: false, balance_mcents: balance });
+                return Ok(match state.as_deref() {
+                    Some("captured") => CaptureOutcome::Captured { balance_mcents: balance },
+                    Some("released") => CaptureOutcome::Released { balance_mcents: balance },
+                    _ => CaptureOutcome::Unknown { balance_mcents: balance },
+                });
+            };
+            insert_ledger!(tx, key_ref, now, "capture", Some(endpoint.as_str()), 0i64, balance, request_id);
+            if idem_key.is_some() {
+                sqlx::query(
+                    "UPDATE idempotency SET state = 'done', status = $1, headers = $2, body = $3 \
+                     WHERE key_ref = $4 AND request_id = $5",
+                )
+                .bind(answer.map(|a| i64::from(a.status)))
+                .bind(headers.as_deref())
+                .bind(answer.and_then(|a| a.body.as_deref()))
+                .bind(key_ref)
+                .bind(request_id)
+                .execute(&mut *tx)
+                .await?;
             }
-            let price = -charged[0];
-            // Write first: locks the key's row so concurrent refunds see each other.
-            let balance: i64 = sqlx::query_scalar(
-                "UPDATE api_keys SET xp = CASE WHEN xp >= $1 THEN xp - $1 ELSE 0 END, \
-                 calls = CASE WHEN calls >= 1 THEN calls - 1 ELSE 0 END WHERE id = $2 RETURNING balance",
+            tx.commit().await?;
+            Ok(CaptureOutcome::Captured { balance_mcents: balance })
+        })
+    }
+
+    /// Step 11, failure: gives the held price of call `request_id` back (a `release` ledger row,
+    /// +price; XP and calls taken back; refunded += price, spent −= price) and forgets its
+    /// Idempotency-Key, so a retry runs again. A caller failure past the refund cap (`cap`
+    /// caller-failure releases of this key in the last rolling hour, counted on the database's
+    /// clock, old `refund` rows included) is captured instead: the price is kept, XP and calls
+    /// are still taken back. Timeouts and our failures are never capped nor counted.
+    /// One conditional update on state = 'held': settling again changes nothing and reports the
+    /// standing outcome.
+    pub async fn release(&self, key_ref: i64, request_id: &str, reason: ReleaseReason) -> DbResult<ReleaseOutcome> {
+        self.settle_failed(key_ref, request_id, reason, false).await
+    }
+
+    /// The holds past their deadline (on the database's clock), oldest first: their requests
+    /// died or never settled them. See [`Store::release_expired`].
+    pub async fn due_holds(&self, limit: i64) -> DbResult<Vec<DueHold>> {
+        let now_sql = self.sql_now();
+        with_pool!(self, p => {
+            let now: i64 = sqlx::query_scalar(now_sql).fetch_one(p).await?;
+            sqlx::query_as::<_, DueHold>(
+                "SELECT key_ref, request_id, endpoint, price, deadline FROM holds \
+                 WHERE state = 'held' AND deadline < $1 ORDER BY deadline ASC LIMIT $2",
             )
+            .bind(now)
+            .bind(limit)
+            .fetch_all(p)
+            .await
+        })
+    }
+
+    /// The sweeper's release of one hold still held past its deadline: in full, never capped nor
+    /// counted. Safe with several instances: only the one whose conditional update (state =
+    /// 'held' AND deadline < the database's now) changes the row releases it (`settled_now`).
+    pub async fn release_expired(&self, key_ref: i64, request_id: &str) -> DbResult<ReleaseOutcome> {
+        self.settle_failed(key_ref, request_id, ReleaseReason::Expired, true).await
+    }
+
+    /// Forgets `Idempotency-Key` records past their 24 h and holds settled more than 24 h ago
+    /// (their ledger rows stay). Returns how many of each were deleted.
+    pub async fn forget_expired(&self) -> DbResult<(u64, u64)> {
+        let now_sql = self.sql_now();
+        with_writer!(self, p => {
+            let now: i64 = sqlx::query_scalar(now_sql).fetch_one(p).await?;
+            let idem = sqlx::query("DELETE FROM idempotency WHERE expires_at <= $1").bind(now).execute(p).await?.rows_affected();
+            let holds = sqlx::query("DELETE FROM holds WHERE state <> 'held' AND settled_at <= $1")
+                .bind(now - SETTLED_HOLD_TTL_MS)
+                .execute(p)
+                .await?
+                .rows_affected();
+            Ok((idem, holds))
+        })
+    }
+
+    async fn settle_failed(&self, key_ref: i64, request_id: &str, reason: ReleaseReason, expired_only: bool) -> DbResult<ReleaseOutcome> {
+        let lock = self.sql_lock_key();
+        with_writer!(self, p => {
+            let mut tx = p.begin().await?;
+            let Some((balance, now)) = sqlx::query_as::<_, (i64, i64)>(lock).bind(key_ref).fetch_optional(&mut *tx).await? else {
+                tx.rollback().await?;
+                return Ok(ReleaseOutcome::standing(HoldState::Unknown, 0));
+            };
+            let held: Option<(String, i64)> = sqlx::query_as(
+                "SELECT state, deadline FROM holds WHERE key_ref = $1 AND request_id = $2",
+            )
+            .bind(key_ref)
+            .bind(request_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let due = match &held {
+                Some((state, deadline)) => state == "held" && (!expired_only || *deadline < now),
+                None => false,
+            };
+            if !due {
+                tx.rollback().await?;
+                let state = match held.as_ref().map(|(s, _)| s.as_str()) {
+                    Some("held") => HoldState::Held,
+                    Some("captured") => HoldState::Captured,
+                    Some("released") => HoldState::Released,
+                    _ => HoldState::Unknown,
+                };
+                return Ok(ReleaseOutcome::standing(state, balance));
+            }
+            let keep = match reason {
+                ReleaseReason::Caller { cap } => {
+                    let recent: i64 = sqlx::query_scalar(
+                        "SELECT (SELECT COUNT(*) FROM holds WHERE key_ref = $1 AND reason = 'caller' AND settled_at > $2) \
+                         + (SELECT COUNT(*) FROM ledger WHERE key_ref = $1 AND kind = 'refund' AND ts > $2)",
+                    )
+                    .bind(key_ref)
+                    .bind(now - HOUR_MS)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    recent >= i64::from(cap)
+                }
+                _ => false,
+            };
+            let (state, why) = if keep { ("captured", "kept") } else { ("released", reason.as_str()) };
+            let settled: Option<(String, i64, i64)> = sqlx::query_as(
+                "UPDATE holds SET state = $1, reason = $2, settled_at = $3 \
+                 WHERE key_ref = $4 AND request_id = $5 AND state = 'held' AND ($6 = 0 OR deadline < $3) \
+                 RETURNING endpoint, price, xp",
+            )
+            .bind(state)
+            .bind(why)
+            .bind(now)
+            .bind(key_ref)
+            .bind(request_id)
+            .bind(i64::from(expired_only))
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((endpoint, price, xp)) = settled else {
+                // Serialized on the key's row, so this does not happen; fail closed regardless.
+                tx.rollback().await?;
+                return Ok(ReleaseOutcome::standing(HoldState::Unknown, balance));
+            };
+            // A failed call's Idempotency-Key is forgotten: a retry with it runs again.
+            sqlx::query("DELETE FROM idempotency WHERE key_ref = $1 AND request_id = $2")
+                .bind(key_ref)
+                .bind(request_id)
+                .execute(&mut *tx)
+                .await?;
+            let give_back = if keep { 0 } else { price };
+            let balance: i64 = sqlx::query_scalar(
+                "UPDATE api_keys SET balance = balance + $1, refunded = refunded + $1, spent = spent - $1, \
+                 xp = CASE WHEN xp >= $2 THEN xp - $2 ELSE 0 END, calls = CASE WHEN calls >= 1 THEN calls - 1 ELSE 0 END \
+                 WHERE id = $3 RETURNING balance",
+            )
+            .bind(give_back)
             .bind(xp)
             .bind(key_ref)
             .fetch_one(&mut *tx)
             .await?;
-            let recent: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM ledger WHERE key_ref = $1 AND kind = 'refund' AND ts > $2",
-            )
-            .bind(key_ref)
-            .bind(now - HOUR_MS)
-            .fetch_one(&mut *tx)
-            .await?;
-            if recent >= i64::from(cap) || price <= 0 {
-                tx.commit().await?;
-                return Ok(Settlement { refunded: false, balance_mcents: balance });
-            }
-            let balance: i64 = sqlx::query_scalar(
-                "UPDATE api_keys SET balance = balance + $1, refunded = refunded + $1, spent = spent - $1 \
-                 WHERE id = $2 RETURNING balance",
-            )
-            .bind(price)
-            .bind(key_ref)
-            .fetch_one(&mut *tx)
-            .await?;
-            insert_ledger!(tx, key_ref, now, "refund", Some(endpoint), price, balance, request_id);
+            let kind = if keep { "capture" } else { "release" };
+            insert_ledger!(tx, key_ref, now, kind, Some(endpoint.as_str()), give_back, balance, request_id);
             tx.commit().await?;
-            Ok(Settlement { refunded: true, balance_mcents: balance })
+            Ok(ReleaseOutcome {
+                refunded: !keep,
+                balance_mcents: balance,
+                state: if keep { HoldState::Captured } else { HoldState::Released },
+                settled_now: true,
+            })
         })
     }
 
@@ -843,17 +1224,25 @@ impl Store {
     }
 
     /// Newest first.
-    pub async fn ledger(&self, key_ref: i64, limit: i64) -> DbResult<Vec<LedgerEntry>> {
-        with_pool!(self, p => {
+    /// Newest-first ledger entries of a key with `seq < before` (all when `before` is None), at most
+    /// `limit`, and the cursor of the next page: the last entry's seq when older entries exist.
+    pub async fn ledger(&self, key_ref: i64, limit: i64, before: Option<i64>) -> DbResult<(Vec<LedgerEntry>, Option<i64>)> {
+        let mut rows = with_pool!(self, p => {
             sqlx::query_as::<_, LedgerEntry>(
                 "SELECT seq, ts, kind, endpoint, amount_mcents, balance_after, request_id FROM ledger \
-                 WHERE key_ref = $1 ORDER BY seq DESC LIMIT $2",
+                 WHERE key_ref = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
             )
             .bind(key_ref)
-            .bind(limit)
+            .bind(before.unwrap_or(i64::MAX))
+            // One more row than asked tells whether an older page exists.
+            .bind(limit + 1)
             .fetch_all(p)
             .await
-        })
+        })?;
+        let more = rows.len() as i64 > limit;
+        rows.truncate(limit.max(0) as usize);
+        let next_before = if more { rows.last().map(|e| e.seq) } else { None };
+        Ok((rows, next_before))
     }
 
     /// Keys that have been charged at least once, by XP (ties: more calls, then key_id).

@@ -33,6 +33,11 @@ backend_tests!(
     refunds_on_handler_failure_are_capped,
     settlement_is_idempotent_per_request,
     me_ledger_and_leaderboard,
+    two_authorization_headers_are_invalid,
+    out_of_range_numbers_are_invalid_input,
+    non_decimal_content_length_is_refused,
+    stalled_body_times_out_without_charge,
+    ledger_pages_with_next_before,
 );
 
 const UUID_LEN: usize = 36;
@@ -113,7 +118,7 @@ async fn cors_on_public_routes_only(db: &TestDb) {
         );
         assert_eq!(
             res.headers()["access-control-expose-headers"],
-            "X-Request-Id, X-Charged-Mcents, X-Balance-Mcents, Retry-After, WWW-Authenticate, PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, Payment-Receipt"
+            "X-Request-Id, X-Charged-Mcents, X-Balance-Mcents, Retry-After, WWW-Authenticate, Idempotent-Replayed, PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, Payment-Receipt"
         );
     }
     for path in [format!("/v1/{}", ep.name()), "/v1/me".into(), "/v1/pricing".into()] {
@@ -127,6 +132,15 @@ async fn cors_on_public_routes_only(db: &TestDb) {
             .unwrap();
         assert_eq!(res.status(), 204, "{path}");
         assert_eq!(res.headers()["access-control-allow-origin"], "*");
+        // The preflight carries the same lists (contract section 2), Idempotent-Replayed included.
+        assert_eq!(
+            res.headers()["access-control-allow-headers"],
+            "Authorization, Content-Type, Idempotency-Key, PAYMENT-SIGNATURE, X-PAYMENT"
+        );
+        assert_eq!(
+            res.headers()["access-control-expose-headers"],
+            "X-Request-Id, X-Charged-Mcents, X-Balance-Mcents, Retry-After, WWW-Authenticate, Idempotent-Replayed, PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, Payment-Receipt"
+        );
         assert!(res.headers()["access-control-allow-methods"].to_str().unwrap().contains("OPTIONS"));
     }
     // Admin paths: no preflight, no CORS, errors included.
@@ -231,10 +245,11 @@ async fn admin_mint_input_is_strict(db: &TestDb) {
     }
     for raw in [
         format!(r#"{{"balance_mcents": 1e400, "scopes": ["{scope}"]}}"#),
+        format!(r#"{{"balance_mcents": -1e400, "scopes": ["{scope}"]}}"#),
         format!(r#"{{"balance_mcents": 99999999999999999999999, "scopes": ["{scope}"]}}"#),
         format!(r#"{{"balance_mcents": 1e-3, "scopes": ["{scope}"]}}"#),
     ] {
-        assert_eq!(s.mint(&Value::String(raw.clone()), ADMIN_KEY).await.status(), 400, "{raw}");
+        expect_error(s.mint(&Value::String(raw.clone()), ADMIN_KEY).await, 400, "invalid_input", false).await;
     }
     // A safe integer written with an exponent or a zero fraction is an integer (as in JSON.parse).
     let res = s.mint(&Value::String(format!(r#"{{"balance_mcents": 1e3, "scopes": ["{scope}"]}}"#)), ADMIN_KEY).await;
@@ -664,8 +679,10 @@ async fn refunds_on_handler_failure_are_capped(db: &TestDb) {
     assert_eq!(me["calls"], 0, "failed calls are not counted");
     assert_eq!(me["xp"], 0);
     let ledger = s.ledger(&k.key).await;
-    let refunds = ledger.iter().filter(|e| e["kind"] == "refund").count() as i64;
-    assert_eq!(refunds, calls.min(cap));
+    let releases = ledger.iter().filter(|e| e["kind"] == "release").count() as i64;
+    assert_eq!(releases, calls.min(cap));
+    let captures = ledger.iter().filter(|e| e["kind"] == "capture").count() as i64;
+    assert_eq!(captures, unrefunded, "failures past the cap are captured");
     let sum: i64 = ledger.iter().map(|e| e["amount_mcents"].as_i64().unwrap()).sum();
     assert_eq!(sum, me["balance_mcents"].as_i64().unwrap());
 
@@ -720,13 +737,17 @@ async fn me_ledger_and_leaderboard(db: &TestDb) {
     assert_eq!(me["refunded_mcents"], 0);
 
     let entries = s.ledger(&a.key).await;
-    assert_eq!(entries.len() as i64, n + 1);
+    assert_eq!(entries.len() as i64, 2 * n + 1, "a hold and a capture per call, and the mint");
     assert_eq!(entries.last().unwrap()["kind"], "mint");
     assert_eq!(entries.last().unwrap()["endpoint"], Value::Null);
-    assert_eq!(entries[0]["kind"], "charge");
+    assert_eq!(entries[0]["kind"], "capture");
     assert_eq!(entries[0]["endpoint"], ep.name());
-    assert_eq!(entries[0]["amount_mcents"], -ep.price_mcents());
+    assert_eq!(entries[0]["amount_mcents"], 0);
     assert_eq!(entries[0]["balance_after"], me["balance_mcents"]);
+    assert_eq!(entries[1]["kind"], "hold");
+    assert_eq!(entries[1]["amount_mcents"], -ep.price_mcents());
+    assert_eq!(entries[1]["balance_after"], me["balance_mcents"]);
+    assert_eq!(entries[1]["request_id"], entries[0]["request_id"]);
     assert!(entries.windows(2).all(|w| w[0]["seq"].as_i64() > w[1]["seq"].as_i64()), "newest first");
     for e in &entries {
         let mut f: Vec<&String> = e.as_object().unwrap().keys().collect();
@@ -770,22 +791,381 @@ async fn me_ledger_and_leaderboard(db: &TestDb) {
     let _ = idle;
 }
 
-/// Settling the same failed call twice (a retry, another instance) refunds once; a request id
-/// with no charge refunds nothing.
+/// Releasing the same failed call twice (a retry, another instance) gives the price back once; a
+/// call id that never held releases nothing.
 async fn settlement_is_idempotent_per_request(db: &TestDb) {
+    use gateway::store::{HoldOutcome, HoldRequest, HoldState, ReleaseReason};
     let ep = ep();
     let price = ep.price_mcents();
     let k = db.seed_key(price * 2, &[ep.scope()], None).await;
     let key_ref = db.key_ref(&k).await;
-    let charged = db.store.charge(key_ref, ep.name(), price, ep.xp(), "req-1").await.unwrap();
-    assert!(matches!(charged, gateway::store::ChargeOutcome::Charged { .. }), "{charged:?}");
-    let first = db.store.settle_failure(key_ref, ep.name(), ep.xp(), "req-1", 100).await.unwrap();
-    assert!(first.refunded);
+    let hold = HoldRequest { key_ref, endpoint: ep.name(), price, xp: ep.xp(), request_id: "req-1", timeout_ms: 1000, idem: None };
+    let held = db.store.hold(&hold).await.unwrap();
+    assert!(matches!(held, HoldOutcome::Held { .. }), "{held:?}");
+    let caller = ReleaseReason::Caller { cap: 100 };
+    let first = db.store.release(key_ref, "req-1", caller).await.unwrap();
+    assert!(first.refunded && first.settled_now);
     assert_eq!(first.balance_mcents, price * 2);
-    let again = db.store.settle_failure(key_ref, ep.name(), ep.xp(), "req-1", 100).await.unwrap();
-    assert!(!again.refunded, "a second settlement refunded again");
+    let again = db.store.release(key_ref, "req-1", caller).await.unwrap();
+    assert!(!again.settled_now, "a second settlement released again");
     assert_eq!(again.balance_mcents, price * 2);
-    let stranger = db.store.settle_failure(key_ref, ep.name(), ep.xp(), "never-charged", 100).await.unwrap();
-    assert!(!stranger.refunded);
+    let stranger = db.store.release(key_ref, "never-charged", caller).await.unwrap();
+    assert!(!stranger.refunded && stranger.state == HoldState::Unknown);
     assert_eq!(db.store.ledger_sum(key_ref).await.unwrap(), price * 2);
+    assert_eq!(kinds(&db.server().await.ledger(&k.key).await), ["release", "hold", "mint"]);
+}
+
+// ---------------------------------------------------------------------------- raw HTTP
+
+/// One HTTP/1.1 exchange on a fresh connection: writes `request`, then reads until the server
+/// closes (or 15 s). Returns (status code, lowercase headers, body).
+async fn raw_exchange(addr: &str, request: &[u8]) -> (u16, Vec<(String, String)>, String) {
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    sock.write_all(request).await.unwrap();
+    read_answer(&mut sock).await
+}
+
+async fn read_answer(sock: &mut tokio::net::TcpStream) -> (u16, Vec<(String, String)>, String) {
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(15), sock.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+fn header_of<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// Checks a raw answer against the error shape: status, code, note, X-Request-Id = request_id.
+fn expect_raw_error(answer: &(u16, Vec<(String, String)>, String), status: u16, code: &str, no_charge: bool) -> Value {
+    let (got, headers, body) = answer;
+    assert_eq!(*got, status, "{code}: {body}");
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{code}: not JSON ({e}): {body:?}"));
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert_eq!(v["request_id"].as_str(), header_of(headers, "x-request-id"), "request_id = X-Request-Id");
+    if no_charge {
+        assert_eq!(v["note"], "no charge applied", "{v}");
+    } else {
+        assert!(v.get("note").is_none(), "{v}");
+    }
+    v
+}
+
+/// Contract 3.3 / 3.8 step 3: two or more Authorization headers are never well-formed, on every
+/// Bearer route (the first one does not win), and nothing is charged.
+async fn two_authorization_headers_are_invalid(db: &TestDb) {
+    let s = db.server().await;
+    let ep = ep();
+    let addr = s.addr();
+    let balance = balance_for(3, ep);
+    let k = db.seed_key(balance, &[ep.scope()], None).await;
+    let other = db.seed_key(balance, &[ep.scope()], None).await;
+    let rows = s.ledger(&k.key).await.len();
+    let realm = format!("Bearer realm=\"{PROJECT_NAME}\"");
+    let auth = |keys: &[&str]| keys.iter().map(|key| format!("Authorization: Bearer {key}\r\n")).collect::<String>();
+    for pair in [[k.key.as_str(), k.key.as_str()], [k.key.as_str(), other.key.as_str()]] {
+        for path in ["/v1/me", "/v1/me/ledger"] {
+            let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{}Connection: close\r\n\r\n", auth(&pair));
+            let answer = raw_exchange(&addr, req.as_bytes()).await;
+            expect_raw_error(&answer, 401, "invalid_key", false);
+            assert_eq!(header_of(&answer.1, "www-authenticate"), Some(realm.as_str()), "{path}");
+        }
+        let body = sample(ep).to_string();
+        let req = format!(
+            "POST /v1/{} HTTP/1.1\r\nHost: {addr}\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            ep.name(),
+            auth(&pair),
+            body.len()
+        );
+        let answer = raw_exchange(&addr, req.as_bytes()).await;
+        expect_raw_error(&answer, 401, "invalid_key", true);
+        assert_eq!(header_of(&answer.1, "www-authenticate"), Some(realm.as_str()));
+        assert!(header_of(&answer.1, "x-charged-mcents").is_none());
+    }
+    assert_eq!(s.balance(&k.key).await, balance);
+    assert_eq!(s.balance(&other.key).await, balance);
+    assert_eq!(s.ledger(&k.key).await.len(), rows, "no ledger row");
+    // The same raw request with one header is served (the check is about the count, not the helper).
+    let req = format!("GET /v1/me HTTP/1.1\r\nHost: {addr}\r\n{}Connection: close\r\n\r\n", auth(&[&k.key]));
+    assert_eq!(raw_exchange(&addr, req.as_bytes()).await.0, 200);
+}
+
+/// 1e400 is valid JSON that no field accepts (the Worker reads it as Infinity): 400 invalid_input,
+/// not invalid_json, on the admin mint and on paid routes (with the note); truncated JSON stays
+/// invalid_json.
+async fn out_of_range_numbers_are_invalid_input(db: &TestDb) {
+    let s = db.server().await;
+    let ep = ep();
+    let scope = SCOPES[0];
+    let mints = db.mint_rows().await;
+    let body = expect_error(
+        s.mint(&Value::String(format!(r#"{{"balance_mcents": 1e400, "scopes": ["{scope}"]}}"#)), ADMIN_KEY).await,
+        400,
+        "invalid_input",
+        false,
+    )
+    .await;
+    assert!(body["error"]["message"].as_str().unwrap().contains("out of range"), "{body}");
+    expect_error(s.mint(&Value::String(r#"{"balance_mcents": 1e400"#.into()), ADMIN_KEY).await, 400, "invalid_json", false).await;
+    assert_eq!(db.mint_rows().await, mints, "nothing minted");
+
+    let balance = balance_for(2, ep);
+    let k = db.seed_key(balance, &[ep.scope()], None).await;
+    let rows = s.ledger(&k.key).await.len();
+    let field = ep.input_shape().first().map_or("__unknown", |f| f.name);
+    for raw in [format!(r#"{{"{field}": 1e400}}"#), format!(r#"{{"{field}": -1e400}}"#), r#"{"__unknown": 1e400}"#.to_string()] {
+        expect_no_charge(&s, s.call(ep.name(), Some(&k.key), &Value::String(raw)).await, 400, "invalid_input", &k.key, balance).await;
+    }
+    let truncated = Value::String(format!(r#"{{"{field}": 1e400"#));
+    expect_no_charge(&s, s.call(ep.name(), Some(&k.key), &truncated).await, 400, "invalid_json", &k.key, balance).await;
+    assert_eq!(s.ledger(&k.key).await.len(), rows, "no ledger row");
+}
+
+/// A Content-Length that is not decimal digits never reaches a handler and never charges. hyper
+/// (the HTTP/1 parser under axum) refuses it itself, before any gateway code runs: a bare
+/// `400 Bad Request`, empty body, `connection: close` (no X-Request-Id, no JSON; documented). A
+/// request that got past it would be answered 400 invalid_json by the gateway (src/body.rs).
+async fn non_decimal_content_length_is_refused(db: &TestDb) {
+    let s = db.server().await;
+    let ep = ep();
+    let addr = s.addr();
+    let balance = balance_for(2, ep);
+    let k = db.seed_key(balance, &[ep.scope()], None).await;
+    let rows = s.ledger(&k.key).await.len();
+    let body = sample(ep).to_string();
+    for declared in ["-5", "12abc", "1e3", "+5", "0x10", ""] {
+        let req = format!(
+            "POST /v1/{} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\nConnection: close\r\n\r\n{body}",
+            ep.name(),
+            k.key
+        );
+        let answer = raw_exchange(&addr, req.as_bytes()).await;
+        if answer.2.is_empty() {
+            // hyper's own answer.
+            assert_eq!(answer.0, 400, "Content-Length: {declared}");
+            assert_eq!(header_of(&answer.1, "content-length"), Some("0"), "Content-Length: {declared}");
+        } else {
+            expect_raw_error(&answer, 400, "invalid_json", true);
+        }
+    }
+    assert_eq!(s.balance(&k.key).await, balance);
+    assert_eq!(s.ledger(&k.key).await.len(), rows, "no ledger row");
+    // Control: the same request with a correct Content-Length is served and charged.
+    let req = format!(
+        "POST /v1/{} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        ep.name(),
+        k.key,
+        body.len()
+    );
+    assert_eq!(raw_exchange(&addr, req.as_bytes()).await.0, 200);
+    assert_eq!(s.balance(&k.key).await, balance - ep.price_mcents());
+}
+
+/// A body that stalls (Content-Length: 100, 10 bytes sent, then nothing) is answered
+/// 408 request_timeout once BODY_READ_TIMEOUT_MS has passed: nothing held, nothing minted.
+async fn stalled_body_times_out_without_charge(db: &TestDb) {
+    let timeout = std::time::Duration::from_millis(800);
+    let state = gateway::AppState::new(
+        db.new_store().await,
+        db.new_limiter().await,
+        Some(ADMIN_KEY.into()),
+        Arc::new(gateway::GeneratedHandlers),
+    );
+    state.set_body_read_timeout(timeout);
+    assert_eq!(state.body_read_timeout(), timeout);
+    let s = TestServer::start(state).await;
+    let ep = ep();
+    let addr = s.addr();
+    let balance = balance_for(2, ep);
+    let k = db.seed_key(balance, &[ep.scope()], None).await;
+    let rows = s.ledger(&k.key).await.len();
+    let mints = db.mint_rows().await;
+
+    let paid_head = format!(
+        "POST /v1/{} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n",
+        ep.name(),
+        k.key
+    );
+    let mint_head = format!(
+        "POST /v1/admin/mint HTTP/1.1\r\nHost: {addr}\r\nX-Admin-Key: {ADMIN_KEY}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    );
+    for (head, no_charge) in [(paid_head, true), (mint_head, false)] {
+        let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let started = std::time::Instant::now();
+        sock.write_all(head.as_bytes()).await.unwrap();
+        sock.write_all(b"{\"message\"").await.unwrap();
+        // The socket stays open and silent: only the gateway's timeout can end the request.
+        let answer = read_answer(&mut sock).await;
+        let elapsed = started.elapsed();
+        expect_raw_error(&answer, 408, "request_timeout", no_charge);
+        assert!(elapsed >= timeout, "answered after {elapsed:?}, before the timeout");
+        assert!(elapsed < timeout + std::time::Duration::from_secs(5), "answered after {elapsed:?}");
+        assert!(header_of(&answer.1, "x-charged-mcents").is_none());
+        drop(sock);
+    }
+    assert_eq!(s.balance(&k.key).await, balance);
+    assert_eq!(s.ledger(&k.key).await.len(), rows, "no hold, no ledger row");
+    assert_eq!(db.mint_rows().await, mints, "nothing minted");
+
+    // A body that arrives in pieces within the timeout is served normally.
+    let body = sample(ep).to_string();
+    let (a, b) = body.split_at(body.len() / 2);
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/{} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{a}",
+        ep.name(),
+        k.key,
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    sock.write_all(b.as_bytes()).await.unwrap();
+    assert_eq!(read_answer(&mut sock).await.0, 200);
+    assert_eq!(s.balance(&k.key).await, balance - ep.price_mcents());
+}
+
+/// GET /v1/me/ledger?limit=N&before=SEQ (contract 3.5): following next_before until null lists
+/// every entry exactly once, newest first; `before` is validated after auth and `limit`.
+async fn ledger_pages_with_next_before(db: &TestDb) {
+    let s = db.server().await;
+    let ep = ep();
+    let k = db.seed_key(balance_for(10, ep), &[ep.scope()], None).await;
+    let n = 2.min(i64::from(ep.rate_limit_per_minute()));
+    for _ in 0..n {
+        assert_eq!(s.call(ep.name(), Some(&k.key), &sample(ep)).await.status(), 200);
+    }
+    let all = s.ledger(&k.key).await;
+    assert!(all.len() >= 3, "a mint and at least one call: {all:?}");
+    let first = json_of(s.get_auth("/v1/me/ledger", &k.key).await).await;
+    assert_eq!(first["next_before"], Value::Null, "everything fits in the default page");
+    assert_eq!(first["entries"].as_array().unwrap(), &all);
+
+    for limit in [1usize, 2] {
+        let mut listed: Vec<Value> = Vec::new();
+        let mut query = format!("/v1/me/ledger?limit={limit}");
+        loop {
+            let page = json_of(s.get_auth(&query, &k.key).await).await;
+            let entries = page["entries"].as_array().unwrap().clone();
+            assert!(entries.len() <= limit);
+            listed.extend(entries.iter().cloned());
+            match page["next_before"].as_i64() {
+                Some(cursor) => {
+                    assert_eq!(entries.len(), limit, "a full page before a cursor");
+                    assert_eq!(Some(cursor), entries.last().unwrap()["seq"].as_i64(), "next_before = last seq");
+                    query = format!("/v1/me/ledger?limit={limit}&before={cursor}");
+                }
+                None => {
+                    assert_eq!(page["next_before"], Value::Null);
+                    break;
+                }
+            }
+        }
+        assert_eq!(listed, all, "limit={limit}: every entry once, newest first");
+    }
+    // Only entries with seq < before; a cursor below every seq gives an empty last page.
+    let newest = all[0]["seq"].as_i64().unwrap();
+    let page = json_of(s.get_auth(&format!("/v1/me/ledger?before={newest}"), &k.key).await).await;
+    assert_eq!(page["entries"].as_array().unwrap(), &all[1..].to_vec());
+    assert_eq!(page["next_before"], Value::Null);
+    let oldest = all.last().unwrap()["seq"].as_i64().unwrap();
+    let page = json_of(s.get_auth(&format!("/v1/me/ledger?before={oldest}"), &k.key).await).await;
+    assert_eq!(page["entries"], json!([]));
+    assert_eq!(page["next_before"], Value::Null);
+    assert_eq!(s.get_auth("/v1/me/ledger?before=999999999999999", &k.key).await.status(), 200);
+
+    for bad in ["0", "-1", "abc", "1.5", "", "1e3", "+5", "%201", "1234567890123456"] {
+        let body = expect_error(s.get_auth(&format!("/v1/me/ledger?before={bad}"), &k.key).await, 400, "invalid_input", false).await;
+        assert!(body["error"]["message"].as_str().unwrap().contains("before"), "{bad}: {body}");
+    }
+    // Order: auth, then limit, then before.
+    expect_error(s.get("/v1/me/ledger?limit=0&before=0").await, 401, "missing_key", false).await;
+    let body = expect_error(s.get_auth("/v1/me/ledger?limit=0&before=0", &k.key).await, 400, "invalid_input", false).await;
+    assert!(body["error"]["message"].as_str().unwrap().contains("limit"), "{body}");
+    let unknown = format!("{}{}", key_prefix(), "0".repeat(64));
+    expect_error(s.get_auth("/v1/me/ledger?before=5", &unknown).await, 401, "invalid_key", false).await;
+}
+
+/// ADMIN_KEY with surrounding whitespace could never match an X-Admin-Key header (HTTP strips
+/// it): the server refuses to start and says why; the same key without the whitespace starts.
+#[test]
+fn admin_key_with_whitespace_refuses_to_start() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    // The server binary of this package, next to the test binary's deps/ directory.
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join(format!("{PROJECT_NAME}{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.exists(), "{} not built", bin.display());
+    let dir = std::env::temp_dir().join(format!("mcpay-adminkey-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = format!("sqlite:{}", dir.join("gate.db").display());
+    // Runs the server until it exits or `within` passes (then stops it); returns (exited by
+    // itself with success?, its whole output).
+    let run = |admin_key: &str, within: Duration, until: &str| -> (Option<bool>, String) {
+        let mut child = Command::new(&bin)
+            .env("ADMIN_KEY", admin_key)
+            .env("DATABASE_URL", &db)
+            .env("BIND", "127.0.0.1")
+            .env("PORT", "0")
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .env_remove("REDIS_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        for mut pipe in [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 || tx.send(String::from_utf8_lossy(&buf[..n]).into_owned()).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let deadline = Instant::now() + within;
+        let mut out = String::new();
+        let exited = loop {
+            while let Ok(chunk) = rx.try_recv() {
+                out.push_str(&chunk);
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status.success());
+            }
+            if out.contains(until) || Instant::now() > deadline {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // What the pipes still hold once the process is gone.
+        std::thread::sleep(Duration::from_millis(100));
+        while let Ok(chunk) = rx.try_recv() {
+            out.push_str(&chunk);
+        }
+        (exited, out)
+    };
+    for bad in [" test-admin-key", "test-admin-key ", "test-admin-key\n", "\ttest-admin-key"] {
+        let (exited, out) = run(bad, Duration::from_secs(30), "listening");
+        assert_eq!(exited, Some(false), "{bad:?} must stop the server with an error: {out}");
+        assert!(out.contains("ADMIN_KEY") && out.contains("whitespace"), "{bad:?}: {out}");
+        assert!(!out.contains("listening"), "{out}");
+    }
+    // Control: the same key without the whitespace starts (the refusal is about the whitespace).
+    let (exited, out) = run("test-admin-key", Duration::from_secs(30), "listening");
+    assert_eq!(exited, None, "{out}");
+    assert!(out.contains("listening"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -50,8 +50,10 @@ async fn burst_across_two_instances_never_overdraws(db: &TestDb) {
         let ledger = b.ledger(&k.key).await;
         let sum: i64 = ledger.iter().map(|e| e["amount_mcents"].as_i64().unwrap()).sum();
         assert_eq!(sum, balance, "the ledger sums to the balance");
-        let charges = ledger.iter().filter(|e| e["kind"] == "charge").count() as i64;
-        assert_eq!(charges, affordable);
+        let holds = ledger.iter().filter(|e| e["kind"] == "hold").count() as i64;
+        assert_eq!(holds, affordable);
+        let captures = ledger.iter().filter(|e| e["kind"] == "capture").count() as i64;
+        assert_eq!(captures, affordable, "every successful call is captured");
         assert_eq!(db.store.ledger_sum(db.key_ref(k).await).await.unwrap(), balance);
         for e in &ledger {
             assert!(e["balance_after"].as_i64().unwrap() >= 0);

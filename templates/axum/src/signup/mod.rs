@@ -32,13 +32,12 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 
 use crate::app::AppState;
-use crate::body::{is_json_content_type, read_bounded};
+use crate::body::{is_json_content_type, parse_json, read_bounded};
 use crate::config::SignupSettings;
 use crate::generated::{GATEWAY, PROJECT_NAME, SIGNUP};
 use crate::http::{ApiError, json_response, set_header};
 use crate::keys::{generate_api_key, generate_key_id, secrets_equal, sha256_hex};
 use crate::mint::parse_signup_input;
-use crate::shape::MAX_JSON_DEPTH;
 use crate::store::{ClaimOutcome, NewKey, SettleRecordOutcome, SettlingRecord, SignupClaim, SignupJob, SignupMint, SignupRecord};
 
 pub use self::mpp::{Method, MppRail, SignupMethod};
@@ -354,7 +353,7 @@ fn credentials(headers: &HeaderMap) -> Vec<Credential> {
 async fn read_name(headers: &HeaderMap, body: Body) -> Result<Option<String>, ApiError> {
     let declared = match headers.get(header::CONTENT_LENGTH) {
         None => None,
-        Some(v) => Some(v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()).ok_or_else(|| {
+        Some(v) => Some(v.to_str().ok().map(str::trim).filter(|s| s.bytes().all(|b| b.is_ascii_digit())).and_then(|s| s.parse::<u64>().ok()).ok_or_else(|| {
             ApiError::new(400, "invalid_json").message("Invalid Content-Length.").no_charge()
         })?),
     };
@@ -374,14 +373,9 @@ async fn read_name(headers: &HeaderMap, body: Body) -> Result<Option<String>, Ap
     if bytes.is_empty() {
         return Ok(None);
     }
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
-        if e.to_string().contains("recursion limit") {
-            ApiError::new(400, "invalid_input").message(format!("JSON nesting deeper than {MAX_JSON_DEPTH} levels.")).no_charge()
-        } else {
-            ApiError::new(400, "invalid_json").no_charge()
-        }
-    })?;
-    parse_signup_input(&value)
+    // The paid routes' parser: invalid JSON → invalid_json; valid JSON it cannot hold (1e400,
+    // nesting past the limit) → invalid_input.
+    parse_signup_input(&parse_json(&bytes, true)?)
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {

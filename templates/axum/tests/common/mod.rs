@@ -492,3 +492,119 @@ pub async fn assert_key_works(s: &TestServer, body: &Value, name: Option<&str>) 
     assert_eq!(ledger[0]["kind"], "mint");
     assert_eq!(ledger[0]["amount_mcents"], signup.balance_mcents);
 }
+
+// ------------------------------------------------------------------------ paid calls (holds)
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use gateway::handler::{BoxFuture, Call, Context, HandlerError, Reply};
+
+impl TestDb {
+    /// Runs one SQL statement on this database: `sqlite` on SQLite, `postgres` on PostgreSQL.
+    pub async fn exec(&self, sqlite: &'static str, postgres: &'static str) {
+        match &self.store {
+            Store::Sqlite { write: p, .. } => {
+                sqlx::query(sqlite).execute(p).await.unwrap();
+            }
+            Store::Postgres(p) => {
+                sqlx::query(postgres).execute(p).await.unwrap();
+            }
+        }
+    }
+
+    /// The state of the hold of call `request_id` (None: no such hold).
+    pub async fn hold_state(&self, request_id: &str) -> Option<String> {
+        let sql = "SELECT state FROM holds WHERE request_id = $1";
+        match &self.store {
+            Store::Sqlite { read: p, .. } => sqlx::query_scalar(sql).bind(request_id).fetch_optional(p).await.unwrap(),
+            Store::Postgres(p) => sqlx::query_scalar(sql).bind(request_id).fetch_optional(p).await.unwrap(),
+        }
+    }
+}
+
+/// The kinds of ledger entries, newest first.
+pub fn kinds(ledger: &[Value]) -> Vec<String> {
+    ledger.iter().map(|e| e["kind"].as_str().unwrap().to_string()).collect()
+}
+
+/// How many ledger entries are of `kind`.
+pub fn count_kind(ledger: &[Value], kind: &str) -> usize {
+    ledger.iter().filter(|e| e["kind"] == kind).count()
+}
+
+/// The sum of the ledger's amounts (equals the balance when the books are right).
+pub fn amount_sum(ledger: &[Value]) -> i64 {
+    ledger.iter().map(|e| e["amount_mcents"].as_i64().unwrap()).sum()
+}
+
+type RunFn = Arc<dyn Fn(Value) -> BoxFuture<Result<Reply, HandlerError>> + Send + Sync>;
+
+/// Handlers whose every endpoint runs one closure (counting runs), with an optional time limit
+/// in place of the endpoints' `timeout_ms`.
+#[derive(Clone)]
+pub struct TestHandlers {
+    run: RunFn,
+    timeout: Option<Duration>,
+    pub runs: Arc<AtomicUsize>,
+}
+
+impl TestHandlers {
+    pub fn new<F, Fut>(f: F) -> Self
+    where
+        F: Fn(Value) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Reply, HandlerError>> + Send + 'static,
+    {
+        TestHandlers { run: Arc::new(move |v| Box::pin(f(v))), timeout: None, runs: Arc::default() }
+    }
+
+    /// Echoes the input with the run number.
+    pub fn echo() -> Self {
+        let n = Arc::new(AtomicUsize::new(0));
+        TestHandlers::new(move |input| {
+            let run = n.fetch_add(1, Ordering::SeqCst) + 1;
+            async move { Ok(Reply::Json(serde_json::json!({ "echoed": input, "run": run }))) }
+        })
+    }
+
+    /// Always fails (502 handler_failed).
+    pub fn failing() -> Self {
+        TestHandlers::new(|_| async { Err(HandlerError::new("upstream exploded")) })
+    }
+
+    /// Never finishes.
+    pub fn hanging() -> Self {
+        TestHandlers::new(|_| std::future::pending())
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    pub fn run_count(&self) -> usize {
+        self.runs.load(Ordering::SeqCst)
+    }
+}
+
+impl Handlers for TestHandlers {
+    fn prepare(&self, _endpoint: Endpoint, input: Value) -> Result<Call, String> {
+        let run = self.run.clone();
+        let runs = self.runs.clone();
+        Ok(Box::new(move |_ctx: Context| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            run(input)
+        }))
+    }
+
+    fn timeout(&self, endpoint: Endpoint) -> Duration {
+        self.timeout.unwrap_or_else(|| Duration::from_millis(endpoint.timeout_ms()))
+    }
+}
+
+impl TestDb {
+    /// A gateway on this database whose endpoints all run `handlers`.
+    pub async fn server_running(&self, handlers: &TestHandlers) -> TestServer {
+        self.server_with(Some(ADMIN_KEY.to_string()), Arc::new(handlers.clone())).await
+    }
+}
