@@ -176,6 +176,11 @@ pub struct AuditArgs {
     #[arg(long, value_name = "ENDPOINT=JSON")]
     pub failing_call: Option<String>,
 
+    /// ENDPOINT=JSON: a call the gateway's handler takes longer than the endpoint's timeout_ms on
+    /// (for the 504 handler_timeout scenario).
+    #[arg(long, value_name = "ENDPOINT=JSON")]
+    pub slow_call: Option<String>,
+
     /// A deployment of the same gateway with no ADMIN_KEY set (for the 503 scenario).
     #[arg(long, value_name = "URL")]
     pub unconfigured_url: Option<String>,

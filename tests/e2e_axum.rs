@@ -73,11 +73,14 @@ fn axum_project_builds_locked_and_passes_its_own_tests() {
     // add-endpoint, then build and test again (on PostgreSQL + Redis when available).
     let status = cli().current_dir(&dir).args(["add-endpoint", "mytool", "--price", "250"]).status().unwrap();
     assert!(status.success());
+    // A short handler time limit, so the audit's timeout.handler meets a 504 within a second.
+    set_timeout_ms(&dir, "mytool", MYTOOL_TIMEOUT_MS);
     let check = cli().current_dir(&dir).arg("check").status().unwrap();
     assert!(check.success());
     cargo(&dir, &["test", "--locked"], &svc_env);
 
-    // Serve the built binary and audit it (the new handler fails on demand, for the refund checks).
+    // Serve the built binary and audit it (the new handler fails or hangs on demand, for the refund
+    // and timeout checks).
     std::fs::write(dir.join("src/handlers/mytool.rs"), FAILING_HANDLER).unwrap();
     cargo(&dir, &["build", "--locked"], &[]);
     let bin = shared_target().join("debug/api");
@@ -97,7 +100,7 @@ fn axum_project_builds_locked_and_passes_its_own_tests() {
     assert_eq!(header(&headers, "x-balance-mcents"), Some("750".into()));
 
     chain.run_signup_checks(port, "mcp_", ADMIN, &server);
-    audit(port, ADMIN, r#"mytool={"query":"fail"}"#, bare_port, Some(&chain.control_url()), &[SIGNUP_X402_NA, NO_MCP_NA].concat());
+    audit(port, ADMIN, FAILING_CALL, SLOW_CALL, bare_port, Some(&chain.control_url()), &[SIGNUP_X402_NA, NO_MCP_NA].concat());
     drop(server);
     drop(bare);
 }
@@ -127,7 +130,8 @@ fn serve(bin: &Path, port: u16, admin: Option<&str>, db: &Path, env: &[(&str, St
     Server::spawn_logged(c, Some(log_path))
 }
 
-const FAILING_HANDLER: &str = r#"//! Fails on {"query":"fail"} (an upstream outage, as far as the gateway can tell).
+const FAILING_HANDLER: &str = r#"//! Fails on {"query":"fail"} (an upstream outage, as far as the gateway can tell) and, on
+//! {"query":"slow"}, takes 5 s: far past mytool's timeout_ms (a stuck upstream).
 
 use serde_json::{Value, json};
 
@@ -141,6 +145,9 @@ pub fn validate(_input: &MytoolInput) -> Result<(), String> {
 pub async fn run(input: MytoolInput, _ctx: Context) -> Result<Value, HandlerError> {
     if input.query == "fail" {
         return Err(HandlerError::new("simulated upstream failure"));
+    }
+    if input.query == "slow" {
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     }
     Ok(json!({ "echo": input }))
 }

@@ -2,6 +2,7 @@
 //! shared key, and the ledger's sum.
 
 use anyhow::{Result, ensure};
+use serde_json::Value;
 
 use super::client::{Client, Endpoint, Key, Reply};
 use super::scenario::Outcome;
@@ -40,15 +41,21 @@ pub fn setup(c: &mut Client) -> Result<(Endpoint, Key, u64)> {
 /// gateway that does not page answers everything at once) as the sum of every row but the mint, and
 /// the number of rows.
 pub fn ledger_sum(c: &Client, key: &Key) -> Result<(i64, usize)> {
-    let (mut sum, mut rows) = (0i64, 0usize);
+    let rows = ledger_rows(c, key)?;
+    let sum = rows.iter().filter(|e| e["kind"] != "mint").map(|e| e["amount_mcents"].as_i64().unwrap_or(0)).sum::<i64>();
+    Ok((sum, rows.len()))
+}
+
+/// Every row of the key's ledger, newest first, read page by page as `ledger_sum` does.
+pub fn ledger_rows(c: &Client, key: &Key) -> Result<Vec<Value>> {
+    let mut rows = Vec::new();
     let mut before: Option<u64> = None;
     for _ in 0..10_000 {
         let l = c.ledger(key, before);
         let entries = l["entries"].as_array().ok_or_else(|| anyhow::anyhow!("/v1/me/ledger has no entries: {l}"))?;
-        sum += entries.iter().filter(|e| e["kind"] != "mint").map(|e| e["amount_mcents"].as_i64().unwrap_or(0)).sum::<i64>();
-        rows += entries.len();
+        rows.extend(entries.iter().cloned());
         match l.get("next_before") {
-            None | Some(serde_json::Value::Null) => return Ok((sum, rows)),
+            None | Some(Value::Null) => return Ok(rows),
             Some(next) => {
                 let next = next.as_u64().ok_or_else(|| anyhow::anyhow!("/v1/me/ledger: next_before {next} is not a seq"))?;
                 ensure!(!entries.is_empty(), "/v1/me/ledger gave an empty page with next_before {next}");
@@ -58,6 +65,45 @@ pub fn ledger_sum(c: &Client, key: &Key) -> Result<(i64, usize)> {
         }
     }
     anyhow::bail!("/v1/me/ledger: still paging after 10000 pages")
+}
+
+/// The kinds of the ledger rows written for one call id (oldest first), e.g. `["hold", "capture"]`.
+pub fn kinds_for(rows: &[Value], request_id: &str) -> Vec<String> {
+    let mut kinds: Vec<(u64, String)> = rows
+        .iter()
+        .filter(|e| e["request_id"] == request_id)
+        .map(|e| (e["seq"].as_u64().unwrap_or(0), e["kind"].as_str().unwrap_or("?").to_string()))
+        .collect();
+    kinds.sort();
+    kinds.into_iter().map(|(_, k)| k).collect()
+}
+
+/// How many rows of `kind` the ledger has.
+pub fn count_kind(rows: &[Value], kind: &str) -> usize {
+    rows.iter().filter(|e| e["kind"] == kind).count()
+}
+
+/// Contract 3.5: every paid call in `rows` is a `hold` followed by exactly one `capture` or
+/// `release` with its call id, and no row has a kind the contract does not list for new ledgers
+/// (`charge` and `refund` belong to ledgers written before holds existed). Returns (captured, released).
+pub fn settled_holds(rows: &[Value]) -> Result<(usize, usize)> {
+    let (mut captured, mut released) = (0, 0);
+    for e in rows {
+        let kind = e["kind"].as_str().unwrap_or("");
+        ensure!(matches!(kind, "mint" | "hold" | "capture" | "release"), "ledger row of kind {kind:?} (contract 3.5: mint, hold, capture, release): {e}");
+        if kind != "hold" {
+            continue;
+        }
+        let id = e["request_id"].as_str().unwrap_or("");
+        ensure!(!id.is_empty(), "a hold without a request_id: {e}");
+        let kinds = kinds_for(rows, id);
+        match kinds.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+            ["hold", "capture"] => captured += 1,
+            ["hold", "release"] => released += 1,
+            other => anyhow::bail!("call {id}: ledger rows {other:?}, expected a hold then one capture or one release"),
+        }
+    }
+    Ok((captured, released))
 }
 
 #[cfg(test)]

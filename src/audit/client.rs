@@ -249,6 +249,14 @@ impl Client {
         self.call(ep, key, &ep.sample().to_string())
     }
 
+    /// A paid call with the key and more headers (e.g. `Idempotency-Key`).
+    pub fn call_with(&self, ep: &Endpoint, key: &Key, headers: &[(&str, &str)], body: &str) -> Reply {
+        let bearer = key.bearer();
+        let mut h: Vec<(&str, &str)> = vec![("Authorization", bearer.as_str())];
+        h.extend_from_slice(headers);
+        self.post(&ep.path(), &h, body)
+    }
+
     pub fn me(&self, key: &Key) -> Value {
         self.get("/v1/me", &[("Authorization", &key.bearer())]).json()
     }
@@ -265,6 +273,11 @@ impl Client {
             None => "/v1/me/ledger?limit=500".to_string(),
         };
         self.get(&path, &[("Authorization", &key.bearer())]).json()
+    }
+
+    /// `GET /v1/me/ledger` with the query as given (`limit=2&before=7`), answered as is.
+    pub fn ledger_query(&self, key: &Key, query: &str) -> Reply {
+        self.get(&format!("/v1/me/ledger?{query}"), &[("Authorization", &key.bearer())])
     }
 
     pub fn first(&self) -> Endpoint {
@@ -313,6 +326,11 @@ pub fn random_hex64() -> String {
     out
 }
 
+/// A fresh `Idempotency-Key` (contract 3.8: 32-128 of `A-Za-z0-9_-`): 40 random hex characters.
+pub fn random_idempotency_key() -> String {
+    random_hex64()[..40].to_string()
+}
+
 /// A gateway's base URL from the command line, checked before any request: `http://` or
 /// `https://`, a host, a port that fits, no query or fragment. A bare `host:port` (no scheme, as
 /// wrangler prints it) is read as `http://host:port`. `what` names the flag in errors.
@@ -354,7 +372,38 @@ pub fn base_url(raw: &str, what: &str) -> Result<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::base_url;
+    use super::*;
+
+    /// The duplicate-header scenarios (two `Authorization`, two `Idempotency-Key`) mean something
+    /// only if both headers reach the gateway: the raw request must carry each one.
+    #[test]
+    fn repeated_headers_are_all_sent() {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://127.0.0.1:{}/v1/x", listener.local_addr().unwrap().port());
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut head = Vec::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                    break;
+                }
+                head.push(line.trim().to_ascii_lowercase());
+            }
+            let mut out = stream;
+            let _ = out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}");
+            head
+        });
+        let agent: Agent = Agent::config_builder().http_status_as_error(false).build().into();
+        let c = Client { base: String::new(), admin_key: None, agent, endpoints: Vec::new(), key_prefix: None, mints: 0, signup: Value::Null, shared: Default::default() };
+        let r = c.request_url("GET", &url, &[("Authorization", "Bearer a"), ("Authorization", "Bearer b"), ("Idempotency-Key", "x"), ("Idempotency-Key", "y")], None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let head = server.join().unwrap();
+        assert!(head.contains(&"authorization: bearer a".into()) && head.contains(&"authorization: bearer b".into()), "{head:?}");
+        assert!(head.contains(&"idempotency-key: x".into()) && head.contains(&"idempotency-key: y".into()), "{head:?}");
+    }
 
     #[test]
     fn base_urls_are_checked_and_a_bare_host_port_is_http() {

@@ -50,20 +50,15 @@ pub fn run(args: &AuditArgs) -> Result<()> {
         Some(u) => Some(client::base_url(u, "--unconfigured-url")?),
         None => None,
     };
-    let failing_call = match &args.failing_call {
-        None => None,
-        Some(raw) => {
-            let Some((ep, body)) = raw.split_once('=') else { bail!("--failing-call {raw:?}: expected ENDPOINT=JSON") };
-            Some((ep.to_string(), body.to_string()))
-        }
-    };
+    let failing_call = endpoint_call("--failing-call", args.failing_call.as_deref())?;
+    let slow_call = endpoint_call("--slow-call", args.slow_call.as_deref())?;
     let x402_harness = args.x402_harness.as_deref().map(|u| u.trim_end_matches('/').to_string());
     if let Some(h) = &x402_harness
         && !(h.starts_with("http://") || h.starts_with("https://"))
     {
         bail!("--x402-harness {h:?}: expected the harness's control URL, e.g. http://127.0.0.1:8402/__control (the controlUrl of tests/chain/chain.mjs's ready line)");
     }
-    let opts = Options { failing_call, unconfigured_url, x402_harness };
+    let opts = Options { failing_call, slow_call, unconfigured_url, x402_harness };
     let mut client = client::Client::connect(url, admin_key)?;
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     let mut results = Vec::new();
@@ -101,6 +96,15 @@ pub fn run(args: &AuditArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--failing-call` / `--slow-call ENDPOINT=JSON`, split at the first `=`.
+fn endpoint_call(flag: &str, raw: Option<&str>) -> Result<Option<(String, String)>> {
+    let Some(raw) = raw else { return Ok(None) };
+    match raw.split_once('=') {
+        Some((ep, body)) if !ep.trim().is_empty() => Ok(Some((ep.trim().to_string(), body.to_string()))),
+        _ => bail!("{flag} {raw:?}: expected ENDPOINT=JSON, e.g. {flag} 'mytool={{\"query\":\"x\"}}'"),
+    }
+}
+
 /// `--only` patterns: a substring, or a glob with `*`.
 fn matches(pattern: &str, name: &str) -> bool {
     if !pattern.contains('*') {
@@ -133,6 +137,27 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), s.len(), "duplicate scenario names");
         assert_eq!(s.last().unwrap().name, "admin.hourly_limit", "the mint-exhausting scenario runs last");
+    }
+
+    #[test]
+    fn endpoint_calls_split_at_the_first_equals_sign() {
+        assert_eq!(endpoint_call("--slow-call", None).unwrap(), None);
+        assert_eq!(
+            endpoint_call("--slow-call", Some(r#"mytool={"query":"a=b"}"#)).unwrap(),
+            Some(("mytool".to_string(), r#"{"query":"a=b"}"#.to_string()))
+        );
+        for bad in ["mytool", r#"={"query":"slow"}"#, ""] {
+            let e = endpoint_call("--slow-call", Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("--slow-call") && e.contains("ENDPOINT=JSON"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_contract_3_8_scenarios_are_listed() {
+        let names: Vec<_> = all().iter().map(|s| s.name).collect();
+        for n in ["idempotency.replay", "idempotency.mismatch", "idempotency.other_endpoint", "idempotency.scoped_to_key", "idempotency.syntax", "timeout.handler", "auth.duplicate_authorization", "ledger.paging"] {
+            assert!(names.contains(&n), "{n} missing");
+        }
     }
 
     #[test]

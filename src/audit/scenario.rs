@@ -14,6 +14,8 @@ pub enum Outcome {
 pub struct Options {
     /// `ENDPOINT=JSON`: a call whose handler fails on our side, for the refund scenarios.
     pub failing_call: Option<(String, String)>,
+    /// `ENDPOINT=JSON`: a call whose handler runs past the endpoint's `timeout_ms`.
+    pub slow_call: Option<(String, String)>,
     /// A second deployment of the same gateway with no ADMIN_KEY configured.
     pub unconfigured_url: Option<String>,
     /// The control URL of a tests/chain x402 harness (chain.mjs) whose facilitator the gateway uses.

@@ -35,6 +35,28 @@ pub fn enable_signup(dir: &std::path::Path, rails: &str) {
     assert!(out.status.success(), "sync after enabling signup: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Gives `endpoint` of the project at `dir` a `timeout_ms` in its mcpay.toml (add-endpoint has no
+/// flag for it) and regenerates the project with `create-mcpay sync`.
+#[allow(dead_code)]
+pub fn set_timeout_ms(dir: &std::path::Path, endpoint: &str, ms: u64) {
+    let path = dir.join("mcpay.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let table = format!("[endpoints.{endpoint}]\n");
+    assert!(text.contains(&table) && !text.contains(&format!("{table}timeout_ms")), "no plain {table:?} table in:\n{text}");
+    std::fs::write(&path, text.replacen(&table, &format!("{table}timeout_ms = {ms}\n"), 1)).unwrap();
+    let out = cli().current_dir(dir).arg("sync").output().unwrap();
+    assert!(out.status.success(), "sync after setting timeout_ms: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The `mytool` calls the e2e handlers (FAILING_HANDLER) fail on and outlive `MYTOOL_TIMEOUT_MS` on.
+#[allow(dead_code)]
+pub const FAILING_CALL: &str = r#"mytool={"query":"fail"}"#;
+#[allow(dead_code)]
+pub const SLOW_CALL: &str = r#"mytool={"query":"slow"}"#;
+/// `mytool`'s timeout_ms in the e2e projects: short, so `timeout.handler` waits about a second.
+#[allow(dead_code)]
+pub const MYTOOL_TIMEOUT_MS: u64 = 1000;
+
 /// The audit scenarios that cannot apply to a gateway with signup disabled.
 #[allow(dead_code)]
 pub const SIGNUP_OFF_NA: &[&str] = &[
@@ -54,12 +76,14 @@ pub const SIGNUP_ON_NA: &[&str] = &["signup.disabled"];
 pub const SIGNUP_X402_NA: &[&str] = &["signup.disabled", "signup.mpp_offer", "signup.mpp_tampered"];
 
 /// Runs the audit against a gateway (with `x402_harness`, the control URL of the tests/chain harness
-/// whose facilitator the gateway uses); every scenario must pass except those named in
-/// `not_applicable`, which must be reported n/a (and no others).
-pub fn audit(port: u16, admin: &str, failing_call: &str, bare_port: u16, x402_harness: Option<&str>, not_applicable: &[&str]) {
+/// whose facilitator the gateway uses; `failing_call` and `slow_call` as ENDPOINT=JSON, the calls
+/// its handler fails on and outlives its timeout_ms on); every scenario must pass except those
+/// named in `not_applicable`, which must be reported n/a (and no others).
+pub fn audit(port: u16, admin: &str, failing_call: &str, slow_call: &str, bare_port: u16, x402_harness: Option<&str>, not_applicable: &[&str]) {
     let mut c = cli();
     c.args(["audit", &format!("http://127.0.0.1:{port}"), "--admin-key", admin])
         .args(["--failing-call", failing_call])
+        .args(["--slow-call", slow_call])
         .args(["--unconfigured-url", &format!("http://127.0.0.1:{bare_port}")])
         .args(["--json"]);
     if let Some(url) = x402_harness {

@@ -62,11 +62,15 @@ pub fn workers_project_end_to_end(target: &str, signup: bool) {
     // add-endpoint, then the same checks (node_modules are reused: one install per run).
     let status = cli().current_dir(&dir).args(["add-endpoint", "mytool", "--price", "250"]).status().unwrap();
     assert!(status.success());
+    // A short handler time limit, so the audit's timeout.handler meets a 504 within a second.
+    set_timeout_ms(&dir, "mytool", MYTOOL_TIMEOUT_MS);
     npm(&dir, &xdg, &["run", "typecheck"]);
     npm(&dir, &xdg, &["test"]);
 
-    // Make the new handler fail on demand, so the audit can check refunds and their cap.
+    // Make the new handler fail or hang on demand, so the audit can check refunds, their cap and
+    // the 504 of a handler past its timeout_ms.
     std::fs::write(dir.join("src/handlers/mytool.ts"), FAILING_HANDLER).unwrap();
+    npm(&dir, &xdg, &["run", "typecheck"]);
 
     // Serve it for real: one instance with an ADMIN_KEY, one without (for the 503 scenario).
     let port = free_port();
@@ -113,7 +117,7 @@ pub fn workers_project_end_to_end(target: &str, signup: bool) {
         na.extend_from_slice(NO_MCP_NA); // only the mpp target serves /mcp
     }
     let harness = chain.as_ref().map(|c| c.control_url());
-    audit(port, ADMIN, r#"mytool={"query":"fail"}"#, bare_port, harness.as_deref(), &na);
+    audit(port, ADMIN, FAILING_CALL, SLOW_CALL, bare_port, harness.as_deref(), &na);
     drop(server);
     drop(bare);
 }
@@ -123,10 +127,12 @@ const ADMIN: &str = "e2e-admin-key-0123456789abcdef";
 const FAILING_HANDLER: &str = r#"import type { Handler } from "../lib/handler";
 import type { MytoolInput } from "../generated/manifest";
 
-// Fails on {"query":"fail"} (an upstream outage, as far as the gateway can tell).
+// Fails on {"query":"fail"} (an upstream outage, as far as the gateway can tell) and, on
+// {"query":"slow"}, takes 5 s: far past mytool's timeout_ms (a stuck upstream).
 export const handler: Handler<MytoolInput> = {
   async run(input) {
     if (input.query === "fail") throw new Error("simulated upstream failure");
+    if (input.query === "slow") await new Promise((resolve) => setTimeout(resolve, 5000));
     return { echo: input };
   },
 };

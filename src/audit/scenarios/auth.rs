@@ -74,6 +74,21 @@ pub fn scenarios() -> Vec<Scenario> {
             ensure!(c.balance(&key)? == bal, "balance moved");
             pass("401 for ?key=, ?api_key=, ?token=, ?access_token=")
         }),
+        scenario!("auth.duplicate_authorization", "two Authorization headers (a valid key first) on a paid route and /v1/me → 401 invalid_key, nothing charged", |c, _| {
+            let (ep, key, bal) = setup(c)?;
+            let (sum, rows) = ledger_sum(c, &key)?;
+            let other = format!("Bearer {}{}", c.prefix(), random_hex64());
+            let valid = key.bearer();
+            for (what, second) in [("an unknown key", other.as_str()), ("the same key again", valid.as_str())] {
+                let h = [("Authorization", valid.as_str()), ("Authorization", second)];
+                let r = c.post(&ep.path(), &h, &ep.sample().to_string());
+                refused_uncharged(c, &r, 401, "invalid_key", &key, bal).map_err(|e| e.context(format!("POST {} with the key, then {what}", ep.path())))?;
+                let me = c.get("/v1/me", &h);
+                expect(&me, 401, "invalid_key").map_err(|e| e.context(format!("GET /v1/me with the key, then {what}")))?;
+            }
+            ensure!(ledger_sum(c, &key)? == (sum, rows), "a refused call wrote ledger rows");
+            pass(format!("401 invalid_key on {} and /v1/me, balance still {bal}", ep.path()))
+        }),
         scenario!("auth.me_requires_key", "GET /v1/me and /v1/me/ledger without a key → 401", |c, _| {
             expect(&c.get("/v1/me", &[]), 401, "")?;
             expect(&c.get("/v1/me/ledger", &[]), 401, "")?;

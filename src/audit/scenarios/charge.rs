@@ -67,7 +67,10 @@ pub fn scenarios() -> Vec<Scenario> {
             let (sum, _) = ledger_sum(c, &key)?;
             ensure!(minted as i64 + sum == now as i64, "minted {minted}, ledger sums to {sum}, balance {now}");
             ensure!(now == minted - 3 * ep.price, "balance {now}");
-            pass(format!("{minted} {sum:+} = {now}"))
+            // Contract 3.5: each paid call is a hold then its capture; the refused call wrote nothing.
+            let (captured, released) = settled_holds(&ledger_rows(c, &key)?)?;
+            ensure!(captured == 3 && released == 0, "{captured} holds captured and {released} released after 3 paid calls");
+            pass(format!("{minted} {sum:+} = {now}; 3 × hold + capture"))
         }),
         scenario!("charge.keys_independent", "charges on one key never touch another", |c, _| {
             let (ep, a, _) = setup(c)?;
@@ -96,7 +99,10 @@ pub fn scenarios() -> Vec<Scenario> {
             expect(&r, 502, "handler_failed")?;
             ensure!(r.json()["refunded"] == true, "not refunded: {}", r.body);
             ensure!(c.balance(&key)? == ep.price * 2, "balance not restored");
-            pass(r.brief())
+            let id = r.header("x-request-id").unwrap_or_default();
+            let kinds = kinds_for(&ledger_rows(c, &key)?, &id);
+            ensure!(kinds == ["hold", "release"], "ledger rows of {id}: {kinds:?}, expected hold then release");
+            pass(format!("{}, ledger hold + release", r.brief()))
         }),
         scenario!("charge.refund_cap", "refunds stop at the hourly cap per key; the ledger records each", |c, o| {
             let Some((name, body)) = failing(o) else {
@@ -120,6 +126,9 @@ pub fn scenarios() -> Vec<Scenario> {
             ensure!(bal == ep.price * calls - kept * ep.price, "balance {bal} after {refunded} refunds and {kept} kept");
             let (sum, _) = ledger_sum(c, &key)?;
             ensure!((ep.price * calls) as i64 + sum == bal as i64, "ledger sums to {sum}");
+            // Released within the cap, captured past it (contract 3.5).
+            let (captured, released) = settled_holds(&ledger_rows(c, &key)?)?;
+            ensure!(released as u64 == refunded && captured as u64 == kept, "ledger: {released} released and {captured} captured for {refunded} refunded and {kept} kept");
             pass(format!("{refunded} refunded, then {kept} not"))
         }),
     ]

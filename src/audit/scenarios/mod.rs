@@ -13,12 +13,15 @@ mod auth;
 mod body;
 mod charge;
 mod headers;
+mod idempotency;
 mod leak;
+mod ledger;
 mod mcp;
 mod rate;
 mod route;
 mod scope;
 mod signup;
+mod timeout;
 mod validate;
 
 /// What every area's file uses.
@@ -41,6 +44,9 @@ pub fn all() -> Vec<Scenario> {
     all.extend(validate::scenarios());
     all.extend(body::scenarios());
     all.extend(charge::scenarios());
+    all.extend(idempotency::scenarios());
+    all.extend(timeout::scenarios());
+    all.extend(ledger::scenarios());
     all.extend(rate::scenarios());
     all.extend(leak::scenarios());
     all.extend(headers::scenarios());
