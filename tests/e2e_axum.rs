@@ -103,9 +103,38 @@ fn axum_project_builds_locked_and_passes_its_own_tests() {
     audit(port, ADMIN, FAILING_CALL, SLOW_CALL, bare_port, Some(&chain.control_url()), &[SIGNUP_X402_NA, NO_MCP_NA].concat());
     drop(server);
     drop(bare);
+
+    // kill -9 under load, restart, and the ledger read with SQL: on SQLite and on PostgreSQL at once.
+    let sweep_bound = std::time::Duration::from_millis(MYTOOL_TIMEOUT_MS + 60_000 + 5_000 + 25_000);
+    let gateway_env = chain.gateway_env();
+    std::thread::scope(|s| {
+        let sqlite = s.spawn(|| {
+            let db = crash::Db::Sqlite(t.path().join("crash.db"));
+            let port = free_port();
+            let start = || serve_url(&bin, port, Some(ADMIN), &db.database_url(), &t.path().join("crash-sqlite.log"), &gateway_env);
+            crash::kill_under_load("sqlite", port, &db, &start, ADMIN, NAP_BODY, sweep_bound);
+        });
+        if let Some(url) = services().into_iter().find(|(k, _)| *k == "TEST_DATABASE_URL").map(|(_, v)| v) {
+            let pg = crash::TempPgDb::create(&url);
+            let db = crash::Db::Postgres(pg.url.clone());
+            let port = free_port();
+            let start = || serve_url(&bin, port, Some(ADMIN), &db.database_url(), &t.path().join("crash-pg.log"), &gateway_env);
+            crash::kill_under_load("postgres", port, &db, &start, ADMIN, NAP_BODY, sweep_bound);
+        } else {
+            eprintln!("e2e: TEST_DATABASE_URL is not set: the kill -9 test on PostgreSQL is left to .ci/run");
+        }
+        sqlite.join().unwrap();
+    });
 }
 
+/// A body the mytool handler answers after 300 ms (so calls are in flight when the server is killed).
+const NAP_BODY: &str = r#"{"query":"nap"}"#;
+
 fn serve(bin: &Path, port: u16, admin: Option<&str>, db: &Path, env: &[(&str, String)]) -> Server {
+    serve_url(bin, port, admin, &format!("sqlite:{}", db.display()), &db.with_extension("log"), env)
+}
+
+fn serve_url(bin: &Path, port: u16, admin: Option<&str>, database_url: &str, log_path: &Path, env: &[(&str, String)]) -> Server {
     let mut c = Command::new(bin);
     for var in ["SIGNUP_SECRET", "X402_RPC_URL", "X402_FACILITATOR_TIMEOUT_MS", "SIGNUP_SWEEP_INTERVAL_MS"] {
         c.env_remove(var);
@@ -115,23 +144,24 @@ fn serve(bin: &Path, port: u16, admin: Option<&str>, db: &Path, env: &[(&str, St
     }
     c.env("PORT", port.to_string())
         .env("BIND", "127.0.0.1")
-        .env("DATABASE_URL", format!("sqlite:{}", db.display()))
+        .env("DATABASE_URL", database_url)
         .env_remove("REDIS_URL")
         .env_remove("ADMIN_KEY")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null());
     // Its output goes to a log beside its database (the payment state lines are info), shown if it fails.
-    let log_path = db.with_extension("log");
-    let log = std::fs::File::create(&log_path).expect("server log file");
+    // Appended to: a restarted server keeps the log of the one before it.
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path).expect("server log file");
     c.stdout(log.try_clone().unwrap()).stderr(log);
     if let Some(k) = admin {
         c.env("ADMIN_KEY", k);
     }
-    Server::spawn_logged(c, Some(log_path))
+    Server::spawn_logged(c, Some(log_path.to_path_buf()))
 }
 
 const FAILING_HANDLER: &str = r#"//! Fails on {"query":"fail"} (an upstream outage, as far as the gateway can tell) and, on
-//! {"query":"slow"}, takes 5 s: far past mytool's timeout_ms (a stuck upstream).
+//! {"query":"slow"}, takes 5 s: far past mytool's timeout_ms (a stuck upstream). {"query":"nap"}
+//! succeeds after 300 ms (the kill -9 test's load).
 
 use serde_json::{Value, json};
 
@@ -145,6 +175,9 @@ pub fn validate(_input: &MytoolInput) -> Result<(), String> {
 pub async fn run(input: MytoolInput, _ctx: Context) -> Result<Value, HandlerError> {
     if input.query == "fail" {
         return Err(HandlerError::new("simulated upstream failure"));
+    }
+    if input.query == "nap" {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
     if input.query == "slow" {
         tokio::time::sleep(std::time::Duration::from_secs(5)).await;

@@ -4,6 +4,7 @@
 
 pub mod chain;
 pub mod node;
+pub mod crash;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
