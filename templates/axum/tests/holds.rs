@@ -293,6 +293,39 @@ async fn a_client_that_goes_away_cannot_stop_settlement(db: &TestDb) {
     assert_eq!(s.balance(&k.key).await, start);
 }
 
+/// SQL built at run time, for `TestDb::exec` (which takes `&'static str`; a few bytes per test).
+fn sql(text: String) -> &'static str {
+    Box::leak(text.into_boxed_str())
+}
+
+/// Makes the database itself refuse ledger rows of `kind` (a real store error, from a trigger).
+async fn refuse_ledger_rows(db: &TestDb, kind: &str) {
+    db.exec(
+        sql(format!(
+            "CREATE TRIGGER fail_{kind} BEFORE INSERT ON ledger WHEN NEW.kind = '{kind}' \
+             BEGIN SELECT RAISE(ABORT, 'injected {kind} failure'); END"
+        )),
+        sql(format!(
+            "CREATE FUNCTION fail_{kind}() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'injected {kind} failure'; END $$"
+        )),
+    )
+    .await;
+    db.exec(
+        "SELECT 1",
+        sql(format!(
+            "CREATE TRIGGER fail_{kind} BEFORE INSERT ON ledger FOR EACH ROW WHEN (NEW.kind = '{kind}') \
+             EXECUTE FUNCTION fail_{kind}()"
+        )),
+    )
+    .await;
+}
+
+/// Undoes [`refuse_ledger_rows`].
+async fn accept_ledger_rows(db: &TestDb, kind: &str) {
+    db.exec(sql(format!("DROP TRIGGER fail_{kind}")), sql(format!("DROP TRIGGER fail_{kind} ON ledger"))).await;
+}
+
 /// A store error while releasing (a real one: a trigger refuses 'release' ledger rows) →
 /// 502 with refund_pending, after bounded retries; the sweeper releases the hold later.
 async fn failing_release_is_left_to_the_sweeper(db: &TestDb) {
@@ -302,19 +335,7 @@ async fn failing_release_is_left_to_the_sweeper(db: &TestDb) {
     let s = db.server_running(&TestHandlers::failing()).await;
     let k = db.seed_key(start, &[ep.scope()], None).await;
     let key_ref = db.key_ref(&k).await;
-    db.exec(
-        "CREATE TRIGGER fail_release BEFORE INSERT ON ledger WHEN NEW.kind = 'release' \
-         BEGIN SELECT RAISE(ABORT, 'injected release failure'); END",
-        "CREATE FUNCTION fail_release() RETURNS trigger LANGUAGE plpgsql AS \
-         $$ BEGIN RAISE EXCEPTION 'injected release failure'; END $$",
-    )
-    .await;
-    db.exec(
-        "SELECT 1",
-        "CREATE TRIGGER fail_release BEFORE INSERT ON ledger FOR EACH ROW WHEN (NEW.kind = 'release') \
-         EXECUTE FUNCTION fail_release()",
-    )
-    .await;
+    refuse_ledger_rows(db, "release").await;
     let began = Instant::now();
     let res = s.call(ep.name(), Some(&k.key), &sample(ep)).await;
     let elapsed = began.elapsed();
@@ -341,7 +362,7 @@ async fn failing_release_is_left_to_the_sweeper(db: &TestDb) {
     assert_eq!((failed.released, failed.failed), (0, 1));
     assert_eq!(kinds(&s.ledger(&k.key).await), ["hold", "mint"]);
     // The store works again: the next pass releases it, once, in full.
-    db.exec("DROP TRIGGER fail_release", "DROP TRIGGER fail_release ON ledger").await;
+    accept_ledger_rows(db, "release").await;
     assert_eq!(sweep_holds(&db.store).await.released, 1);
     assert_eq!(sweep_holds(&db.store).await.released, 0);
     let ledger = s.ledger(&k.key).await;
@@ -366,19 +387,7 @@ async fn failing_capture_still_answers_and_the_sweeper_releases(db: &TestDb) {
     let start = balance_for(2, ep);
     let s = db.server_running(&TestHandlers::echo()).await;
     let k = db.seed_key(start, &[ep.scope()], None).await;
-    db.exec(
-        "CREATE TRIGGER fail_capture BEFORE INSERT ON ledger WHEN NEW.kind = 'capture' \
-         BEGIN SELECT RAISE(ABORT, 'injected capture failure'); END",
-        "CREATE FUNCTION fail_capture() RETURNS trigger LANGUAGE plpgsql AS \
-         $$ BEGIN RAISE EXCEPTION 'injected capture failure'; END $$",
-    )
-    .await;
-    db.exec(
-        "SELECT 1",
-        "CREATE TRIGGER fail_capture BEFORE INSERT ON ledger FOR EACH ROW WHEN (NEW.kind = 'capture') \
-         EXECUTE FUNCTION fail_capture()",
-    )
-    .await;
+    refuse_ledger_rows(db, "capture").await;
     let began = Instant::now();
     let res = s.call(ep.name(), Some(&k.key), &sample(ep)).await;
     assert!(began.elapsed() >= Duration::from_millis(290), "retried with pauses");
@@ -388,7 +397,7 @@ async fn failing_capture_still_answers_and_the_sweeper_releases(db: &TestDb) {
     assert_eq!(body["ok"], true);
     assert_eq!(kinds(&s.ledger(&k.key).await), ["hold", "mint"]);
     assert_eq!(db.hold_state(&id).await.as_deref(), Some("held"));
-    db.exec("DROP TRIGGER fail_capture", "DROP TRIGGER fail_capture ON ledger").await;
+    accept_ledger_rows(db, "capture").await;
     db.exec("UPDATE holds SET deadline = 0 WHERE state = 'held'", "UPDATE holds SET deadline = 0 WHERE state = 'held'").await;
     assert_eq!(sweep_holds(&db.store).await.released, 1);
     let ledger = s.ledger(&k.key).await;
