@@ -54,6 +54,8 @@ pub struct EndpointSpec {
     pub rate_limit_per_minute: u64,
     pub timeout_ms: u64,
     pub input: Vec<FieldSpec>,
+    /// The JSON Schema of `input` (MCP `inputSchema`, contract 3.11): every target renders this.
+    pub input_schema: Value,
     /// A body that passes the input shape, for generated tests and docs.
     pub sample: Value,
     /// Whether the target itself provides this endpoint (its handler is part of the target, not a
@@ -146,6 +148,7 @@ impl Spec {
                     rate_limit_per_minute: ep.rate_limit_per_minute,
                     timeout_ms: ep.timeout_ms,
                     sample: sample_of(&input),
+                    input_schema: input_schema(&input),
                     example_field: input.iter().find(|f| f.ty != FieldType::Boolean).cloned(),
                     input,
                     is_builtin: false,
@@ -199,6 +202,17 @@ fn sample_of(input: &[FieldSpec]) -> Value {
     Value::Object(sample)
 }
 
+/// The JSON Schema of an input shape (contract 3.11): the shape types are JSON Schema type names,
+/// required fields in declaration order, no other property.
+pub fn input_schema(input: &[FieldSpec]) -> Value {
+    let mut properties = serde_json::Map::new();
+    for f in input {
+        properties.insert(f.name.clone(), json!({ "type": f.ty.name() }));
+    }
+    let required: Vec<&str> = input.iter().filter(|f| f.required).map(|f| f.name.as_str()).collect();
+    json!({ "type": "object", "properties": properties, "required": required, "additionalProperties": false })
+}
+
 /// Endpoints the target provides itself, after the manifest's own: the `mpp` target sells
 /// `execute_code` (sandboxed JavaScript) to prepaid keys too, priced by `[mpp]`.
 fn builtin_endpoints(m: &Manifest) -> Vec<EndpointSpec> {
@@ -209,6 +223,7 @@ fn builtin_endpoints(m: &Manifest) -> Vec<EndpointSpec> {
         .map(|b| {
             // Only the mpp target has built-in endpoints so far; their settings are `[mpp]`'s.
             let price = m.mpp.execute_price_mcents;
+            let execute_input = vec![FieldSpec::new("code", FieldType::String, true), FieldSpec::new("input", FieldType::Object, false)];
             EndpointSpec {
                 name: b.name.into(),
                 pascal: names::pascal(b.name),
@@ -219,7 +234,8 @@ fn builtin_endpoints(m: &Manifest) -> Vec<EndpointSpec> {
                 rate_limit_per_minute: m.gateway.default_rate_limit_per_minute,
                 // The sandbox stops a run at `[mpp] timeout_ms`; the gateway's limit sits above it.
                 timeout_ms: manifest::DEFAULT_TIMEOUT_MS.max(m.mpp.timeout_ms + 5_000),
-                input: vec![FieldSpec::new("code", FieldType::String, true), FieldSpec::new("input", FieldType::Object, false)],
+                input_schema: input_schema(&execute_input),
+                input: execute_input,
                 sample: json!({"code": "return { sum: input.a + input.b };", "input": {"a": 1, "b": 2}}),
                 is_builtin: true,
                 builtin: Some(Builtin { module: b.module, export: b.export, pay_path: b.pay_path }),

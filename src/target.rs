@@ -94,9 +94,7 @@ impl Target {
     /// Files of the base layers this target does not ship (template paths inside the layer).
     pub fn drops(self) -> &'static [&'static str] {
         match self {
-            // The worker stubs out the MCP SDK that mppx imports; mpp ships the real SDK.
-            Target::Mpp => &["src/lib/no-mcp-sdk.ts"],
-            Target::Worker | Target::Axum => &[],
+            Target::Worker | Target::Axum | Target::Mpp => &[],
         }
     }
 

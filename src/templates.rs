@@ -310,8 +310,6 @@ mod tests {
                 }
             }
         }
-        // The mpp overlay ships the real MCP SDK, so not the worker's stand-in for it.
-        assert!(target_files(Target::Worker).unwrap().iter().any(|(r, _)| r == "src/lib/no-mcp-sdk.ts"));
     }
 
     /// Deep-merges JSON objects (non-null values win), so one object shows every key any of them has.

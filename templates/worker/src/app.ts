@@ -17,13 +17,14 @@ import {
 } from "./generated/manifest";
 import { readJsonBody, readJsonBodyText } from "./lib/body";
 import type { AppEnv } from "./lib/env";
-import type { Handler, HandlerContext, Handlers, ValidateContext } from "./lib/handler";
-import { CORS_HEADERS, HttpError, errorResponse, json, withHeaders, withoutCors, withoutCredentials } from "./lib/http";
-import type { CaptureResult, KeyDO, SettleResult, StoredResponse } from "./lib/key-do";
+import type { Handler, Handlers } from "./lib/handler";
+import { CORS_HEADERS, HttpError, errorResponse, json, withHeaders, withoutCors } from "./lib/http";
+import type { KeyDO, KeyStats, StoredResponse } from "./lib/key-do";
 import { generateApiKey, generateKeyId, parseBearer, secretsEqual, sha256Hex } from "./lib/keys";
 import { isCallType } from "./lib/manifest-util";
+import { MCP_PATH, handleMcp } from "./lib/mcp";
 import { parseMintInput } from "./lib/mint";
-import { checkShape } from "./lib/shape";
+import { IDEMPOTENCY_KEY_RE, IDEMPOTENCY_MAX_STORED_BYTES, runPaidCall, type Face } from "./lib/paid-call";
 import { SIGNUP_PATH, handleSignup, pricingSignup, resolveSignup, type SignupOptions } from "./lib/signup";
 import type { SignupConfig } from "./lib/signup-config";
 
@@ -80,7 +81,8 @@ async function health(): Promise<Response> {
   return json(200, { ok: true, status: "ok", service: PROJECT.name, version: PROJECT.version });
 }
 
-async function pricing(signup: SignupConfig): Promise<Response> {
+/** The body of GET /v1/pricing (also the MCP `pricing` tool's structuredContent). */
+export function pricingBody(signup: SignupConfig): Record<string, unknown> {
   const endpoints = CALL_TYPES.map((name: CallType) => ({
     name,
     method: "POST",
@@ -94,14 +96,23 @@ async function pricing(signup: SignupConfig): Promise<Response> {
       Object.entries(INPUT_SHAPE[name]).map(([field, spec]) => [field, { type: spec.type, required: spec.required }]),
     ),
   }));
-  return json(200, { ok: true, unit: "mcents", mcents_per_cent: 1000, signup: pricingSignup(signup), endpoints });
+  return { ok: true, unit: "mcents", mcents_per_cent: 1000, signup: pricingSignup(signup), endpoints };
+}
+
+async function pricing(signup: SignupConfig): Promise<Response> {
+  return json(200, pricingBody(signup));
 }
 
 async function me(r: RequestInfo): Promise<Response> {
   const stub = await bearerStub(r, false);
   const s = await stub.stats();
   if (!s) throw new HttpError(401, "invalid_key");
-  return json(200, {
+  return json(200, meBody(s));
+}
+
+/** The body of GET /v1/me (also the MCP `balance` tool's structuredContent). */
+export function meBody(s: KeyStats): Record<string, unknown> {
+  return {
     ok: true,
     key_id: s.keyId,
     name: s.name,
@@ -113,7 +124,7 @@ async function me(r: RequestInfo): Promise<Response> {
     calls: s.calls,
     spent_mcents: s.spentMcents,
     refunded_mcents: s.refundedMcents,
-  });
+  };
 }
 
 async function myLedger(r: RequestInfo): Promise<Response> {
@@ -227,21 +238,20 @@ function paidHeaders(chargedMcents: number, balanceMcents: number): Record<strin
   return { "X-Charged-Mcents": String(chargedMcents), "X-Balance-Mcents": String(balanceMcents) };
 }
 
-/** `Idempotency-Key` syntax (contract 3.8). */
-export const IDEMPOTENCY_KEY_RE = /^[A-Za-z0-9_-]{32,128}$/;
-/** Answers larger than this are not stored for Idempotency-Key replays. */
-export const IDEMPOTENCY_MAX_STORED_BYTES = 65_536;
-/** Settlement RPC attempts in the request before leaving the hold to the KeyDO's alarm. */
-const SETTLE_ATTEMPTS = 3;
-const SETTLE_BACKOFF_MS = [50, 250];
+export { IDEMPOTENCY_KEY_RE, IDEMPOTENCY_MAX_STORED_BYTES };
 
-function keyStubFor(r: RequestInfo, keyHash: string, options: AppOptions): DurableObjectStub<KeyDO> {
-  return options.keyStub ? options.keyStub(r.env, keyHash) : keyStub(r.env, keyHash);
+/** How a paid route or a paid MCP tool reaches a key's Durable Object. */
+export function keyStubFor(env: AppEnv, keyHash: string, options: AppOptions): DurableObjectStub<KeyDO> {
+  return options.keyStub ? options.keyStub(env, keyHash) : keyStub(env, keyHash);
+}
+
+/** The handler time limit of an endpoint (tests may shorten it). */
+export function timeoutFor(endpoint: CallType, options: AppOptions): number {
+  return options.timeoutMs?.[endpoint] ?? TIMEOUT_MS[endpoint];
 }
 
 function paidRoute(endpoint: CallType, handlers: Handlers, options: AppOptions): RouteHandler {
   return async (r) => {
-    const handler = handlers[endpoint] as Handler<unknown>;
     // 1. Key syntax (existence is checked atomically with the hold).
     const bearer = parseBearer(r.request.headers.get("Authorization"));
     if (!bearer.ok) throw new HttpError(401, bearer.code, { noCharge: true });
@@ -253,93 +263,38 @@ function paidRoute(endpoint: CallType, handlers: Handlers, options: AppOptions):
         noCharge: true,
       });
     }
-    const stub = keyStubFor(r, await sha256Hex(bearer.key), options);
+    const stub = keyStubFor(r.env, await sha256Hex(bearer.key), options);
     // 2-4. Content-Type, bounded body, JSON.
     const { value: input, text } = await readJsonBodyText(r.request, GATEWAY.maxBodyBytes);
-    // 5. Shape from mcpay.toml.
-    const shapeError = checkShape(input, INPUT_SHAPE[endpoint]);
-    if (shapeError !== null) throw new HttpError(400, "invalid_input", { message: shapeError, noCharge: true });
-    // 6. Handler's own validation.
-    const vctx: ValidateContext = { env: r.env, endpoint, requestId: r.requestId };
-    let validationError: string | null = null;
-    if (handler.validate) {
-      try {
-        validationError = await handler.validate(input, vctx);
-      } catch (err) {
-        console.error(JSON.stringify({ msg: "validate threw", endpoint, request_id: r.requestId, error: String(err) }));
-        throw new HttpError(500, "internal_error", { noCharge: true });
-      }
+    // 5-11. The billing core (shared with /mcp): shape, validate, hold, run, capture or release.
+    const outcome = await runPaidCall(
+      {
+        endpoint,
+        handler: handlers[endpoint] as Handler<unknown>,
+        input,
+        bodyForHash: text,
+        idempotencyKey,
+        stub,
+        callId: r.requestId,
+        env: r.env,
+        ctx: r.ctx,
+        request: r.request,
+        timeoutMs: timeoutFor(endpoint, options),
+      },
+      httpFace(r.requestId),
+    );
+    switch (outcome.kind) {
+      case "ok":
+        return outcome.answer;
+      case "replay":
+        return replayResponse(outcome.stored);
+      case "failed":
+        return errorResponse(outcome.status, outcome.code, r.requestId, {
+          ...(outcome.message !== undefined ? { message: outcome.message } : {}),
+          extra: outcome.extra,
+          headers: paidHeaders(outcome.extra.charged_mcents, outcome.extra.balance_mcents),
+        });
     }
-    if (validationError !== null && validationError !== undefined) {
-      throw new HttpError(400, "invalid_input", { message: String(validationError).slice(0, 500), noCharge: true });
-    }
-
-    // 7. The hold: one RPC to this key's object, which owns price, scope, Idempotency-Key records,
-    //    rate limit and balance. The call id is the gateway's request id, never the client's.
-    const hold = await stub.hold(endpoint, r.requestId, {
-      ...(idempotencyKey !== undefined ? { idempotencyKey, bodyHash: await sha256Hex(text) } : {}),
-    });
-    if (!hold.ok) {
-      switch (hold.code) {
-        case "invalid_key":
-          throw new HttpError(401, "invalid_key", { noCharge: true });
-        case "scope_denied":
-          throw new HttpError(403, "scope_denied", {
-            noCharge: true,
-            extra: { required_scope: SCOPE_FOR[endpoint] },
-          });
-        case "rate_limited":
-          throw new HttpError(429, "rate_limited", {
-            message: `Rate limit of ${RATE_LIMIT_PER_MINUTE[endpoint]} calls per minute reached for this endpoint.`,
-            noCharge: true,
-            extra: { retry_after_seconds: hold.retryAfterSeconds },
-            headers: { "Retry-After": String(hold.retryAfterSeconds) },
-          });
-        case "insufficient_balance":
-          throw new HttpError(402, "insufficient_balance", {
-            noCharge: true,
-            extra: { price_mcents: hold.priceMcents, balance_mcents: hold.balanceMcents },
-          });
-        case "unknown_endpoint":
-          throw new HttpError(404, "not_found", { noCharge: true });
-        case "idempotency_mismatch":
-          throw new HttpError(422, "idempotency_mismatch", { noCharge: true });
-        case "idempotency_in_progress":
-          throw new HttpError(409, "idempotency_in_progress", {
-            noCharge: true,
-            extra: { retry_after_seconds: hold.retryAfterSeconds },
-            headers: { "Retry-After": String(hold.retryAfterSeconds) },
-          });
-        case "replay":
-          if (hold.response === null) {
-            throw new HttpError(409, "idempotency_response_not_stored", {
-              noCharge: true,
-              extra: { original_request_id: hold.originalRequestId, max_stored_bytes: IDEMPOTENCY_MAX_STORED_BYTES },
-              headers: { "Idempotent-Replayed": "true" },
-            });
-          }
-          return replayResponse(hold.response as StoredResponse);
-      }
-    }
-
-    // 8. Run the handler within TIMEOUT_MS[endpoint], then capture or release the hold.
-    const hctx: HandlerContext = {
-      ...vctx,
-      keyId: hold.keyId,
-      chargedMcents: hold.chargedMcents,
-      balanceMcents: hold.balanceMcents,
-      request: withoutCredentials(r.request),
-      waitUntil: (p) => r.ctx.waitUntil(p),
-    };
-    const timeoutMs = options.timeoutMs?.[endpoint] ?? TIMEOUT_MS[endpoint];
-    // The work and its settlement run under waitUntil: a client that disconnects (or a response
-    // stream that is cancelled) cannot leave a hold without a capture or a release.
-    const work = runAndSettle(handler, input, hctx, stub, r, hold, endpoint, timeoutMs, idempotencyKey !== undefined);
-    r.ctx.waitUntil(work.then(
-      () => undefined,
-      () => undefined,
-    ));
-    return work;
   };
 }
 
@@ -348,11 +303,6 @@ function replayResponse(stored: StoredResponse): Response {
   headers.set("Idempotent-Replayed", "true");
   return new Response(stored.body, { status: stored.status, headers });
 }
-
-type Outcome =
-  | { kind: "ok"; response: Response; stored?: StoredResponse }
-  | { kind: "failed"; failure: string }
-  | { kind: "timeout" };
 
 /** Reads a body up to `limit` bytes: the bytes when it fits, else a stream replaying everything. */
 async function bufferUpTo(body: ReadableStream<Uint8Array> | null, limit: number): Promise<{ bytes: Uint8Array | null; stream: ReadableStream<Uint8Array> | null }> {
@@ -399,128 +349,40 @@ function toStored(res: Response, bytes: Uint8Array | null): StoredResponse {
   return { status: res.status, headers, body: bytes === null ? null : (bytes.slice().buffer as ArrayBuffer) };
 }
 
-async function runHandler(
-  handler: Handler<unknown>,
-  input: unknown,
-  hctx: HandlerContext,
-  r: RequestInfo,
-  charge: { chargedMcents: number; balanceMcents: number },
-  store: boolean,
-): Promise<Outcome> {
-  try {
-    const out = await handler.run(input, hctx);
-    if (out instanceof Response) {
-      if (out.status >= 500) {
-        await out.body?.cancel().catch(() => {});
-        return { kind: "failed", failure: `handler returned status ${out.status}` };
+/** POST /v1/<endpoint>'s success answer: the handler's own Response, or {ok, result, charged_mcents, …}. */
+function httpFace(requestId: string): Face<Response> {
+  return {
+    async present(out, charge, store) {
+      if (out instanceof Response) {
+        const res = withHeaders(out, paidHeaders(charge.chargedMcents, charge.balanceMcents));
+        if (!store) return { answer: res };
+        const { bytes, stream } = await bufferUpTo(res.body, IDEMPOTENCY_MAX_STORED_BYTES);
+        return { answer: new Response(bytes ?? stream, res), stored: toStored(res, bytes) };
       }
-      const res = withHeaders(out, paidHeaders(charge.chargedMcents, charge.balanceMcents));
-      if (!store) return { kind: "ok", response: res };
-      const { bytes, stream } = await bufferUpTo(res.body, IDEMPOTENCY_MAX_STORED_BYTES);
-      const response = new Response(bytes ?? stream, res);
-      return { kind: "ok", response, stored: toStored(res, bytes) };
-    }
-    const body = JSON.stringify({
-      ok: true,
-      result: out === undefined ? null : out,
-      charged_mcents: charge.chargedMcents,
-      balance_mcents: charge.balanceMcents,
-      request_id: r.requestId,
-    });
-    const response = new Response(body, {
-      status: 200,
-      headers: {
-        "Content-Type": "application/json; charset=utf-8",
-        "Cache-Control": "no-store",
-        "X-Content-Type-Options": "nosniff",
-        ...paidHeaders(charge.chargedMcents, charge.balanceMcents),
-      },
-    });
-    if (!store) return { kind: "ok", response };
-    const bytes = new TextEncoder().encode(body);
-    return { kind: "ok", response, stored: toStored(response, bytes.byteLength <= IDEMPOTENCY_MAX_STORED_BYTES ? bytes : null) };
-  } catch (err) {
-    return { kind: "failed", failure: err instanceof Error ? `${err.name}: ${err.message}` : String(err) };
-  }
-}
-
-/** Calls a settlement RPC up to SETTLE_ATTEMPTS times; null when every attempt threw. */
-async function settleWithRetry<T>(what: string, r: RequestInfo, rpc: () => Promise<T>): Promise<T | null> {
-  for (let attempt = 0; attempt < SETTLE_ATTEMPTS; attempt++) {
-    try {
-      return await rpc();
-    } catch (err) {
-      console.error(JSON.stringify({ msg: `${what} failed`, request_id: r.requestId, attempt: attempt + 1, error: String(err) }));
-      const wait = SETTLE_BACKOFF_MS[attempt];
-      if (wait !== undefined && attempt + 1 < SETTLE_ATTEMPTS) await new Promise((res) => setTimeout(res, wait));
-    }
-  }
-  return null;
-}
-
-async function runAndSettle(
-  handler: Handler<unknown>,
-  input: unknown,
-  hctx: HandlerContext,
-  stub: DurableObjectStub<KeyDO>,
-  r: RequestInfo,
-  charge: { chargedMcents: number; balanceMcents: number },
-  endpoint: CallType,
-  timeoutMs: number,
-  store: boolean,
-): Promise<Response> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timedOut = new Promise<Outcome>((res) => {
-    timer = setTimeout(() => res({ kind: "timeout" }), timeoutMs);
-  });
-  const outcome = await Promise.race([runHandler(handler, input, hctx, r, charge, store), timedOut]);
-  if (timer !== undefined) clearTimeout(timer);
-
-  if (outcome.kind === "ok") {
-    const captured = await settleWithRetry("capture", r, async (): Promise<CaptureResult> => await stub.capture(r.requestId, outcome.stored));
-    if (captured === null || captured.ok) {
-      // Captured; or the capture RPC kept failing: the answer is sent and the alarm releases the
-      // hold (the gateway never keeps money for a call whose outcome it did not record).
-      return outcome.response;
-    }
-    // The hold was released meanwhile (past its deadline): the call counts as timed out.
-    await outcome.response.body?.cancel().catch(() => {});
-    return errorResponse(504, "handler_timeout", r.requestId, {
-      extra: { refunded: true, charged_mcents: 0, balance_mcents: captured.balanceMcents },
-      headers: paidHeaders(0, captured.balanceMcents),
-    });
-  }
-
-  const timeout = outcome.kind === "timeout";
-  console.error(JSON.stringify({
-    msg: timeout ? "handler timed out" : "handler failed",
-    endpoint,
-    request_id: r.requestId,
-    ...(timeout ? { timeout_ms: timeoutMs } : { error: outcome.failure }),
-  }));
-  const settled = await settleWithRetry("release", r, async (): Promise<SettleResult> => await stub.release(r.requestId, timeout ? "timeout" : "caller"));
-  const status = timeout ? 504 : 502;
-  const code = timeout ? "handler_timeout" : "handler_failed";
-  if (settled === null) {
-    // The hold stays until the KeyDO's alarm releases it (within TIMEOUT_MS + HOLD_MARGIN_MS).
-    return errorResponse(status, code, r.requestId, {
-      message: "The endpoint handler failed; the held price will be released shortly.",
-      extra: { refunded: false, refund_pending: true, charged_mcents: charge.chargedMcents, balance_mcents: charge.balanceMcents },
-      headers: paidHeaders(charge.chargedMcents, charge.balanceMcents),
-    });
-  }
-  const charged = settled.refunded ? 0 : charge.chargedMcents;
-  return errorResponse(status, code, r.requestId, {
-    ...(timeout
-      ? {}
-      : {
-          message: settled.refunded
-            ? "The endpoint handler failed; the charge was refunded."
-            : "The endpoint handler failed; the hourly refund limit for this key is reached, so the charge stands.",
-        }),
-    extra: { refunded: settled.refunded, charged_mcents: charged, balance_mcents: settled.balanceMcents },
-    headers: paidHeaders(charged, settled.balanceMcents),
-  });
+      const body = JSON.stringify({
+        ok: true,
+        result: out === undefined ? null : out,
+        charged_mcents: charge.chargedMcents,
+        balance_mcents: charge.balanceMcents,
+        request_id: requestId,
+      });
+      const response = new Response(body, {
+        status: 200,
+        headers: {
+          "Content-Type": "application/json; charset=utf-8",
+          "Cache-Control": "no-store",
+          "X-Content-Type-Options": "nosniff",
+          ...paidHeaders(charge.chargedMcents, charge.balanceMcents),
+        },
+      });
+      if (!store) return { answer: response };
+      const bytes = new TextEncoder().encode(body);
+      return { answer: response, stored: toStored(response, bytes.byteLength <= IDEMPOTENCY_MAX_STORED_BYTES ? bytes : null) };
+    },
+    async discard(answer) {
+      await answer.body?.cancel().catch(() => {});
+    },
+  };
 }
 
 // ---------------------------------------------------------------- router
@@ -562,6 +424,7 @@ function buildRoutes(handlers: Handlers, options: AppOptions): Map<string, Route
 
 export function createApp(handlers: Handlers, options: AppOptions = {}): App {
   const routes = buildRoutes(handlers, options);
+  const signup = resolveSignup(options.signup).config;
 
   async function dispatch(r: RequestInfo, admin: boolean): Promise<Response> {
     const route = routes.get(r.url.pathname);
@@ -588,6 +451,8 @@ export function createApp(handlers: Handlers, options: AppOptions = {}): App {
     async fetch(request, env, ctx) {
       const requestId = crypto.randomUUID();
       const url = new URL(request.url);
+      // The MCP face (contract 3.11): its own methods, CORS and errors, the same billing core.
+      if (url.pathname === MCP_PATH) return handleMcp(request, env, ctx, requestId, handlers, options, signup);
       const admin = isAdminPath(url.pathname);
       let res: Response;
       try {

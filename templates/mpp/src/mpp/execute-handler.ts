@@ -8,8 +8,27 @@ import type { ExecuteCodeInput } from "../generated/manifest";
 import { MPP } from "../generated/mpp";
 import type { Handler } from "../lib/handler";
 import type { MppEnv } from "./env";
-import { runInSandbox } from "./sandbox";
+import { DEFAULT_LIMITS, runInSandbox, type SandboxLimits } from "./sandbox";
 import { codeBytes } from "./tools";
+
+/** The execute_code handler with these sandbox limits (an app built with other limits uses its own). */
+export function executeHandlerWith(limits: SandboxLimits): Handler<ExecuteCodeInput> {
+  return {
+    validate: executeHandler.validate!,
+    async run(input, ctx) {
+      return runExecute(input, ctx.env as MppEnv, limits);
+    },
+  };
+}
+
+async function runExecute(input: ExecuteCodeInput, env: MppEnv, limits: SandboxLimits): Promise<unknown> {
+  const out = await runInSandbox(env.LOADER, input.code, input.input ?? null, limits);
+  if (out.kind === "ok") return { status: "ok", result: out.result, logs: out.logs, duration_ms: out.durationMs };
+  if (out.kind === "code_error") {
+    return { status: "error", error: out.error, logs: out.logs, duration_ms: out.durationMs, ...(out.timedOut ? { timed_out: true } : {}) };
+  }
+  throw new Error(`sandbox failed: ${out.detail}`);
+}
 
 export const executeHandler: Handler<ExecuteCodeInput> = {
   validate(input) {
@@ -17,11 +36,6 @@ export const executeHandler: Handler<ExecuteCodeInput> = {
     return null;
   },
   async run(input, ctx) {
-    const out = await runInSandbox((ctx.env as MppEnv).LOADER, input.code, input.input ?? null);
-    if (out.kind === "ok") return { status: "ok", result: out.result, logs: out.logs, duration_ms: out.durationMs };
-    if (out.kind === "code_error") {
-      return { status: "error", error: out.error, logs: out.logs, duration_ms: out.durationMs, ...(out.timedOut ? { timed_out: true } : {}) };
-    }
-    throw new Error(`sandbox failed: ${out.detail}`);
+    return runExecute(input, ctx.env as MppEnv, DEFAULT_LIMITS);
   },
 };

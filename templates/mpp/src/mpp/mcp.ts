@@ -3,39 +3,31 @@
 // JSON-RPC error -32042 with MPP challenges (mppx's MCP SDK transport); the credential goes in
 // params._meta["org.paymentauth/credential"], the receipt comes back in
 // result._meta["org.paymentauth/receipt"]; -32043 when verification fails. Challenges are bound to
-// the tool name (opaque). A prepaid key (Authorization: Bearer) is charged like POST /v1/<tool>.
-// Free tools: "pricing" and "limits".
+// the tool name (opaque). A prepaid key (Authorization: Bearer) goes through the billing core of
+// POST /v1/<tool> (src/lib/mcp.ts, contract 3.11). Free tools: "pricing", "balance" and "limits".
 import { Server } from "@modelcontextprotocol/sdk/server/index.js";
 import { withoutCredentials } from "../lib/http";
-import { WebStandardStreamableHTTPServerTransport } from "@modelcontextprotocol/sdk/server/webStandardStreamableHttp.js";
-import { CallToolRequestSchema, ErrorCode, ListToolsRequestSchema, McpError, type CallToolResult } from "@modelcontextprotocol/sdk/types.js";
-import { CALL_TYPES, DESCRIPTION, INPUT_SHAPE, PRICE_MCENTS, PROJECT, SCOPE_FOR, type CallType } from "../generated/manifest";
+import { CallToolRequestSchema, ErrorCode, ListToolsRequestSchema, McpError, type CallToolResult, type Tool } from "@modelcontextprotocol/sdk/types.js";
+import { CALL_TYPES, PRICE_MCENTS, PROJECT, type CallType } from "../generated/manifest";
 import { FAILURE_POLICY, MPP } from "../generated/mpp";
-import { parseBearer, sha256Hex } from "../lib/keys";
+import type { Handlers } from "../lib/handler";
 import { isCallType } from "../lib/manifest-util";
+import { FREE_TOOLS, RpcError, callPaidTool, freeTool, paidToolEntry, runServer, serveMcp, toolResult, unknownTool } from "../lib/mcp";
+import type { McpKey, RawArguments } from "../lib/mcp";
+import { isPlainObject } from "../lib/shape";
+import { resolveSignup } from "../lib/signup";
+import { keyStubFor } from "../app";
 import type { Gateway } from "./app";
 import { paymentOf, settleOutcome } from "./app";
-import { IDEMPOTENCY_KEY_RE, IDEMPOTENCY_MAX_STORED_BYTES } from "../app";
 import type { MppEnv } from "./env";
+import { executeHandler, executeHandlerWith } from "./execute-handler";
 import { classifyMcp, issueCredit, newTrace, payHandler, realmFor, redeemCredit, type PaymentTrace } from "./pay";
 import { EXECUTE, parseCall, runTool, type RunContext } from "./tools";
 
 export const PAYMENT_REQUIRED = -32042;
 export const VERIFICATION_FAILED = -32043;
 
-/**
- * A JSON-RPC error with exactly this code, message and data. (McpError prefixes its message with
- * "MCP error <code>: "; the MPP transport spec wants e.g. message "Payment Required".)
- */
-export class RpcError extends Error {
-  constructor(
-    readonly code: number,
-    message: string,
-    readonly data?: unknown,
-  ) {
-    super(message);
-  }
-}
+export { RpcError };
 
 /** mppx's challenge (an McpError) as a spec-shaped JSON-RPC error. */
 function paymentError(err: unknown, override?: { code: number; message: string }): RpcError {
@@ -46,52 +38,36 @@ function paymentError(err: unknown, override?: { code: number; message: string }
   return new RpcError(code, message, e.data);
 }
 
-function jsonSchemaFor(tool: CallType): Record<string, unknown> {
-  const credit = { type: "string", description: "A one-time credit from an earlier gateway-side failure (instead of paying)." };
+const CREDIT = { type: "string", description: "A one-time credit from an earlier gateway-side failure (instead of paying)." };
+
+/** A paid tool: the manifest's schema and terms (contract 3.11), plus the MPP price and `credit`. */
+function paidTool(tool: CallType): Tool {
+  const entry = paidToolEntry(tool, { credit: CREDIT });
   if (tool === EXECUTE) {
-    return {
+    // execute_code's `input` is any JSON value when paid with MPP (a prepaid key's shape check
+    // still wants an object, as on POST /v1/execute_code).
+    entry.inputSchema = {
       type: "object",
       properties: {
         code: { type: "string", description: `Body of an async JavaScript function of "input"; return a JSON value. At most ${MPP.maxCodeBytes} bytes.` },
         input: { description: "Any JSON value, passed to the code as `input`." },
-        credit,
+        credit: CREDIT,
       },
       required: ["code"],
+      additionalProperties: false,
     };
   }
-  const properties: Record<string, unknown> = { credit };
-  const required: string[] = [];
-  for (const [name, spec] of Object.entries(INPUT_SHAPE[tool])) {
-    properties[name] = { type: spec.type };
-    if (spec.required) required.push(name);
-  }
-  return { type: "object", properties, required };
+  return { ...entry, _meta: { ...entry._meta, "org.paymentauth/price": { amount_mcents: PRICE_MCENTS[tool], methods: MPP.methods } } };
 }
 
-function pricing(): Record<string, unknown> {
-  return {
-    unit: "mcents",
-    mcents_per_cent: 1000,
-    methods: MPP.methods,
-    tools: CALL_TYPES.map((t) => ({ name: t, price_mcents: PRICE_MCENTS[t], description: DESCRIPTION[t], scope: SCOPE_FOR[t] })),
-  };
+/** The handlers of prepaid calls: the built-in execute_code runs with this app's sandbox limits. */
+function prepaidHandlers(g: Gateway): Handlers {
+  const h = g.options.handlers;
+  return h.execute_code === executeHandler ? { ...h, execute_code: executeHandlerWith(g.limits) } : h;
 }
 
 function limits(): Record<string, unknown> {
   return { max_code_bytes: MPP.maxCodeBytes, timeout_ms: MPP.timeoutMs, cpu_ms: MPP.cpuMs, network: false, secrets: false, failure_policy: FAILURE_POLICY };
-}
-
-/** The per-call Idempotency-Key of an MCP tools/call (contract 3.10). */
-const IDEMPOTENCY_META = "io.mcpay/idempotency_key";
-
-function idempotencyOf(meta: Record<string, unknown> | undefined): string | null | "invalid" {
-  const v = meta?.[IDEMPOTENCY_META];
-  if (v === undefined) return null;
-  return typeof v === "string" && IDEMPOTENCY_KEY_RE.test(v) ? v : "invalid";
-}
-
-function toolResult(body: Record<string, unknown>, isError = false): CallToolResult {
-  return { content: [{ type: "text", text: JSON.stringify(body) }], structuredContent: body, ...(isError ? { isError: true } : {}) };
 }
 
 /** capabilities.experimental.payment: the methods and intents offered. */
@@ -140,101 +116,45 @@ async function notDelivered(env: MppEnv, tool: CallType, trace: PaymentTrace, re
   );
 }
 
-function buildServer(g: Gateway, request: Request, env: MppEnv, ctx: ExecutionContext, requestId: string): Server {
+function buildServer(g: Gateway, request: Request, env: MppEnv, ctx: ExecutionContext, requestId: string, key: McpKey | null, rawArguments: RawArguments): Server {
   const server = new Server(
     { name: PROJECT.name, version: PROJECT.version },
     { capabilities: { tools: {}, experimental: { payment: paymentCapability() } } },
   );
   server.setRequestHandler(ListToolsRequestSchema, async () => ({
     tools: [
-      ...CALL_TYPES.map((t) => ({
-        name: t,
-        description: `${DESCRIPTION[t]} Paid: ${PRICE_MCENTS[t]} mcents per call (MPP or prepaid key).`,
-        inputSchema: jsonSchemaFor(t) as { type: "object" },
-        _meta: { "org.paymentauth/price": { amount_mcents: PRICE_MCENTS[t], methods: MPP.methods } },
-      })),
-      { name: "pricing", description: "Free: prices of the paid tools and the payment methods.", inputSchema: { type: "object" as const, properties: {} } },
-      { name: "limits", description: "Free: sandbox limits and the failure policy.", inputSchema: { type: "object" as const, properties: {} } },
+      ...CALL_TYPES.map(paidTool),
+      ...FREE_TOOLS,
+      { name: "limits", description: "Free: sandbox limits and the failure policy.", inputSchema: { type: "object" as const, properties: {}, additionalProperties: false } },
     ],
   }));
 
   server.setRequestHandler(CallToolRequestSchema, async (req, extra) => {
     const name = req.params.name;
-    if (name === "pricing") return toolResult(pricing());
+    const args = rawArguments(extra.requestId, req.params.arguments);
+    const free = await freeTool(name, resolveSignup(g.options.signup).config, key);
+    if (free !== null) return free;
     if (name === "limits") return toolResult(limits());
-    if (!isCallType(name)) throw new McpError(ErrorCode.InvalidParams, `Unknown tool ${name.slice(0, 64)}`);
+    if (!isCallType(name)) throw unknownTool(name);
     const tool: CallType = name;
 
-    // 1. Validate first: no challenge, no charge.
-    const call = await parseCall(tool, req.params.arguments ?? {}, g.options.handlers, env, requestId);
+    // 1. A prepaid key (checked before the server ran): the billing core of POST /v1/<tool>. A
+    //    `credit` argument means nothing to a key (it is for MPP payers) and is left out.
+    if (key !== null) {
+      let input = args;
+      if (isPlainObject(args)) {
+        const { credit: _credit, ...rest } = args;
+        input = rest;
+      }
+      return callPaidTool({ tool, args: input, meta: req.params._meta, handlers: prepaidHandlers(g), options: {}, key, env, ctx, request, requestId });
+    }
+
+    // 2. Validate first: no challenge, no charge.
+    const call = await parseCall(tool, args === undefined ? {} : args, g.options.handlers, env, requestId);
     if (!call.ok) throw new McpError(ErrorCode.InvalidParams, call.message, { code: call.code });
     const runCtx: RunContext = { env, requestId, request: withoutCredentials(request), waitUntil: (p) => ctx.waitUntil(p), keyId: "mpp", chargedMcents: 0, balanceMcents: 0 };
 
-    // 2a. Prepaid key: charged by the key's Durable Object exactly like POST /v1/<tool>.
-    const auth = request.headers.get("Authorization");
-    if (auth !== null && /^\s*bearer\s/i.test(auth)) {
-      const bearer = parseBearer(auth);
-      if (!bearer.ok) throw new McpError(ErrorCode.InvalidRequest, "Invalid API key.", { code: bearer.code });
-      const stub = env.KEYS.get(env.KEYS.idFromName(await sha256Hex(bearer.key)));
-      // Every tools/call is charged and settled under its own id, made here (never from the
-      // client's JSON-RPC id), so a failing call can only ever refund itself.
-      const callId = `${requestId}/mcp/${crypto.randomUUID()}`;
-      // Idempotency over MCP: params._meta["io.mcpay/idempotency_key"] plays the Idempotency-Key
-      // header's part (one per tools/call, so it also works inside a batch); the "body" is the tool
-      // name and its arguments. A retry after a lost answer gets the stored result, never a second hold.
-      const idem = idempotencyOf(req.params._meta);
-      if (idem === "invalid") {
-        throw new McpError(ErrorCode.InvalidParams, `${IDEMPOTENCY_META} must match ${IDEMPOTENCY_KEY_RE.source}.`, { code: "invalid_input", note: "no charge applied" });
-      }
-      const holdOptions =
-        idem === null ? {} : { idempotencyKey: idem, bodyHash: await sha256Hex(`mcp:${JSON.stringify([tool, req.params.arguments ?? {}])}`) };
-      // Held, then captured (done) or released (failed); a hold left by a dead request is released
-      // by the key's alarm (contract 3.8).
-      const charge = await stub.hold(tool, callId, holdOptions);
-      if (!charge.ok && charge.code === "replay") {
-        if (charge.response?.body == null) {
-          throw new McpError(ErrorCode.InvalidRequest, "The first call with this idempotency key succeeded but its result was too large to store; it is not run or charged again.", {
-            code: "idempotency_response_not_stored",
-            original_request_id: charge.originalRequestId,
-            max_stored_bytes: IDEMPOTENCY_MAX_STORED_BYTES,
-            note: "no charge applied",
-          });
-        }
-        const stored = JSON.parse(new TextDecoder().decode(charge.response.body)) as Record<string, unknown>;
-        return { ...toolResult(stored), _meta: { "io.mcpay/idempotent_replayed": true } };
-      }
-      if (!charge.ok) throw new McpError(ErrorCode.InvalidRequest, `Not charged: ${charge.code}.`, { ...charge, note: "no charge applied" });
-      const outcome = await runTool(tool, call.input, g.options.handlers, { ...runCtx, keyId: charge.keyId, chargedMcents: charge.chargedMcents, balanceMcents: charge.balanceMcents }, g.limits);
-      if (outcome.kind === "done") {
-        const body = { ...outcome.body, charged_mcents: charge.chargedMcents, balance_mcents: charge.balanceMcents, request_id: requestId };
-        const bytes = new TextEncoder().encode(JSON.stringify(body));
-        const stored = idem === null ? undefined : { status: 200, headers: [], body: bytes.byteLength <= IDEMPOTENCY_MAX_STORED_BYTES ? (bytes.buffer as ArrayBuffer) : null };
-        // A capture that fails leaves the hold to the alarm (released): the result is still served.
-        const captured = await stub.capture(callId, stored).catch((err: unknown) => {
-          console.error(JSON.stringify({ msg: "capture failed", request_id: requestId, call_id: callId, error: String(err) }));
-          return null;
-        });
-        if (captured !== null && !captured.ok && captured.state === "released") {
-          return toolResult({ ok: false, error: { code: "handler_timeout", message: "The tool did not finish in time; the held price was released." }, refunded: true, balance_mcents: captured.balanceMcents, request_id: requestId }, true);
-        }
-        return toolResult(body);
-      }
-      // A failing tool is settled like a failing handler of POST /v1/<tool> (refund cap applies).
-      // A release that fails is left to the key's alarm, which releases the hold in full.
-      const settled = await stub.release(callId, "caller").catch((err: unknown) => {
-        console.error(JSON.stringify({ msg: "release failed", request_id: requestId, call_id: callId, error: String(err) }));
-        return null;
-      });
-      if (settled === null) {
-        return toolResult({ ok: false, error: { code: outcome.code, message: outcome.message }, refunded: false, refund_pending: true, request_id: requestId }, true);
-      }
-      return toolResult(
-        { ok: false, error: { code: outcome.code, message: outcome.message }, refunded: settled.refunded, balance_mcents: settled.balanceMcents, request_id: requestId },
-        true,
-      );
-    }
-
-    // 2b. A one-time credit.
+    // 3a. A one-time credit.
     if (call.credit !== null) {
       if (!(await redeemCredit(env, call.credit, tool))) {
         throw new McpError(ErrorCode.InvalidParams, "This credit is unknown, expired, already used or for another tool.", { code: "invalid_credit" });
@@ -243,7 +163,7 @@ function buildServer(g: Gateway, request: Request, env: MppEnv, ctx: ExecutionCo
       return toolResult({ ...settled.body, paid_with: "credit", request_id: requestId }, !settled.ok);
     }
 
-    // 2c. MPP over MCP.
+    // 3b. MPP over MCP.
     const setup = g.options.payments(env);
     if (!setup.ok) {
       console.error(JSON.stringify({ msg: "payments not configured", problems: setup.problems }));
@@ -293,56 +213,11 @@ function buildServer(g: Gateway, request: Request, env: MppEnv, ctx: ExecutionCo
   return server;
 }
 
-/** The first JSON-RPC id used by more than one request of a batch, or null (not a batch / no duplicate / not JSON). */
-export function duplicateBatchId(text: string): string | null {
-  let body: unknown;
-  try {
-    body = JSON.parse(text);
-  } catch {
-    return null; // the SDK answers the parse error
-  }
-  if (!Array.isArray(body)) return null;
-  const seen = new Set<string>();
-  for (const m of body) {
-    if (typeof m !== "object" || m === null || Array.isArray(m) || !("id" in m) || !("method" in m)) continue;
-    const id = JSON.stringify((m as { id: unknown }).id) ?? "undefined";
-    if (seen.has(id)) return id;
-    seen.add(id);
-  }
-  return null;
-}
-
-export async function handleMcp(g: Gateway, request: Request, env: MppEnv, ctx: ExecutionContext, requestId: string): Promise<Response> {
-  if (request.method.toUpperCase() !== "POST") {
-    return new Response(JSON.stringify({ jsonrpc: "2.0", error: { code: -32000, message: "Method not allowed: this MCP endpoint is stateless, use POST." }, id: null }), {
-      status: 405,
-      headers: { Allow: "POST", "Content-Type": "application/json" },
-    });
-  }
-  // Payment clients often send no Accept header; the streamable HTTP transport requires both types.
-  const accept = request.headers.get("Accept") ?? "";
-  if (!accept.includes("application/json") || !accept.includes("text/event-stream")) {
-    const headers = new Headers(request.headers);
-    headers.set("Accept", "application/json, text/event-stream");
-    request = new Request(request, { headers });
-  }
-  // A batch whose requests share a JSON-RPC id is refused whole, before any of its calls is
-  // charged: replies could not be told apart (charges and refunds are per call, by ids made here).
-  const text = await request.text();
-  const duplicate = duplicateBatchId(text);
-  if (duplicate !== null) {
-    return new Response(
-      JSON.stringify({
-        jsonrpc: "2.0",
-        error: { code: ErrorCode.InvalidRequest, message: `Invalid Request: the batch uses the JSON-RPC id ${duplicate.slice(0, 64)} more than once; give every request its own id. Nothing was run or charged.` },
-        id: null,
-      }),
-      { status: 400, headers: { "Content-Type": "application/json", "Cache-Control": "no-store" } },
-    );
-  }
-  request = new Request(request.url, { method: request.method, headers: request.headers, body: text });
-  const server = buildServer(g, request, env, ctx, requestId);
-  const transport = new WebStandardStreamableHTTPServerTransport({ sessionIdGenerator: undefined, enableJsonResponse: true });
-  await server.connect(transport);
-  return transport.handleRequest(request);
+/** /mcp: a paid tool is paid with a prepaid key when the request carries Authorization, else with MPP. */
+export function handleMcp(g: Gateway, request: Request, env: MppEnv, ctx: ExecutionContext, requestId: string): Promise<Response> {
+  return serveMcp(request, env, requestId, {
+    needsKey: (tool, req) => tool === "balance" || (isCallType(tool) && req.headers.has("Authorization")),
+    keyStub: (e, hash) => keyStubFor(e, hash, {}),
+    serve: (req, key, rawArguments) => runServer(buildServer(g, req, env, ctx, requestId, key, rawArguments), req),
+  });
 }

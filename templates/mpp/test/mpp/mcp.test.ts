@@ -38,12 +38,15 @@ describe("MCP", () => {
     const r = await rpc(app, "tools/list", {});
     const names = r.result.tools.map((t: { name: string }) => t.name);
     for (const t of CALL_TYPES) expect(names).toContain(t);
-    expect(names).toEqual(expect.arrayContaining(["pricing", "limits"]));
+    expect(names).toEqual(expect.arrayContaining(["pricing", "balance", "limits"]));
+    const exec = r.result.tools.find((t: { name: string }) => t.name === "execute_code");
+    expect(exec._meta).toMatchObject({ "io.mcpay/price_mcents": PRICE_MCENTS.execute_code, "io.mcpay/scope": "execute_code", "org.paymentauth/price": { amount_mcents: PRICE_MCENTS.execute_code } });
+    expect(exec.inputSchema).toMatchObject({ required: ["code"], additionalProperties: false });
   });
 
-  it("free tools answer without payment", async () => {
+  it("free tools answer without payment (pricing = GET /v1/pricing's body)", async () => {
     const r = await rpc(app, "tools/call", { name: "pricing", arguments: {} });
-    expect(r.result.structuredContent.tools.find((t: { name: string }) => t.name === "execute_code").price_mcents).toBe(PRICE_MCENTS.execute_code);
+    expect(r.result.structuredContent.endpoints.find((t: { name: string }) => t.name === "execute_code").price_mcents).toBe(PRICE_MCENTS.execute_code);
     const l = await rpc(app, "tools/call", { name: "limits", arguments: {} });
     expect(l.result.structuredContent).toHaveProperty("cpu_ms");
   });
@@ -106,7 +109,12 @@ describe("MCP", () => {
     const price = PRICE_MCENTS.execute_code;
     const { key } = await seedKey({ balance: price * 2, scopes: ["execute_code"] });
     const r = await rpc(app, "tools/call", { name: "execute_code", arguments: ARGS }, { Authorization: `Bearer ${key}` });
-    expect(r.result.structuredContent).toMatchObject({ ok: true, result: 42, charged_mcents: price, balance_mcents: price });
+    expect(r.result.structuredContent).toMatchObject({ status: "ok", result: 42 });
+    expect(r.result._meta).toMatchObject({ "io.mcpay/charged_mcents": price, "io.mcpay/balance_mcents": price });
+    const callId = r.result._meta["io.mcpay/request_id"];
+    expect(callId).toMatch(/^[0-9a-f-]{36}\/mcp\/[0-9a-f-]{36}$/);
+    const rows = (await getLedger(key)).filter((e) => e.request_id === callId);
+    expect(rows.map((e) => e.kind).sort()).toEqual(["capture", "hold"]);
     expect((await getMe(key)).balance_mcents).toBe(price);
   });
 
@@ -116,7 +124,8 @@ describe("MCP", () => {
     const auth = { Authorization: `Bearer ${key}` };
     const meta = { "io.mcpay/idempotency_key": "mcp-idem-" + crypto.randomUUID().replaceAll("-", "") };
     const first = await rpc(app, "tools/call", { name: "execute_code", arguments: ARGS, _meta: meta }, auth);
-    expect(first.result.structuredContent).toMatchObject({ ok: true, result: 42, charged_mcents: price, balance_mcents: price * 2 });
+    expect(first.result.structuredContent).toMatchObject({ status: "ok", result: 42 });
+    expect(first.result._meta).toMatchObject({ "io.mcpay/charged_mcents": price, "io.mcpay/balance_mcents": price * 2 });
     const again = await rpc(app, "tools/call", { name: "execute_code", arguments: ARGS, _meta: meta }, auth);
     expect(again.result.structuredContent).toEqual(first.result.structuredContent);
     expect(again.result._meta["io.mcpay/idempotent_replayed"]).toBe(true);
@@ -159,7 +168,9 @@ describe("MCP", () => {
     const replies = (await res.json()) as { id: string; result?: any }[];
     const ok = replies.find((r) => r.id === "ok")!;
     const failed = replies.find((r) => r.id === "broken")!;
-    expect(ok.result.structuredContent).toMatchObject({ ok: true, result: 42, charged_mcents: price });
+    expect(ok.result.structuredContent).toMatchObject({ status: "ok", result: 42 });
+    expect(ok.result._meta["io.mcpay/charged_mcents"]).toBe(price);
+    expect(failed.result._meta["io.mcpay/refunded"]).toBe(true);
     expect(failed.result.isError).toBe(true);
     expect(failed.result.structuredContent).toMatchObject({ ok: false, refunded: true });
     // One call served and charged, the failed one refunded: exactly one price spent.
@@ -221,7 +232,9 @@ describe("MCP", () => {
       const started = Date.now();
       const r = await rpc(quick, "tools/call", { name: "execute_code", arguments: { code } }, { Authorization: `Bearer ${key}` });
       expect(Date.now() - started).toBeLessThan(300 + 2_000);
-      expect(r.result.structuredContent).toMatchObject({ ok: true, status: "error", charged_mcents: price });
+      expect(r.result.structuredContent).toMatchObject({ status: "error" });
+      expect(r.result.isError).toBeUndefined();
+      expect(r.result._meta["io.mcpay/charged_mcents"]).toBe(price);
     }
     const ledger = await getLedger(key);
     expect(ledger.filter((e) => e.kind === "hold")).toHaveLength(3);

@@ -88,6 +88,14 @@ export interface ErrorOptions {
 }
 
 export function errorResponse(status: number, code: ErrorCode, requestId: string, opts: ErrorOptions = {}): Response {
+  const body = errorBody(code, requestId, opts);
+  const headers = new Headers(opts.headers);
+  if (status === 401) headers.set("WWW-Authenticate", `Bearer realm="${PROJECT.name}"`);
+  return json(status, body, headers);
+}
+
+/** The error shape of section 2 (also the structuredContent of a failed MCP tool call). */
+export function errorBody(code: ErrorCode, requestId: string, opts: ErrorOptions = {}): Record<string, unknown> {
   const body: Record<string, unknown> = {
     ok: false,
     error: { code, message: opts.message ?? MESSAGES[code] },
@@ -95,9 +103,7 @@ export function errorResponse(status: number, code: ErrorCode, requestId: string
   };
   if (opts.noCharge) body.note = NO_CHARGE_NOTE;
   if (opts.extra) Object.assign(body, opts.extra);
-  const headers = new Headers(opts.headers);
-  if (status === 401) headers.set("WWW-Authenticate", `Bearer realm="${PROJECT.name}"`);
-  return json(status, body, headers);
+  return body;
 }
 
 /** Thrown inside request processing to short-circuit with an error response. */
