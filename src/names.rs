@@ -4,7 +4,7 @@
 
 /// Routes and words the gateway itself uses, so an endpoint cannot shadow them.
 pub const RESERVED_ENDPOINTS: &[&str] = &[
-    "admin", "health", "pricing", "me", "leaderboard", "signup", "mcp", "execute", "openapi",
+    "admin", "health", "pricing", "me", "leaderboard", "signup", "mcp", "execute", "openapi", "balance", "limits",
     "well_known", "docs", "status", "metrics", "ledger", "keys", "internal", "execute_code", "pay",
 ];
 

@@ -49,6 +49,8 @@ pub struct AppState {
     pub signup: Signup,
     /// BODY_READ_TIMEOUT_MS (see [`AppState::set_body_read_timeout`]).
     body_read_timeout_ms: std::sync::atomic::AtomicU64,
+    /// MCP_ALLOWED_HOSTS (see [`AppState::set_mcp_allowed_hosts`]).
+    mcp_allowed_hosts: std::sync::RwLock<Vec<String>>,
 }
 
 impl AppState {
@@ -66,7 +68,7 @@ impl AppState {
         signup: Signup,
     ) -> Arc<Self> {
         let body_read_timeout_ms = (crate::config::DEFAULT_BODY_READ_TIMEOUT.as_millis() as u64).into();
-        Arc::new(AppState { store, limiter, admin_key, handlers, signup, body_read_timeout_ms })
+        Arc::new(AppState { store, limiter, admin_key, handlers, signup, body_read_timeout_ms, mcp_allowed_hosts: Default::default() })
     }
 
     /// How long a request body may take to arrive once its headers are read (BODY_READ_TIMEOUT_MS;
@@ -78,6 +80,17 @@ impl AppState {
 
     pub fn body_read_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.body_read_timeout_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The `Host` values /mcp accepts (MCP_ALLOWED_HOSTS); empty (the default): any host.
+    pub fn set_mcp_allowed_hosts(&self, hosts: Vec<String>) {
+        if let Ok(mut h) = self.mcp_allowed_hosts.write() {
+            *h = hosts;
+        }
+    }
+
+    pub fn mcp_allowed_hosts(&self) -> Vec<String> {
+        self.mcp_allowed_hosts.read().map(|h| h.clone()).unwrap_or_default()
     }
 }
 
@@ -152,8 +165,12 @@ async fn entry(State(app): State<Arc<AppState>>, req: Request) -> Response {
     let method = req.method().clone();
     let admin = is_admin_path(&path);
     let route = Route::find(&path);
+    let mcp = path == crate::mcp::PATH;
     let timeout = app.body_read_timeout();
-    let mut res = match crate::body::with_body_deadline(timeout, dispatch(&app, route, req, &request_id, admin)).await {
+    let answer = async {
+        if mcp { crate::mcp::serve(&app, req, &request_id).await } else { dispatch(&app, route, req, &request_id, admin).await }
+    };
+    let mut res = match crate::body::with_body_deadline(timeout, answer).await {
         Ok(res) => res,
         Err(err) => err.into_response(&request_id),
     };
@@ -163,12 +180,14 @@ async fn entry(State(app): State<Arc<AppState>>, req: Request) -> Response {
         strip_cors(h);
     } else if path.starts_with("/v1/") {
         add_cors(h);
+    } else if mcp {
+        crate::mcp::add_cors(h);
     }
     // Never log keys: no headers, no query string, no raw path.
     tracing::info!(
         request_id = %request_id,
         method = %method,
-        route = route.map_or("(unmatched)", Route::label),
+        route = if mcp { crate::mcp::PATH } else { route.map_or("(unmatched)", Route::label) },
         status = res.status().as_u16(),
         ms = started.elapsed().as_millis() as u64,
         "request"
@@ -219,7 +238,7 @@ fn bearer_error(e: BearerError, no_charge: bool) -> ApiError {
     .charge_note(no_charge)
 }
 
-fn bearer(headers: &HeaderMap, no_charge: bool) -> Result<String, ApiError> {
+pub(crate) fn bearer(headers: &HeaderMap, no_charge: bool) -> Result<String, ApiError> {
     // Two or more Authorization headers are never well-formed (contract 3.8 step 3): taking the
     // first would let a proxy and a client disagree on which key is charged.
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
@@ -231,7 +250,7 @@ fn bearer(headers: &HeaderMap, no_charge: bool) -> Result<String, ApiError> {
     Ok(sha256_hex(key))
 }
 
-async fn key_row(app: &AppState, key_hash: &str, no_charge: bool) -> Result<KeyRow, ApiError> {
+pub(crate) async fn key_row(app: &AppState, key_hash: &str, no_charge: bool) -> Result<KeyRow, ApiError> {
     app.store
         .find_key(key_hash)
         .await
@@ -246,6 +265,11 @@ fn health() -> Response {
 }
 
 fn pricing() -> Response {
+    json_response(StatusCode::OK, &pricing_body())
+}
+
+/// The body of GET /v1/pricing (also the MCP `pricing` tool's result).
+pub(crate) fn pricing_body() -> Value {
     let endpoints: Vec<Value> = Endpoint::ALL
         .iter()
         .map(|ep| {
@@ -266,10 +290,7 @@ fn pricing() -> Response {
             })
         })
         .collect();
-    json_response(
-        StatusCode::OK,
-        &json!({ "ok": true, "unit": "mcents", "mcents_per_cent": 1000, "signup": pricing_entry(), "endpoints": endpoints }),
-    )
+    json!({ "ok": true, "unit": "mcents", "mcents_per_cent": 1000, "signup": pricing_entry(), "endpoints": endpoints })
 }
 
 #[derive(Serialize)]
@@ -289,23 +310,29 @@ struct MeBody {
 
 async fn me(app: &AppState, headers: &HeaderMap) -> Result<Response, ApiError> {
     let hash = bearer(headers, false)?;
-    let k = key_row(app, &hash, false).await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &MeBody {
-            ok: true,
-            scopes: k.scope_list(),
-            level: level_for(k.xp),
-            badges: badges_for(k.calls, k.spent),
-            key_id: k.key_id,
-            name: k.name,
-            balance_mcents: k.balance,
-            xp: k.xp,
-            calls: k.calls,
-            spent_mcents: k.spent,
-            refunded_mcents: k.refunded,
-        },
-    ))
+    Ok(json_response(StatusCode::OK, &me_body(app, &hash).await?))
+}
+
+/// The body of GET /v1/me for a key (also the MCP `balance` tool's result).
+pub(crate) async fn me_body(app: &AppState, key_hash: &str) -> Result<Value, ApiError> {
+    let k = key_row(app, key_hash, false).await?;
+    serde_json::to_value(MeBody {
+        ok: true,
+        scopes: k.scope_list(),
+        level: level_for(k.xp),
+        badges: badges_for(k.calls, k.spent),
+        key_id: k.key_id,
+        name: k.name,
+        balance_mcents: k.balance,
+        xp: k.xp,
+        calls: k.calls,
+        spent_mcents: k.spent,
+        refunded_mcents: k.refunded,
+    })
+    .map_err(|e| {
+        tracing::error!(error = %e, "me body");
+        ApiError::internal()
+    })
 }
 
 /// The first `name=` parameter of a query string, if any.
@@ -424,10 +451,11 @@ fn paid_headers(res: &mut Response, charged: i64, balance: i64) {
     set_header(res.headers_mut(), "x-balance-mcents", balance);
 }
 
-/// A paid call's `Idempotency-Key` and the SHA-256 of its body bytes.
-struct Idem {
-    key: String,
-    body_sha256: String,
+/// A paid call's `Idempotency-Key` and the SHA-256 of its body bytes (MCP: of its tool name and
+/// arguments, see [`crate::mcp`]).
+pub(crate) struct Idem {
+    pub key: String,
+    pub body_sha256: String,
 }
 
 /// Step 3a: the optional `Idempotency-Key`, one header matching `^[A-Za-z0-9_-]{32,128}$`.
@@ -454,34 +482,115 @@ async fn paid(app: &Arc<AppState>, ep: Endpoint, req: Request, request_id: &str)
         return Err(ApiError::new(415, "unsupported_media_type").no_charge());
     }
     let raw = read_bounded(&parts.headers, body, GATEWAY.max_body_bytes, true).await?;
-    let mut input = parse_json(&raw, true)?;
+    let input = parse_json(&raw, true)?;
+    let idem = idem_key.map(|key| Idem { key, body_sha256: hex::encode(Sha256::digest(&raw)) });
+    let call = PaidCall { ep, key_hash, input, idem, call_id: request_id.to_string(), face: Face::Http };
+    match run_paid_call(app, call).await? {
+        PaidOutcome::Success(Answer::Http(response)) => Ok(response),
+        PaidOutcome::Success(Answer::Mcp(_)) => Err(ApiError::internal()),
+        PaidOutcome::Replay(stored) => Ok(replay_response(stored)),
+        PaidOutcome::Failed(failed) => Ok(failed.http_response(request_id)),
+    }
+}
+
+/// Which face of the gateway a paid call answers on: `POST /v1/<endpoint>` or an MCP
+/// `tools/call` (contract 3.11). Only the presentation of the handler's answer differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Face {
+    Http,
+    Mcp,
+}
+
+/// A successful call's answer, presented for its face.
+pub(crate) enum Answer {
+    Http(Response),
+    /// An MCP `CallToolResult` as JSON.
+    Mcp(Value),
+}
+
+/// A paid call whose body was read and parsed: what the billing core needs.
+pub(crate) struct PaidCall {
+    pub ep: Endpoint,
+    /// SHA-256 of the caller's well-formed key (its existence is checked with the hold).
+    pub key_hash: String,
+    /// The JSON body (MCP: the tool's arguments).
+    pub input: Value,
+    pub idem: Option<Idem>,
+    /// The gateway's call id: the request's X-Request-Id, or `<X-Request-Id>/mcp/<uuid>`.
+    pub call_id: String,
+    pub face: Face,
+}
+
+/// How a paid call ended once it was checked; a refusal before the hold is an `Err(ApiError)`.
+pub(crate) enum PaidOutcome {
+    /// Captured (or left to the sweeper when the capture kept failing).
+    Success(Answer),
+    /// An `Idempotency-Key` retry of a captured call: its stored answer, nothing held.
+    Replay(StoredResponse),
+    /// 502 handler_failed / 504 handler_timeout, with the settlement's fields.
+    Failed(FailedCall),
+}
+
+/// A call that failed or timed out after its hold, and how it was settled.
+pub(crate) struct FailedCall {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: &'static str,
+    pub refunded: bool,
+    pub charged_mcents: i64,
+    pub balance_mcents: i64,
+    /// Some(true) when the release is left to the sweeper.
+    pub refund_pending: Option<bool>,
+}
+
+impl FailedCall {
+    /// The error HTTP answers (its body is also an MCP isError result's structuredContent).
+    pub(crate) fn error(&self) -> ApiError {
+        let mut err = ApiError::new(self.status, self.code).message(self.message).extra("refunded", self.refunded);
+        if let Some(pending) = self.refund_pending {
+            err = err.extra("refund_pending", pending);
+        }
+        err.extra("charged_mcents", self.charged_mcents).extra("balance_mcents", self.balance_mcents)
+    }
+
+    fn http_response(&self, request_id: &str) -> Response {
+        let mut res = self.error().into_response(request_id);
+        paid_headers(&mut res, self.charged_mcents, self.balance_mcents);
+        res
+    }
+}
+
+/// The billing core of a paid call, shared by `POST /v1/<endpoint>` and MCP `tools/call`
+/// (steps 7-11 of contract 3.8): shape check, the handler's `validate`, then the hold, the run
+/// within the time limit and the capture or release in a task of their own.
+pub(crate) async fn run_paid_call(app: &Arc<AppState>, call: PaidCall) -> Result<PaidOutcome, ApiError> {
+    let PaidCall { ep, key_hash, mut input, idem, call_id, face } = call;
     // 7. Shape from mcpay.toml.
     check_shape(&input, ep.input_shape()).map_err(|m| ApiError::new(400, "invalid_input").message(m).no_charge())?;
     normalize_integers(&mut input, ep.input_shape());
     // 8. The handler's own validation (typed input).
     let handlers = app.handlers.clone();
-    let call = match std::panic::catch_unwind(AssertUnwindSafe(|| handlers.prepare(ep, input))) {
-        Ok(Ok(call)) => call,
+    let prepared = match std::panic::catch_unwind(AssertUnwindSafe(|| handlers.prepare(ep, input))) {
+        Ok(Ok(prepared)) => prepared,
         Ok(Err(message)) => {
             let message: String = message.chars().take(500).collect();
             return Err(ApiError::new(400, "invalid_input").message(message).no_charge());
         }
         Err(_) => {
-            tracing::error!(request_id, endpoint = ep.name(), "validate panicked");
+            tracing::error!(request_id = %call_id, endpoint = ep.name(), "validate panicked");
             return Err(ApiError::internal().no_charge());
         }
     };
-    let idem = idem_key.map(|key| Idem { key, body_sha256: hex::encode(Sha256::digest(&raw)) });
 
     // 9-11. Hold, run and settle in a task of its own: once the hold is committed, a client that
     //       goes away (dropping this request's future) can no longer stop the handler from running
     //       or the hold from being captured or released.
     let task_app = app.clone();
-    let rid = request_id.to_string();
-    match tokio::spawn(async move { hold_and_run(&task_app, ep, &key_hash, call, &rid, idem).await }).await {
+    let rid = call_id.clone();
+    match tokio::spawn(async move { hold_and_run(&task_app, ep, &key_hash, prepared, &rid, idem, face).await }).await {
         Ok(result) => result,
         Err(e) => {
-            tracing::error!(request_id, error = %e, "paid call task failed");
+            tracing::error!(request_id = %call_id, error = %e, "paid call task failed");
             Err(ApiError::internal())
         }
     }
@@ -489,7 +598,7 @@ async fn paid(app: &Arc<AppState>, ep: Endpoint, req: Request, request_id: &str)
 
 /// Step 9b's answers: a recorded Idempotency-Key with another endpoint or body, still running,
 /// or captured (the stored answer replayed, or 409 when it was too large to store).
-fn idempotent_answer(found: IdemFound) -> Result<Response, ApiError> {
+fn idempotent_outcome(found: IdemFound) -> Result<PaidOutcome, ApiError> {
     match found {
         IdemFound::Mismatch => Err(ApiError::new(422, "idempotency_mismatch")
             .message("This Idempotency-Key was used with another endpoint or body; use a new Idempotency-Key.")
@@ -507,19 +616,22 @@ fn idempotent_answer(found: IdemFound) -> Result<Response, ApiError> {
             .extra("original_request_id", original_request_id)
             .extra("max_stored_bytes", IDEMPOTENCY_MAX_STORED_BYTES)
             .header(HeaderName::from_static("idempotent-replayed"), "true")),
-        IdemFound::Replay { response: Some(stored), .. } => {
-            let mut res = Response::new(Body::from(stored.body.unwrap_or_default()));
-            *res.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
-            let h = res.headers_mut();
-            for (name, value) in &stored.headers {
-                if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
-                    h.append(n, v);
-                }
-            }
-            set_header(h, "idempotent-replayed", "true");
-            Ok(res)
+        IdemFound::Replay { response: Some(stored), .. } => Ok(PaidOutcome::Replay(stored)),
+    }
+}
+
+/// An HTTP replay: the stored answer (status, headers, body byte for byte).
+fn replay_response(stored: StoredResponse) -> Response {
+    let mut res = Response::new(Body::from(stored.body.unwrap_or_default()));
+    *res.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    let h = res.headers_mut();
+    for (name, value) in &stored.headers {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+            h.append(n, v);
         }
     }
+    set_header(h, "idempotent-replayed", "true");
+    res
 }
 
 /// Steps 9-11 of a paid call: the hold (key → scope → Idempotency-Key → rate limit → balance,
@@ -532,7 +644,8 @@ async fn hold_and_run(
     call: Call,
     request_id: &str,
     idem: Option<Idem>,
-) -> Result<Response, ApiError> {
+    face: Face,
+) -> Result<PaidOutcome, ApiError> {
     let key = key_row(app, key_hash, true).await?;
     if !key.scope_list().iter().any(|s| s == ep.scope()) {
         return Err(ApiError::new(403, "scope_denied").no_charge().extra("required_scope", ep.scope()));
@@ -542,7 +655,7 @@ async fn hold_and_run(
     if let Some(ir) = &idem_request
         && let Some(found) = app.store.find_idempotency(key.id, ir, ep.name()).await.map_err(|e| db_error(e, true))?
     {
-        return idempotent_answer(found);
+        return idempotent_outcome(found);
     }
     let bucket = format!("rl:{}:{}", key.key_id, ep.name());
     let limit = ep.rate_limit_per_minute();
@@ -584,7 +697,7 @@ async fn hold_and_run(
                     .no_charge()
                     .extra("price_mcents", price)
                     .extra("balance_mcents", balance_mcents)),
-                Ok(HoldOutcome::Idempotent(found)) => idempotent_answer(found),
+                Ok(HoldOutcome::Idempotent(found)) => idempotent_outcome(found),
                 Ok(_) => Err(ApiError::new(401, "invalid_key").no_charge()),
                 Err(e) => Err(db_error(e, true)),
             };
@@ -599,20 +712,29 @@ async fn hold_and_run(
         charged_mcents: price,
         balance_mcents: balance,
     };
-    let outcome = run_handler(call, ctx, time_limit, idem.is_some(), price, balance, request_id).await;
+    let charge = Charge { face, store: idem.is_some(), charged: price, balance, request_id };
+    let outcome = run_handler(call, ctx, time_limit, &charge).await;
 
     // 11. Capture or release.
     let failure = match outcome {
-        Outcome::Success { response, stored } => {
+        Outcome::Success { answer, stored } => {
             let captured = settle_with_retry(request_id, "capture", || app.store.capture(key.id, request_id, stored.as_ref())).await;
             return match captured {
                 // Captured; or the capture kept failing: the answer is still sent and the sweeper
                 // releases the hold (the gateway never keeps money for an outcome it did not record).
-                Some(CaptureOutcome::Captured { .. }) | None => Ok(response),
+                Some(CaptureOutcome::Captured { .. }) | None => Ok(PaidOutcome::Success(answer)),
                 // Released meanwhile (past its deadline): the call counts as timed out, uncharged.
                 Some(CaptureOutcome::Released { balance_mcents } | CaptureOutcome::Unknown { balance_mcents }) => {
                     tracing::warn!(request_id, endpoint = ep.name(), "hold released before its capture");
-                    Ok(failed_answer(504, "handler_timeout", TIMEOUT_MESSAGE, true, 0, balance_mcents, None, request_id))
+                    Ok(PaidOutcome::Failed(FailedCall {
+                        status: 504,
+                        code: "handler_timeout",
+                        message: TIMEOUT_MESSAGE,
+                        refunded: true,
+                        charged_mcents: 0,
+                        balance_mcents,
+                        refund_pending: None,
+                    }))
                 }
             };
         }
@@ -628,16 +750,15 @@ async fn hold_and_run(
     let (status, code) = if timed_out { (504, "handler_timeout") } else { (502, "handler_failed") };
     let Some(settled) = settle_with_retry(request_id, "release", || app.store.release(key.id, request_id, reason)).await else {
         // The hold stays until the sweeper releases it (within the time limit + the sweep margin).
-        return Ok(failed_answer(
+        return Ok(PaidOutcome::Failed(FailedCall {
             status,
             code,
-            "The endpoint handler failed; the held price will be released shortly.",
-            false,
-            price,
-            balance,
-            Some(true),
-            request_id,
-        ));
+            message: "The endpoint handler failed; the held price will be released shortly.",
+            refunded: false,
+            charged_mcents: price,
+            balance_mcents: balance,
+            refund_pending: Some(true),
+        }));
     };
     let message = match (timed_out, settled.refunded) {
         (true, _) => TIMEOUT_MESSAGE,
@@ -645,31 +766,18 @@ async fn hold_and_run(
         (false, false) => "The endpoint handler failed; the hourly refund limit for this key is reached, so the charge stands.",
     };
     let charged = if settled.refunded { 0 } else { price };
-    Ok(failed_answer(status, code, message, settled.refunded, charged, settled.balance_mcents, None, request_id))
+    Ok(PaidOutcome::Failed(FailedCall {
+        status,
+        code,
+        message,
+        refunded: settled.refunded,
+        charged_mcents: charged,
+        balance_mcents: settled.balance_mcents,
+        refund_pending: None,
+    }))
 }
 
 const TIMEOUT_MESSAGE: &str = "The endpoint handler did not finish in time; the held price was released.";
-
-/// 502 handler_failed / 504 handler_timeout, with the settlement's fields and headers.
-#[allow(clippy::too_many_arguments)]
-fn failed_answer(
-    status: u16,
-    code: &'static str,
-    message: &str,
-    refunded: bool,
-    charged: i64,
-    balance: i64,
-    refund_pending: Option<bool>,
-    request_id: &str,
-) -> Response {
-    let mut err = ApiError::new(status, code).message(message).extra("refunded", refunded);
-    if let Some(pending) = refund_pending {
-        err = err.extra("refund_pending", pending);
-    }
-    let mut res = err.extra("charged_mcents", charged).extra("balance_mcents", balance).into_response(request_id);
-    paid_headers(&mut res, charged, balance);
-    res
-}
 
 /// Runs a settlement step up to SETTLE_ATTEMPTS times; None when every attempt failed.
 async fn settle_with_retry<T, F, Fut>(request_id: &str, what: &str, mut step: F) -> Option<T>
@@ -693,43 +801,47 @@ where
 
 enum Outcome {
     /// The answer to send, and what an Idempotency-Key replay will send (when the call has one).
-    Success { response: Response, stored: Option<StoredResponse> },
+    Success { answer: Answer, stored: Option<StoredResponse> },
     Failed(String),
     TimedOut,
 }
 
+/// What a successful answer carries: the face it is presented on, whether it is stored for
+/// replays, the charge and the call id.
+struct Charge<'a> {
+    face: Face,
+    store: bool,
+    charged: i64,
+    balance: i64,
+    request_id: &'a str,
+}
+
 /// Runs the handler in a task of its own (a panic is a failure) for at most `limit`; past it the
-/// task is aborted and whatever it still does is discarded. With `store`, the answer is also
-/// captured for replays: at most IDEMPOTENCY_MAX_STORED_BYTES + 1 bytes of it are buffered.
-async fn run_handler(call: Call, ctx: Context, limit: Duration, store: bool, charged: i64, balance: i64, request_id: &str) -> Outcome {
+/// task is aborted and whatever it still does is discarded. With `charge.store`, the answer is
+/// also captured for replays: at most IDEMPOTENCY_MAX_STORED_BYTES + 1 bytes of it are buffered.
+async fn run_handler(call: Call, ctx: Context, limit: Duration, charge: &Charge<'_>) -> Outcome {
     let task = tokio::spawn(call(ctx));
     let abort = task.abort_handle();
     let work = async move {
         match task.await {
             Ok(Ok(Reply::Response(r))) if r.status().is_server_error() => Outcome::Failed(format!("handler returned status {}", r.status())),
+            Ok(Ok(reply)) if charge.face == Face::Mcp => {
+                match crate::mcp::present(reply, charge.store, charge.charged, charge.balance, charge.request_id).await {
+                    Ok((result, stored)) => Outcome::Success { answer: Answer::Mcp(result), stored },
+                    Err(e) => Outcome::Failed(e),
+                }
+            }
             Ok(Ok(Reply::Response(mut r))) => {
-                paid_headers(&mut r, charged, balance);
-                if !store {
-                    return Outcome::Success { response: r, stored: None };
-                }
-                match buffer_for_replay(r).await {
-                    Ok((response, stored)) => Outcome::Success { response, stored: Some(stored) },
-                    Err(e) => Outcome::Failed(format!("handler response body failed: {e}")),
-                }
+                paid_headers(&mut r, charge.charged, charge.balance);
+                http_success(r, charge.store).await
             }
             Ok(Ok(Reply::Json(result))) => {
                 let mut response = json_response(
                     StatusCode::OK,
-                    &json!({ "ok": true, "result": result, "charged_mcents": charged, "balance_mcents": balance, "request_id": request_id }),
+                    &json!({ "ok": true, "result": result, "charged_mcents": charge.charged, "balance_mcents": charge.balance, "request_id": charge.request_id }),
                 );
-                paid_headers(&mut response, charged, balance);
-                if !store {
-                    return Outcome::Success { response, stored: None };
-                }
-                match buffer_for_replay(response).await {
-                    Ok((response, stored)) => Outcome::Success { response, stored: Some(stored) },
-                    Err(e) => Outcome::Failed(format!("response body failed: {e}")),
-                }
+                paid_headers(&mut response, charge.charged, charge.balance);
+                http_success(response, charge.store).await
             }
             Ok(Err(e)) => Outcome::Failed(e.message().to_string()),
             Err(e) if e.is_panic() => Outcome::Failed("handler panicked".to_string()),
@@ -742,6 +854,17 @@ async fn run_handler(call: Call, ctx: Context, limit: Duration, store: bool, cha
             abort.abort();
             Outcome::TimedOut
         }
+    }
+}
+
+/// An HTTP success, buffered for replays when the call has an Idempotency-Key.
+async fn http_success(response: Response, store: bool) -> Outcome {
+    if !store {
+        return Outcome::Success { answer: Answer::Http(response), stored: None };
+    }
+    match buffer_for_replay(response).await {
+        Ok((response, stored)) => Outcome::Success { answer: Answer::Http(response), stored: Some(stored) },
+        Err(e) => Outcome::Failed(format!("response body failed: {e}")),
     }
 }
 

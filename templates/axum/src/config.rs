@@ -21,6 +21,9 @@ pub struct Config {
     pub body_read_timeout: Duration,
     /// BIND (host, or host:port) and PORT. Default 127.0.0.1:8080.
     pub bind: SocketAddr,
+    /// MCP_ALLOWED_HOSTS: comma-separated `Host` values /mcp accepts (e.g. `api.example.com`);
+    /// unset or empty: any host (see README.md, "Connect an MCP client").
+    pub mcp_allowed_hosts: Vec<String>,
     /// Secrets and settings of the signup payment rails (POST /v1/signup).
     pub signup: SignupSettings,
 }
@@ -107,6 +110,7 @@ impl std::fmt::Debug for Config {
             .field("redis", &self.redis_url.as_deref().map(redact_url))
             .field("body_read_timeout", &self.body_read_timeout)
             .field("bind", &self.bind)
+            .field("mcp_allowed_hosts", &self.mcp_allowed_hosts)
             .field("signup", &self.signup)
             .finish()
     }
@@ -191,6 +195,9 @@ impl Config {
             redis_url: non_empty("REDIS_URL"),
             redis_prefix: non_empty("REDIS_PREFIX").unwrap_or_else(|| format!("mcpay:{PROJECT_NAME}:")),
             bind,
+            mcp_allowed_hosts: non_empty("MCP_ALLOWED_HOSTS")
+                .map(|v| v.split(',').map(str::trim).filter(|h| !h.is_empty()).map(str::to_string).collect())
+                .unwrap_or_default(),
             signup: SignupSettings::from_env(),
         })
     }

@@ -103,19 +103,28 @@ impl ApiError {
         self
     }
 
-    pub fn into_response(self, request_id: &str) -> Response {
+    /// The human message: the one given, else the code's default.
+    pub fn message_text(&self) -> String {
+        self.message.clone().unwrap_or_else(|| default_message(self.code).to_string())
+    }
+
+    /// The error shape's body (section 2), as HTTP sends it.
+    pub fn body(&self, request_id: &str) -> Value {
         let mut body = Map::new();
         body.insert("ok".into(), Value::Bool(false));
-        let message = self.message.unwrap_or_else(|| default_message(self.code).to_string());
-        body.insert("error".into(), json!({ "code": self.code, "message": message }));
+        body.insert("error".into(), json!({ "code": self.code, "message": self.message_text() }));
         body.insert("request_id".into(), Value::String(request_id.to_string()));
         if self.no_charge {
             body.insert("note".into(), Value::String(NO_CHARGE_NOTE.into()));
         }
-        for (k, v) in self.extra {
-            body.insert(k.into(), v);
+        for (k, v) in &self.extra {
+            body.insert((*k).into(), v.clone());
         }
-        let mut res = json_response(self.status, &Value::Object(body));
+        Value::Object(body)
+    }
+
+    pub fn into_response(self, request_id: &str) -> Response {
+        let mut res = json_response(self.status, &self.body(request_id));
         let h = res.headers_mut();
         let mut seen: Vec<HeaderName> = Vec::new();
         for (name, value) in self.headers {

@@ -9,6 +9,7 @@ pub mod handler;
 pub mod http;
 pub mod keys;
 pub mod levels;
+pub mod mcp;
 pub mod mint;
 pub mod ratelimit;
 pub mod shape;
@@ -42,6 +43,7 @@ pub async fn state_from_config(config: &Config) -> Result<Arc<AppState>, BoxErro
     let signup = Signup::from_settings(&config.signup);
     let state = AppState::with_signup(store, limiter, config.admin_key.clone(), Arc::new(GeneratedHandlers), signup);
     state.set_body_read_timeout(config.body_read_timeout);
+    state.set_mcp_allowed_hosts(config.mcp_allowed_hosts.clone());
     Ok(state)
 }
 
