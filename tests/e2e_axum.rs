@@ -100,7 +100,7 @@ fn axum_project_builds_locked_and_passes_its_own_tests() {
     assert_eq!(header(&headers, "x-balance-mcents"), Some("750".into()));
 
     chain.run_signup_checks(port, "mcp_", ADMIN, &server);
-    audit(port, ADMIN, FAILING_CALL, SLOW_CALL, bare_port, Some(&chain.control_url()), &[SIGNUP_X402_NA, NO_MCP_NA].concat());
+    audit(port, ADMIN, FAILING_CALL, SLOW_CALL, bare_port, Some(&chain.control_url()), SIGNUP_X402_NA);
     drop(server);
     drop(bare);
 

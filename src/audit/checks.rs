@@ -106,6 +106,21 @@ pub fn settled_holds(rows: &[Value]) -> Result<(usize, usize)> {
     Ok((captured, released))
 }
 
+/// `text` carries no key material: none of `keys`, nor their hex part, nor any run of 64 hex
+/// characters (which would be a key or a key hash).
+pub fn no_key_material(text: &str, keys: &[&Key], prefix: &str) -> Result<()> {
+    for k in keys {
+        ensure!(!text.contains(&k.key), "the raw key appears");
+        ensure!(!text.contains(&k.key[prefix.len().min(k.key.len())..]), "the key's hex appears");
+    }
+    let mut run = 0;
+    for b in text.as_bytes() {
+        run = if b.is_ascii_hexdigit() { run + 1 } else { 0 };
+        ensure!(run < 64, "a 64-character hex string (a key or its hash) appears");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use std::io::{BufRead, BufReader, Read, Write};
@@ -152,6 +167,17 @@ pub(crate) mod tests {
 
     fn key() -> Key {
         Key { key: "mcp_00".into(), key_id: "k_1".into() }
+    }
+
+    #[test]
+    fn key_material_is_the_key_its_hex_or_any_64_hex_run() {
+        let hex = "0123456789abcdef".repeat(4);
+        let k = Key { key: format!("mcp_{hex}"), key_id: "k_1".into() };
+        no_key_material(r#"{"key_id":"k_0123456789abcdef","id":"0f8fad5b-d9cb-469f-a165-70867728950e"}"#, &[&k], "mcp_").unwrap();
+        for leak in [format!("Bearer mcp_{hex}"), format!("hash {hex}"), format!("{}x", "a".repeat(64))] {
+            assert!(no_key_material(&leak, &[&k], "mcp_").is_err(), "{leak}");
+        }
+        assert!(no_key_material(&"f".repeat(63), &[], "mcp_").is_ok());
     }
 
     #[test]

@@ -160,6 +160,21 @@ mod tests {
         }
     }
 
+    /// Issue 13: at least 20 mcp.* scenarios; the e2e tests' MCP_NA (what a gateway without /mcp
+    /// reports n/a) names exactly them.
+    #[test]
+    fn the_contract_3_11_scenarios_are_listed_and_the_e2e_na_list_matches() {
+        let mut mcp: Vec<&str> = all().iter().map(|s| s.name).filter(|n| n.starts_with("mcp.")).collect();
+        assert!(mcp.len() >= 20, "{} mcp.* scenarios", mcp.len());
+        let common = include_str!("../../tests/common/mod.rs");
+        let start = common.find("pub const MCP_NA: &[&str] = &[").expect("MCP_NA in tests/common/mod.rs");
+        let block = &common[start..start + common[start..].find("];").expect("end of MCP_NA")];
+        let mut listed: Vec<&str> = block.split('"').skip(1).step_by(2).collect();
+        mcp.sort();
+        listed.sort();
+        assert_eq!(listed, mcp, "tests/common/mod.rs MCP_NA");
+    }
+
     #[test]
     fn only_patterns() {
         assert!(matches("auth", "auth.missing"));

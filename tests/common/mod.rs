@@ -66,9 +66,21 @@ pub const SIGNUP_OFF_NA: &[&str] = &[
     "signup.idempotency_key_syntax", "signup.body_cannot_buy_more", "signup.cors",
     "signup.x402_forged_replay", "signup.x402_pending_recovery",
 ];
-/// ... to a gateway that serves no MCP endpoint (worker, axum).
+/// ... to a gateway whose POST /mcp answers 404 (every mcp.* scenario of the audit, contract 3.11).
 #[allow(dead_code)]
-pub const NO_MCP_NA: &[&str] = &["mcp.duplicate_jsonrpc_ids"];
+pub const MCP_NA: &[&str] = &[
+    "mcp.initialize", "mcp.ping", "mcp.free_ignores_authorization", "mcp.tools_list",
+    "mcp.tool_terms", "mcp.input_schema", "mcp.pricing_tool", "mcp.balance_tool",
+    "mcp.auth_missing", "mcp.auth_invalid", "mcp.key_elsewhere_ignored", "mcp.no_key_material",
+    "mcp.charge_exact", "mcp.call_id_per_call", "mcp.xp_awarded", "mcp.every_tool",
+    "mcp.concurrent_burst", "mcp.invalid_arguments", "mcp.insufficient_balance",
+    "mcp.scope_default_deny", "mcp.rate_limited", "mcp.shared_rate_limit", "mcp.unknown_tool",
+    "mcp.refund_on_failure", "mcp.timeout", "mcp.refund_cap", "mcp.idempotency_replay",
+    "mcp.idempotency_concurrent", "mcp.idempotency_mismatch", "mcp.idempotency_syntax",
+    "mcp.duplicate_jsonrpc_ids", "mcp.batch_distinct_ids", "mcp.body_too_large",
+    "mcp.malformed_json", "mcp.json_answers", "mcp.accept_optional", "mcp.get_delete_405",
+    "mcp.cors", "mcp.request_id",
+];
 /// ... with signup enabled and both rails configured.
 #[allow(dead_code)]
 pub const SIGNUP_ON_NA: &[&str] = &["signup.disabled"];

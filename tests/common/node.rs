@@ -112,12 +112,10 @@ pub fn workers_project_end_to_end(target: &str, signup: bool) {
     if let Some(chain) = &chain {
         chain.run_signup_checks(port, "mcp_", ADMIN, &server);
     }
-    let mut na = if signup { SIGNUP_ON_NA } else { SIGNUP_OFF_NA }.to_vec();
-    if target != "mpp" {
-        na.extend_from_slice(NO_MCP_NA); // only the mpp target serves /mcp
-    }
+    // Every target serves /mcp (contract 3.11): no mcp.* scenario is n/a.
+    let na = if signup { SIGNUP_ON_NA } else { SIGNUP_OFF_NA };
     let harness = chain.as_ref().map(|c| c.control_url());
-    audit(port, ADMIN, FAILING_CALL, SLOW_CALL, bare_port, harness.as_deref(), &na);
+    audit(port, ADMIN, FAILING_CALL, SLOW_CALL, bare_port, harness.as_deref(), na);
     drop(server);
     drop(bare);
 }

@@ -114,7 +114,7 @@ fn mismatch(c: &mut Client) -> Result<Outcome> {
 }
 
 /// The sample body with its first string, integer or boolean field changed (still a valid input).
-fn changed_value(ep: &Endpoint) -> Option<String> {
+pub(super) fn changed_value(ep: &Endpoint) -> Option<String> {
     let mut v = ep.sample();
     let obj = v.as_object_mut()?;
     let (_, value) = obj.iter_mut().find(|(_, v)| v.is_string() || v.is_i64() || v.is_boolean())?;

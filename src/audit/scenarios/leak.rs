@@ -20,21 +20,6 @@ pub fn scenarios() -> Vec<Scenario> {
     ]
 }
 
-fn no_key_material(text: &str, keys: &[&Key], prefix: &str) -> Result<()> {
-    for k in keys {
-        ensure!(!text.contains(&k.key), "the raw key appears");
-        ensure!(!text.contains(&k.key[prefix.len().min(k.key.len())..]), "the key's hex appears");
-    }
-    // Any 64-hex run would be a key or a key hash.
-    let bytes = text.as_bytes();
-    let mut run = 0;
-    for b in bytes {
-        run = if b.is_ascii_hexdigit() { run + 1 } else { 0 };
-        ensure!(run < 64, "a 64-character hex string (a key or its hash) appears");
-    }
-    Ok(())
-}
-
 /// After a paid call, `path` (read with the key when `with_key`) shows neither the key nor its hash.
 fn leak_check(c: &mut Client, path: &str, with_key: bool) -> Result<Outcome> {
     let (ep, key, _) = setup(c)?;
