@@ -940,16 +940,19 @@ fn one_admin_key_story() {
 }
 
 #[test]
-fn mpp_ships_only_what_it_uses() {
+fn both_workers_targets_serve_mcp_with_the_official_sdk() {
     let t = tmp();
     new_project(&t.path().join("w"), &["-t", "worker"]);
     new_project(&t.path().join("m"), &["-t", "mpp"]);
-    assert!(t.path().join("w/src/lib/no-mcp-sdk.ts").exists(), "the worker stubs the MCP SDK it does not install");
-    assert!(!t.path().join("m/src/lib/no-mcp-sdk.ts").exists(), "mpp installs the real SDK");
-    assert!(read(t.path().join("w/wrangler.jsonc")).contains("no-mcp-sdk"));
-    assert!(!read(t.path().join("m/wrangler.jsonc")).contains("no-mcp-sdk"));
-    assert!(read(t.path().join("m/package.json")).contains("@modelcontextprotocol/sdk"));
-    assert!(!read(t.path().join("w/package.json")).contains("@modelcontextprotocol/sdk"));
+    for p in ["w", "m"] {
+        assert!(read(t.path().join(p).join("package.json")).contains("@modelcontextprotocol/sdk"), "{p}");
+        assert!(t.path().join(p).join("src/lib/mcp.ts").exists(), "{p}: the shared MCP face");
+        assert!(!t.path().join(p).join("src/lib/no-mcp-sdk.ts").exists(), "{p}: no stand-in for the SDK");
+        assert!(!read(t.path().join(p).join("wrangler.jsonc")).contains("no-mcp-sdk"), "{p}");
+    }
+    // The sandbox and MPP payments are mpp's alone.
+    assert!(!t.path().join("w/src/mpp").exists());
+    assert!(t.path().join("m/src/mpp/mcp.ts").exists());
 }
 
 /// A generated axum project of any name is accepted by Cargo as shipped: a plain `cargo metadata`
