@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::app::{AppState, Answer, Face, Idem, IDEMPOTENCY_MAX_STORED_BYTES, PaidCall, PaidOutcome, bearer, key_row, me_body, pricing_body, run_paid_call};
-use crate::body::read_bounded;
+use crate::body::{is_json_content_type, read_bounded};
 use crate::generated::{Endpoint, GATEWAY, PROJECT_NAME, PROJECT_VERSION};
 use crate::handler::Reply;
 use crate::http::{ApiError, CORS_HEADERS, NO_CHARGE_NOTE, base_headers, json_response, set_header};
@@ -116,8 +116,9 @@ pub(crate) async fn serve(app: &Arc<AppState>, req: Request, request_id: &str) -
     }
     parts.extensions.insert(McpRequest { app: app.clone(), request_id: request_id.to_string(), key_hash });
     let service = mcp_service(app);
+    let json_body = is_json_content_type(&parts.headers);
     let res = service.handle(Request::from_parts(parts, Body::from(raw))).await.map(Body::new);
-    Ok(finish(res).await)
+    Ok(finish(res, json_body).await)
 }
 
 fn mcp_service(app: &AppState) -> StreamableHttpService<Gateway, NeverSessionManager> {
@@ -134,14 +135,19 @@ fn mcp_service(app: &AppState) -> StreamableHttpService<Gateway, NeverSessionMan
 }
 
 /// rmcp's answer with the gateway's headers; its plain-text refusals (406, 415, 403 Host, ...)
-/// become JSON-RPC errors so that every body is JSON (contract section 2).
-async fn finish(res: Response) -> Response {
+/// become JSON-RPC errors so that every body is JSON (contract section 2). rmcp answers 415 to a
+/// JSON body that is not a JSON-RPC message too (`{}`, `"id": null`, `_meta` a string); with a JSON
+/// Content-Type that is an invalid request (400 -32600), as on the Workers targets' 400.
+async fn finish(res: Response, json_body: bool) -> Response {
     let is_json = res
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("application/json"));
-    let status = res.status();
+    let mut status = res.status();
+    if status == StatusCode::UNSUPPORTED_MEDIA_TYPE && json_body {
+        status = StatusCode::BAD_REQUEST;
+    }
     if !is_json && status.as_u16() >= 400 {
         let (_, body) = res.into_parts();
         let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
@@ -153,14 +159,16 @@ async fn finish(res: Response) -> Response {
         return out;
     }
     let mut res = res;
+    *res.status_mut() = status;
     if is_json {
         base_headers(res.headers_mut());
+        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
     }
     res
 }
 
 fn parse_error() -> Response {
-    rpc_error_response(StatusCode::BAD_REQUEST, ErrorCode::PARSE_ERROR, "Parse error: the body is not UTF-8 JSON.", Value::Null, None)
+    rpc_error_response(StatusCode::BAD_REQUEST, ErrorCode::PARSE_ERROR, "Parse error: the body is not JSON the gateway can read (invalid UTF-8 or JSON, or nested more than 128 levels deep).", Value::Null, None)
 }
 
 /// A JSON-RPC error answered by the gateway itself (before or instead of the MCP server).

@@ -434,6 +434,13 @@ async fn http_rules_of_the_endpoint(db: &TestDb) {
     assert_eq!(res.status(), 400);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["error"]["code"], -32700);
+    // JSON that is not a JSON-RPC message: 400 -32600 (rmcp's own answer would be 415).
+    for bad in [json!({}), json!({ "jsonrpc": "2.0", "id": null, "method": "ping" }), json!({ "jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": { "_meta": "x" } })] {
+        let res = post(&s, None, &bad).await;
+        assert_eq!(res.status(), 400, "{bad}");
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["error"]["code"], -32600, "{bad}");
+    }
     // A notification: 202, no body. No session id, ever.
     let res = post(&s, None, &json!({ "jsonrpc": "2.0", "method": "notifications/initialized" })).await;
     assert_eq!(res.status(), 202);
@@ -449,7 +456,7 @@ async fn http_rules_of_the_endpoint(db: &TestDb) {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    assert!(res.headers().get("content-type").unwrap().to_str().unwrap().starts_with("application/json"));
+    assert_eq!(res.headers().get("content-type").unwrap(), "application/json; charset=utf-8");
     assert!(res.headers().get("mcp-session-id").is_none());
     assert_eq!(res.headers().get("cache-control").unwrap(), "no-store");
     let body: Value = res.json().await.unwrap();
