@@ -44,18 +44,11 @@ const CREDIT = { type: "string", description: "A one-time credit from an earlier
 function paidTool(tool: CallType): Tool {
   const entry = paidToolEntry(tool, { credit: CREDIT });
   if (tool === EXECUTE) {
-    // execute_code's `input` is any JSON value when paid with MPP (a prepaid key's shape check
-    // still wants an object, as on POST /v1/execute_code).
-    entry.inputSchema = {
-      type: "object",
-      properties: {
-        code: { type: "string", description: `Body of an async JavaScript function of "input"; return a JSON value. At most ${MPP.maxCodeBytes} bytes.` },
-        input: { description: "Any JSON value, passed to the code as `input`." },
-        credit: CREDIT,
-      },
-      required: ["code"],
-      additionalProperties: false,
-    };
+    // The generated schema (the same shape as POST /v1/execute_code: `input` is an object), with
+    // what each field is for. (Paid with MPP, `input` may be any JSON value; an object always works.)
+    const properties = entry.inputSchema.properties as Record<string, Record<string, unknown>>;
+    properties.code = { ...properties.code, description: `Body of an async JavaScript function of "input"; return a JSON value. At most ${MPP.maxCodeBytes} bytes.` };
+    properties.input = { ...properties.input, description: "A JSON object, passed to the code as `input`." };
   }
   return { ...entry, _meta: { ...entry._meta, "org.paymentauth/price": { amount_mcents: PRICE_MCENTS[tool], methods: MPP.methods } } };
 }
