@@ -18,7 +18,7 @@ import {
 import { readJsonBody, readJsonBodyText } from "./lib/body";
 import type { AppEnv } from "./lib/env";
 import type { Handler, Handlers } from "./lib/handler";
-import { CORS_HEADERS, HttpError, errorResponse, json, withHeaders, withoutCors } from "./lib/http";
+import { CORS_HEADERS, HttpError, answering, errorResponse, json, withHeaders, withoutCors } from "./lib/http";
 import type { KeyDO, KeyStats, StoredResponse } from "./lib/key-do";
 import { generateApiKey, generateKeyId, parseBearer, secretsEqual, sha256Hex } from "./lib/keys";
 import { isCallType } from "./lib/manifest-util";
@@ -454,17 +454,7 @@ export function createApp(handlers: Handlers, options: AppOptions = {}): App {
       // The MCP face (contract 3.11): its own methods, CORS and errors, the same billing core.
       if (url.pathname === MCP_PATH) return handleMcp(request, env, ctx, requestId, handlers, options, signup);
       const admin = isAdminPath(url.pathname);
-      let res: Response;
-      try {
-        res = await dispatch({ request, url, env, ctx, requestId }, admin);
-      } catch (err) {
-        if (err instanceof HttpError) {
-          res = err.toResponse(requestId);
-        } else {
-          console.error(JSON.stringify({ msg: "unhandled error", request_id: requestId, error: String(err) }));
-          res = errorResponse(500, "internal_error", requestId);
-        }
-      }
+      const res = await answering(requestId, () => dispatch({ request, url, env, ctx, requestId }, admin));
       if (admin) return withoutCors(withHeaders(res, { "X-Request-Id": requestId }));
       const extra: Record<string, string> = { "X-Request-Id": requestId };
       if (url.pathname.startsWith("/v1/")) Object.assign(extra, CORS_HEADERS);

@@ -120,6 +120,17 @@ export class HttpError extends Error {
   }
 }
 
+/** Runs `handle`; an HttpError becomes its response, anything else a logged 500 internal_error. */
+export async function answering(requestId: string, handle: () => Promise<Response>): Promise<Response> {
+  try {
+    return await handle();
+  } catch (err) {
+    if (err instanceof HttpError) return err.toResponse(requestId);
+    console.error(JSON.stringify({ msg: "unhandled error", request_id: requestId, error: String(err) }));
+    return errorResponse(500, "internal_error", requestId);
+  }
+}
+
 export const CORS_HEADERS: Readonly<Record<string, string>> = {
   "Access-Control-Allow-Origin": "*",
   "Access-Control-Allow-Headers": "Authorization, Content-Type, Idempotency-Key, PAYMENT-SIGNATURE, X-PAYMENT",

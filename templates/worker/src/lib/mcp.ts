@@ -11,7 +11,7 @@ import { CALL_TYPES, DESCRIPTION, GATEWAY, INPUT_SCHEMA, PRICE_MCENTS, PROJECT, 
 import { readBoundedText } from "./body";
 import type { AppEnv } from "./env";
 import type { Handler, Handlers } from "./handler";
-import { CORS_HEADERS, HttpError, NO_CHARGE_NOTE, errorBody, errorResponse, withHeaders } from "./http";
+import { CORS_HEADERS, HttpError, NO_CHARGE_NOTE, answering, errorBody, errorResponse, withHeaders } from "./http";
 import type { KeyDO } from "./key-do";
 import { parseBearer, sha256Hex } from "./keys";
 import { isCallType } from "./manifest-util";
@@ -254,17 +254,7 @@ export interface McpFront {
  * bound, batches with duplicate ids, and the key of balance and paid calls (HTTP 401 without one).
  */
 export async function serveMcp(request: Request, env: AppEnv, requestId: string, front: McpFront): Promise<Response> {
-  let res: Response;
-  try {
-    res = await mcpFront(request, env, front);
-  } catch (err) {
-    if (err instanceof HttpError) {
-      res = err.toResponse(requestId);
-    } else {
-      console.error(JSON.stringify({ msg: "unhandled error", request_id: requestId, error: String(err) }));
-      res = errorResponse(500, "internal_error", requestId);
-    }
-  }
+  const res = await answering(requestId, () => mcpFront(request, env, front));
   const headers: Record<string, string> = { "X-Request-Id": requestId, ...MCP_CORS_HEADERS };
   if (res.status !== 204 && res.headers.get("Content-Type")?.startsWith("application/json")) {
     // The SDK's answers get the headers of every JSON answer of the gateway (section 2).
