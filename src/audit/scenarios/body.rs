@@ -40,6 +40,22 @@ fn dev_server_artefact(r: &Reply) -> Option<&'static str> {
     None
 }
 
+/// The balance right after an oversized upload. Local wrangler dev may still be restarting its
+/// proxy then (the next request fails or gets its 503), so a read that is not a 200 is tried again
+/// for about 3 s; a gateway that never answers /v1/me still fails.
+fn balance_after_upload(c: &Client, key: &Key) -> Result<u64> {
+    let mut last = String::new();
+    for _ in 0..10 {
+        let r = c.get("/v1/me", &[("Authorization", &key.bearer())]);
+        if r.status == 200 {
+            return c.balance(key);
+        }
+        last = r.brief();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    bail!("/v1/me did not answer 200 after the oversized upload (last: {last})")
+}
+
 /// A few tries, because the dev-server artefacts (the 503 above, or a 413 whose body the connection
 /// reset cut off) come and go; money moving is never an artefact and fails at once.
 fn oversized_chunked(c: &mut Client) -> Result<Outcome> {
@@ -48,7 +64,7 @@ fn oversized_chunked(c: &mut Client) -> Result<Outcome> {
     for _ in 0..5 {
         let big = format!("{{\"pad\":\"{}\"}}", "a".repeat(2 * 1024 * 1024)).into_bytes();
         let r = c.post_chunked(&ep.path(), &[("Authorization", &key.bearer())], big);
-        let now = c.balance(&key)?;
+        let now = balance_after_upload(c, &key)?;
         ensure!(now == bal, "balance moved from {bal} to {now} on an oversized upload ({})", r.brief());
         if r.status == 0 {
             // The gateway answered early and closed the connection while the body was still being
