@@ -6,8 +6,7 @@
 //! (captured) or runs again (released), so each logical call is paid for exactly once.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -91,25 +90,12 @@ fn rand_hex(bytes: usize) -> String {
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// One paid call over a fresh connection; None when the server could not be reached or the
-/// answer was cut (the server was killed).
+/// One paid call; None when the server could not be reached or the answer was cut (the server
+/// was killed): only a complete Content-Length answer counts.
 fn try_call(port: u16, auth: &str, idem: &str, body: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    let req = format!(
-        "POST /v1/mytool HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: {auth}\r\n\
-         Idempotency-Key: {idem}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, rest) = text.split_once("\r\n\r\n")?;
-    let status: u16 = head.split_whitespace().nth(1)?.parse().ok()?;
-    // A complete answer only (Content-Length bodies; the gateway does not chunk JSON answers).
-    let len: usize = header(head, "content-length")?.parse().ok()?;
-    (rest.len() == len).then(|| (status, head.to_string()))
+    let (status, head, rest) = try_http(port, "POST", "/v1/mytool", &[("Authorization", auth), ("Idempotency-Key", idem)], body).ok()?;
+    let len: usize = header(&head, "content-length")?.parse().ok()?;
+    (status != 0 && rest.len() == len).then_some((status, head))
 }
 
 /// The call a client made, and what it learned.
