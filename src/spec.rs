@@ -23,6 +23,8 @@ pub struct Spec {
     pub signup_rails: Vec<&'static str>,
     pub scopes: Vec<String>,
     pub endpoints: Vec<EndpointSpec>,
+    /// MCP servers metered at `/mcp/NAME` (contract 3.12), in manifest order.
+    pub upstreams: Vec<UpstreamSpec>,
     pub mpp: Mpp,
     /// The input field types, with their forms in each language (for the generated type unions).
     pub field_types: Vec<FieldTypeSpec>,
@@ -67,6 +69,41 @@ pub struct EndpointSpec {
     pub manifest_table: Option<String>,
     /// The field the handler's commented example checks: the first that is not a boolean.
     pub example_field: Option<FieldSpec>,
+}
+
+/// One `[upstreams.NAME]` with every default applied.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamSpec {
+    pub name: String,
+    /// The Streamable HTTP URL (`None` for a stdio upstream).
+    pub url: Option<String>,
+    /// The stdio server's argv (`None` for a URL upstream).
+    pub command: Option<Vec<String>>,
+    /// The secret/env var that overrides the URL at run time.
+    pub url_env: String,
+    pub price_mcents: u64,
+    /// Per-tool prices in manifest order.
+    pub tools: Vec<ToolPrice>,
+    pub scope: String,
+    pub description: String,
+    pub timeout_ms: u64,
+    pub rate_limit_per_minute: u64,
+    /// Headers sent upstream, each read from a secret/env var.
+    pub headers: Vec<HeaderFromEnv>,
+    pub enabled: bool,
+    pub refund_tool_errors: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolPrice {
+    pub name: String,
+    pub price_mcents: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HeaderFromEnv {
+    pub header: String,
+    pub env: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -181,6 +218,32 @@ impl Spec {
                 .collect(),
             scopes,
             endpoints,
+            upstreams: m
+                .upstreams
+                .iter()
+                .map(|(name, up)| {
+                    let up = up.resolved(name, &m.gateway);
+                    let (url, command) = match up.transport {
+                        manifest::UpstreamTransport::Url(u) => (Some(u), None),
+                        manifest::UpstreamTransport::Command(argv) => (None, Some(argv)),
+                    };
+                    UpstreamSpec {
+                        name: name.clone(),
+                        url,
+                        command,
+                        url_env: manifest::upstream_url_env(name),
+                        price_mcents: up.price_mcents,
+                        tools: up.tools.into_iter().map(|(name, price_mcents)| ToolPrice { name, price_mcents }).collect(),
+                        scope: up.scope,
+                        description: up.description,
+                        timeout_ms: up.timeout_ms,
+                        rate_limit_per_minute: up.rate_limit_per_minute,
+                        headers: up.headers.into_iter().map(|(header, env)| HeaderFromEnv { header, env }).collect(),
+                        enabled: up.enabled,
+                        refund_tool_errors: up.refund_tool_errors,
+                    }
+                })
+                .collect(),
             mpp: m.mpp.clone(),
             field_types: FieldType::ALL
                 .iter()

@@ -23,6 +23,9 @@ pub struct Manifest {
     pub signup: Signup,
     #[serde(default)]
     pub endpoints: IndexMap<String, Endpoint>,
+    /// MCP servers that already exist, metered at `/mcp/NAME` (contract 3.12).
+    #[serde(default)]
+    pub upstreams: IndexMap<String, Upstream>,
     /// Settings of the `mpp` target (ignored by the others).
     #[serde(default)]
     pub mpp: Mpp,
@@ -273,6 +276,96 @@ impl Endpoint {
             rate_limit_per_minute: self.rate_limit_per_minute.unwrap_or(gateway.default_rate_limit_per_minute),
             timeout_ms: self.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS),
             input: self.input.clone().unwrap_or_else(default_input),
+        }
+    }
+}
+
+/// `[upstreams.NAME]` as written by the user: an MCP server the gateway meters at `/mcp/NAME`.
+/// Keys left out take their defaults in [`Upstream::resolved`].
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// A Streamable HTTP MCP server.
+    pub url: Option<String>,
+    /// A stdio MCP server the gateway spawns and keeps alive (argv; targets that can spawn processes).
+    pub command: Option<Vec<String>>,
+    /// Price of one `tools/call` of a tool not listed in `tools`.
+    pub price_mcents: u64,
+    pub scope: Option<String>,
+    pub description: Option<String>,
+    pub timeout_seconds: Option<u64>,
+    pub rate_limit_per_minute: Option<u64>,
+    /// Header name → `"env:VAR"`: the value is read from the secret/env var VAR at request time.
+    pub headers: Option<IndexMap<String, String>>,
+    pub enabled: Option<bool>,
+    /// Release the charge of a result with `isError: true` (default: charged).
+    pub refund_tool_errors: Option<bool>,
+    /// Per-tool prices in mcents (0 = free).
+    pub tools: Option<IndexMap<String, u64>>,
+}
+
+/// How the gateway reaches an upstream.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "value")]
+pub enum UpstreamTransport {
+    Url(String),
+    Command(Vec<String>),
+}
+
+/// An upstream with every default applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedUpstream {
+    pub transport: UpstreamTransport,
+    pub price_mcents: u64,
+    pub scope: String,
+    pub description: String,
+    pub timeout_ms: u64,
+    pub rate_limit_per_minute: u64,
+    /// (header name, env var name) pairs, in manifest order.
+    pub headers: Vec<(String, String)>,
+    pub enabled: bool,
+    pub refund_tool_errors: bool,
+    pub tools: IndexMap<String, u64>,
+}
+
+/// The price of one `tools/call` that `create-mcpay add-upstream` writes when `--price` is not given
+/// (the manifest's `price_mcents` itself is required).
+pub const DEFAULT_UPSTREAM_PRICE_MCENTS: u64 = 100;
+/// The default time limit of one proxied request, in seconds.
+pub const DEFAULT_UPSTREAM_TIMEOUT_SECONDS: u64 = 30;
+/// The allowed range of an upstream's `timeout_seconds`.
+pub const UPSTREAM_TIMEOUT_SECONDS_RANGE: (u64, u64) = (1, 600);
+/// How a header value names its secret: `"env:VAR"`.
+pub const HEADER_ENV_PREFIX: &str = "env:";
+
+/// The env var / secret that overrides an upstream's URL at run time (`UPSTREAM_<NAME>_URL`).
+pub fn upstream_url_env(name: &str) -> String {
+    format!("UPSTREAM_{}_URL", name.to_ascii_uppercase())
+}
+
+impl Upstream {
+    /// The upstream as served; the manifest must be valid (exactly one of `url` / `command`).
+    pub fn resolved(&self, name: &str, gateway: &Gateway) -> ResolvedUpstream {
+        let transport = match (&self.url, &self.command) {
+            (_, Some(argv)) => UpstreamTransport::Command(argv.clone()),
+            (url, None) => UpstreamTransport::Url(url.clone().unwrap_or_default()),
+        };
+        ResolvedUpstream {
+            transport,
+            price_mcents: self.price_mcents,
+            scope: self.scope.clone().unwrap_or_else(|| name.to_string()),
+            description: self.description.clone().unwrap_or_default(),
+            timeout_ms: self.timeout_seconds.unwrap_or(DEFAULT_UPSTREAM_TIMEOUT_SECONDS) * 1000,
+            rate_limit_per_minute: self.rate_limit_per_minute.unwrap_or(gateway.default_rate_limit_per_minute),
+            headers: self
+                .headers
+                .iter()
+                .flatten()
+                .map(|(h, v)| (h.clone(), v.strip_prefix(HEADER_ENV_PREFIX).unwrap_or(v).to_string()))
+                .collect(),
+            enabled: self.enabled.unwrap_or(true),
+            refund_tool_errors: self.refund_tool_errors.unwrap_or(false),
+            tools: self.tools.clone().unwrap_or_default(),
         }
     }
 }

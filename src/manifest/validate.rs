@@ -46,6 +46,9 @@ impl Manifest {
             self.endpoint_problems(&at, ep, &mut out);
         }
         out.extend(self.identifier_collisions());
+        for (name, up) in &self.upstreams {
+            self.upstream_problems(name, up, &mut out);
+        }
         let scopes = self.scopes();
         let s = &self.signup;
         range(&mut out, "signup.price_mcents", s.price_mcents, 1, MAX_SAFE_INTEGER);
@@ -185,6 +188,107 @@ impl Manifest {
         }
     }
 
+    fn upstream_problems(&self, name: &str, up: &Upstream, out: &mut Vec<String>) {
+        let at = format!("upstreams.{name}");
+        if let Err(e) = names::check_endpoint_name(name) {
+            out.push(format!("{at}: {e}"));
+        }
+        let builtin = self.project.target.builtin_endpoints().iter().any(|b| b.name == name);
+        if self.endpoints.contains_key(name) || builtin {
+            out.push(format!(
+                "{at}: an endpoint is already named {name:?}; upstreams and endpoints share one namespace, so rename the upstream"
+            ));
+        }
+        match (&up.url, &up.command) {
+            (Some(_), Some(_)) => out.push(format!("{at}: set either `url` or `command`, not both")),
+            (None, None) => out.push(format!(
+                "{at}: set `url = \"https://…/mcp\"` (a Streamable HTTP MCP server) or `command = [\"npx\", \"-y\", \"some-mcp-server\"]` (a stdio server)"
+            )),
+            (Some(url), None) => {
+                let ok = (url.starts_with("https://") || url.starts_with("http://"))
+                    && url.len() <= 2048
+                    && !url.contains(|c: char| c.is_whitespace() || c.is_control() || c == '"' || c == '\\');
+                if !ok {
+                    out.push(format!("{at}.url: {url:?} must be an http(s) URL of a Streamable HTTP MCP server, e.g. \"https://weather.example.com/mcp\""));
+                }
+            }
+            (None, Some(argv)) => {
+                if !self.project.target.can_spawn_processes() {
+                    out.push(format!(
+                        "{at}.command: the {} target cannot start processes (a Cloudflare Worker has none); serve the MCP server over Streamable HTTP somewhere and set `url` instead, or use the axum target",
+                        self.project.target.name()
+                    ));
+                }
+                if argv.is_empty() || argv[0].trim().is_empty() {
+                    out.push(format!("{at}.command: the program and its arguments, e.g. [\"npx\", \"-y\", \"@acme/weather-mcp\"]"));
+                }
+                if argv.iter().any(|a| a.contains('\0')) {
+                    out.push(format!("{at}.command: arguments cannot contain NUL characters"));
+                }
+            }
+        }
+        if !(1..=MAX_PRICE_MCENTS).contains(&up.price_mcents) {
+            out.push(format!(
+                "{at}.price_mcents: {} is out of range; the default price of a tool call is 1 to {MAX_PRICE_MCENTS} mcents (a free tool is listed in [{at}.tools] with 0)",
+                up.price_mcents
+            ));
+        }
+        if let Some(scope) = &up.scope
+            && let Err(e) = names::check_scope(scope)
+        {
+            out.push(format!("{at}.scope: {e}"));
+        }
+        if let Some(d) = &up.description
+            && (d.len() > 200 || d.contains('\n'))
+        {
+            out.push(format!("{at}.description: one line of at most 200 characters"));
+        }
+        if let Some(t) = up.timeout_seconds {
+            let (lo, hi) = UPSTREAM_TIMEOUT_SECONDS_RANGE;
+            range(out, &format!("{at}.timeout_seconds"), t, lo, hi);
+        }
+        if let Some(r) = up.rate_limit_per_minute {
+            range(out, &format!("{at}.rate_limit_per_minute"), r, 1, 1_000_000);
+        }
+        for (header, value) in up.headers.iter().flatten() {
+            let token = !header.is_empty()
+                && header.len() <= 64
+                && header.chars().all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c));
+            if !token {
+                out.push(format!("{at}.headers: {header:?} is not an HTTP header name"));
+                continue;
+            }
+            let lower = header.to_ascii_lowercase();
+            if FORBIDDEN_UPSTREAM_HEADERS.contains(&lower.as_str()) {
+                out.push(format!("{at}.headers.{header}: the gateway sets this header itself; remove it"));
+            }
+            let var = value.strip_prefix(HEADER_ENV_PREFIX).unwrap_or("");
+            let var_ok = !var.is_empty()
+                && var.len() <= 64
+                && var.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !var_ok {
+                out.push(format!(
+                    "{at}.headers.{header}: write \"env:VAR\" (e.g. \"env:{}_TOKEN\") and put the value in that secret/env var; a header value is never written in the manifest",
+                    name.to_ascii_uppercase()
+                ));
+            }
+        }
+        if let Some(tools) = &up.tools {
+            if tools.len() > 1000 {
+                out.push(format!("{at}.tools: at most 1000 tools"));
+            }
+            for (tool, price) in tools {
+                if tool.is_empty() || tool.len() > 128 || tool.contains(|c: char| c.is_control()) {
+                    out.push(format!("{at}.tools: {tool:?} is not a tool name (1 to 128 characters, no control characters)"));
+                }
+                if *price > MAX_PRICE_MCENTS {
+                    out.push(format!("{at}.tools.{tool}: {price} is out of range; use 0 (free) to {MAX_PRICE_MCENTS} mcents"));
+                }
+            }
+        }
+    }
+
     /// Endpoints whose generated identifiers collide (`my_tool` and `my__tool` are both `MyTool`),
     /// built-in endpoints of the target included.
     pub fn identifier_collisions(&self) -> Vec<String> {
@@ -220,11 +324,12 @@ impl Manifest {
     }
 
 
-    /// Every scope in use, in endpoint order, without repeats.
+    /// Every scope in use, endpoints first then upstreams, in manifest order, without repeats.
     pub fn scopes(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
-        for (name, ep) in &self.endpoints {
-            let s = ep.resolved(name, &self.gateway).scope;
+        let endpoints = self.endpoints.iter().map(|(name, ep)| ep.resolved(name, &self.gateway).scope);
+        let upstreams = self.upstreams.iter().map(|(name, up)| up.resolved(name, &self.gateway).scope);
+        for s in endpoints.chain(upstreams) {
             if !out.contains(&s) {
                 out.push(s);
             }
@@ -232,6 +337,12 @@ impl Manifest {
         out
     }
 }
+
+/// Headers the gateway sets or refuses to forward itself (contract 3.12); a manifest cannot configure them.
+const FORBIDDEN_UPSTREAM_HEADERS: &[&str] = &[
+    "host", "content-type", "content-length", "accept", "mcp-session-id", "mcp-protocol-version", "last-event-id",
+    "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization", "cookie",
+];
 
 pub(super) fn range(out: &mut Vec<String>, key: &str, v: u64, lo: u64, hi: u64) {
     if !(lo..=hi).contains(&v) {
