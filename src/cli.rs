@@ -15,7 +15,7 @@ pub use crate::target::Target;
     long_about = None,
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
-    after_help = "Examples:\n  create-mcpay my-api -y\n  create-mcpay my-api -t worker --endpoint search:250:read --endpoint summarize:1200\n  create-mcpay my-api --from examples/search-api.toml --no-git\n  create-mcpay add-endpoint mytool --price 250"
+    after_help = "Examples:\n  create-mcpay my-api -y\n  create-mcpay my-api -t worker --endpoint search:250:read --endpoint summarize:1200\n  create-mcpay my-api --from examples/search-api.toml --no-git\n  create-mcpay add-endpoint mytool --price 250\n  create-mcpay add-upstream weather --url https://weather.example.com/mcp --discover"
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -34,6 +34,9 @@ pub enum Command {
     /// Add a paid endpoint to the project around the current directory.
     #[command(name = "add-endpoint")]
     AddEndpoint(AddEndpointArgs),
+    /// Put a price on an MCP server that already exists: served at /mcp/NAME, billed per tools/call.
+    #[command(name = "add-upstream")]
+    AddUpstream(AddUpstreamArgs),
     /// Regenerate the generated files after a hand edit of mcpay.toml.
     Sync(SyncArgs),
     /// Exit non-zero, naming the files, when generated files differ from what mcpay.toml gives.
@@ -141,6 +144,60 @@ pub struct AddEndpointArgs {
     /// Requests per minute per key for this endpoint (default: gateway.default_rate_limit_per_minute).
     #[arg(long)]
     pub rate_limit: Option<u32>,
+
+    #[command(flatten)]
+    pub project: ProjectArgs,
+
+    /// Print what would change and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  create-mcpay add-upstream weather --url https://weather.example.com/mcp --discover\n  create-mcpay add-upstream files --command \"npx -y @acme/files-mcp\" --price 250 --tool-price read=0\n  create-mcpay add-upstream search --url https://search.example.com/mcp --header Authorization=env:SEARCH_TOKEN")]
+pub struct AddUpstreamArgs {
+    /// Upstream name: lowercase letters, digits and _, starting with a letter (served at /mcp/NAME;
+    /// endpoints and upstreams share their names).
+    pub name: String,
+
+    /// The URL of a Streamable HTTP MCP server (overridden at run time by UPSTREAM_<NAME>_URL).
+    #[arg(long, value_name = "URL", required_unless_present = "command", conflicts_with = "command")]
+    pub url: Option<String>,
+
+    /// A stdio MCP server the gateway starts and keeps alive, split like a shell would, e.g.
+    /// "npx -y @acme/weather-mcp" (axum target only: a Worker cannot start processes).
+    #[arg(long, value_name = "CMD ARGS…")]
+    pub command: Option<String>,
+
+    /// Price of one tools/call of a tool without a --tool-price, in mcents (1 mcent = 1/1000 cent).
+    #[arg(long, value_name = "MCENTS", default_value_t = crate::manifest::DEFAULT_UPSTREAM_PRICE_MCENTS)]
+    pub price: u64,
+
+    /// The price of one tool, TOOL=MCENTS (0 = free). Repeatable.
+    #[arg(long = "tool-price", value_name = "TOOL=MCENTS")]
+    pub tool_prices: Vec<String>,
+
+    /// Scope a key needs to use it (default: the upstream's name; only a given scope is written).
+    #[arg(long)]
+    pub scope: Option<String>,
+
+    /// Time limit of one request to the upstream, 1 to 600 (default: 30; only a given value is written).
+    #[arg(long, value_name = "N")]
+    pub timeout_seconds: Option<u64>,
+
+    /// A header sent to the upstream, NAME=env:VAR: its value is read from the secret/env var VAR at
+    /// run time (and by --discover), never written to mcpay.toml. Repeatable.
+    #[arg(long = "header", value_name = "NAME=env:VAR")]
+    pub headers: Vec<String>,
+
+    /// One line saying what it is (shown in /v1/pricing).
+    #[arg(long)]
+    pub description: Option<String>,
+
+    /// Connect to the upstream with the official MCP client, list its tools and write one
+    /// [upstreams.NAME.tools] entry per tool (at --price unless given a --tool-price), printed to review.
+    #[arg(long)]
+    pub discover: bool,
 
     #[command(flatten)]
     pub project: ProjectArgs,

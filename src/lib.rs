@@ -47,6 +47,7 @@ pub fn run() -> ExitCode {
     let result = match &cli.command {
         None => commands::new::run(&cli.new, &ui),
         Some(Command::AddEndpoint(args)) => commands::add_endpoint::run(args, &ui),
+        Some(Command::AddUpstream(args)) => commands::add_upstream::run(args, &ui),
         Some(Command::Sync(args)) => commands::sync::run(args, &ui),
         Some(Command::Check(args)) => commands::check::run(args, &ui),
         Some(Command::Audit(args)) => commands::audit::run(args),

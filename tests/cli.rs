@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;
 use predicates::prelude::*;
+
+mod common;
 use predicates::str::contains;
 
 fn bin() -> Command {
@@ -979,4 +981,254 @@ fn axum_lockfile_is_kept_by_cargo_for_any_name() {
             assert!(read(dir.join("Cargo.lock")) == lock, "{name}: Cargo rewrote Cargo.lock");
         }
     }
+}
+
+// ---- add-upstream (issue 14, contract 3.12) ----
+
+// The test upstream: tests/upstream/server.mjs (official TypeScript MCP SDK), via tests/common/upstream.rs.
+use common::upstream::Upstream as HttpUpstream;
+
+#[test]
+fn add_upstream_writes_the_table_keeps_comments_and_regenerates() {
+    let t = tmp();
+    let dir = t.path().join("demo");
+    new_project(&dir, &[]);
+    let before = read(dir.join("mcpay.toml"));
+    assert!(before.contains("# "), "the default manifest has comments to keep");
+    bin()
+        .current_dir(dir.join("src"))
+        .args(["add-upstream", "weather", "--url", "https://weather.example.com/mcp", "--tool-price", "forecast=250", "--tool-price", "alerts=0"])
+        .args(["--header", "Authorization=env:WEATHER_TOKEN", "--timeout-seconds", "20"])
+        .assert()
+        .success()
+        .stdout(
+            contains("updated   mcpay.toml")
+                .and(contains("updated   src/generated/manifest.ts"))
+                .and(contains("/mcp/weather now meters https://weather.example.com/mcp: a tools/call costs 100 mcents"))
+                .and(contains("WEATHER_TOKEN")),
+        );
+    let after = read(dir.join("mcpay.toml"));
+    assert!(after.starts_with(before.trim_end()), "everything before is kept, comments included:\n{after}");
+    assert!(
+        after.ends_with(
+            "\n[upstreams.weather]\nurl = \"https://weather.example.com/mcp\"\nprice_mcents = 100\ntimeout_seconds = 20\nheaders = { Authorization = \"env:WEATHER_TOKEN\" }\n\n[upstreams.weather.tools]\nforecast = 250\nalerts = 0\n"
+        ),
+        "{after}"
+    );
+    let m = read(dir.join("src/generated/manifest.ts"));
+    assert!(m.contains(r#"SCOPES = ["example","weather"]"#), "the upstream's scope joins SCOPES:\n{m}");
+    for needle in [
+        r#"name: "weather""#,
+        r#"url: "https://weather.example.com/mcp""#,
+        r#"urlEnv: "UPSTREAM_WEATHER_URL""#,
+        r#"tools: [["forecast", 250], ["alerts", 0]]"#,
+        r#"headers: [["Authorization", "WEATHER_TOKEN"]]"#,
+        "timeoutMs: 20000",
+    ] {
+        assert!(m.contains(needle), "missing {needle} in:\n{m}");
+    }
+    bin().current_dir(&dir).arg("check").assert().success();
+
+    // A second upstream without tool prices gets no tools table; --price and --scope are written.
+    bin()
+        .current_dir(&dir)
+        .args(["add-upstream", "maps", "--url", "http://127.0.0.1:9/mcp", "--price", "7", "--scope", "geo", "--description", "Maps"])
+        .assert()
+        .success();
+    let after2 = read(dir.join("mcpay.toml"));
+    assert!(after2.starts_with(after.trim_end()));
+    assert!(after2.ends_with("\n[upstreams.maps]\nurl = \"http://127.0.0.1:9/mcp\"\nprice_mcents = 7\nscope = \"geo\"\ndescription = \"Maps\"\n"), "{after2}");
+    assert!(read(dir.join("src/generated/manifest.ts")).contains(r#"SCOPES = ["example","weather","geo"]"#));
+
+    // check and sync cover upstreams: a hand edit of a tool price makes the generated table stale.
+    let toml = after2.replace("forecast = 250", "forecast = 300 # raised");
+    fs::write(dir.join("mcpay.toml"), &toml).unwrap();
+    bin().current_dir(&dir).arg("check").assert().failure().stderr(contains("src/generated/manifest.ts").and(contains(r#"["forecast", 300]"#)));
+    bin().current_dir(&dir).arg("sync").assert().success().stdout(contains("updated   src/generated/manifest.ts"));
+    bin().current_dir(&dir).arg("check").assert().success();
+    assert!(read(dir.join("src/generated/manifest.ts")).contains(r#"["forecast", 300]"#));
+
+    // check reports an upstream's problems, naming the key and the fix.
+    fs::write(dir.join("mcpay.toml"), toml.replace("headers = { Authorization = \"env:WEATHER_TOKEN\" }", "headers = { Authorization = \"Bearer s3cret\" }")).unwrap();
+    let out = bin().current_dir(&dir).arg("check").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("upstreams.weather.headers.Authorization: write \"env:VAR\""), "{err}");
+    assert!(!err.contains("s3cret"), "a header value is never printed: {err}");
+}
+
+#[test]
+fn add_upstream_refusals_name_the_fix_and_change_nothing() {
+    let t = tmp();
+    let dir = t.path().join("demo");
+    new_project(&dir, &[]);
+    bin().current_dir(&dir).args(["add-upstream", "weather", "--url", "https://w.example.com/mcp"]).assert().success();
+    let snapshot = tree(&dir);
+    for (args, msg) in [
+        (vec!["weather", "--url", "https://other/mcp"], "upstream \"weather\" already exists in"),
+        (vec!["example", "--url", "https://x/mcp"], "endpoint \"example\" already exists (POST /v1/example); endpoints and upstreams share one set of names"),
+        (vec!["files", "--command", "npx -y @acme/files-mcp"], "upstreams.files.command: the worker target cannot start processes (a Cloudflare Worker has none)"),
+        (vec!["files", "--command", "node 'unterminated"], "unbalanced quotes"),
+        (vec!["x", "--url", "https://x/mcp", "--price", "0"], "--price 0: the default price of a tool call is 1 to 100000000"),
+        (vec!["x", "--url", "https://x/mcp", "--tool-price", "forecast"], "expected TOOL=MCENTS"),
+        (vec!["x", "--url", "https://x/mcp", "--tool-price", "forecast=cheap"], "\"cheap\" is not a price"),
+        (vec!["x", "--url", "https://x/mcp", "--tool-price", "forecast=100000001"], "0 (free) to 100000000"),
+        (vec!["x", "--url", "https://x/mcp", "--tool-price", "a=1", "--tool-price", "a=2"], "given twice"),
+        (vec!["x", "--url", "https://x/mcp", "--header", "Authorization=Bearer abc"], "never written to mcpay.toml"),
+        (vec!["x", "--url", "https://x/mcp", "--header", "Host=env:H"], "upstreams.x.headers.Host: the gateway sets this header itself"),
+        (vec!["x", "--url", "ftp://x/mcp"], "must be an http(s) URL"),
+        (vec!["x", "--url", "https://x/mcp", "--timeout-seconds", "601"], "upstreams.x.timeout_seconds: 601 is out of range; use 1 to 600"),
+        (vec!["x", "--url", "https://x/mcp", "--scope", "Bad"], "upstreams.x.scope"),
+        (vec!["Weather", "--url", "https://x/mcp"], "invalid upstream name"),
+        (vec!["admin", "--url", "https://x/mcp"], "reserved"),
+        (vec!["x"], "--url"),
+        (vec!["x", "--url", "https://x/mcp", "--command", "node s.mjs"], "cannot be used with"),
+    ] {
+        let out = bin().current_dir(&dir).arg("add-upstream").args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(msg), "{args:?}: expected {msg:?} in:\n{err}");
+        assert!(!err.contains("abc"), "a header value is never printed: {err}");
+        assert_eq!(tree(&dir), snapshot, "{args:?} changed files");
+    }
+
+    // --dry-run prints what would change and writes nothing.
+    bin()
+        .current_dir(&dir)
+        .args(["add-upstream", "maps", "--url", "https://maps.example.com/mcp", "--dry-run"])
+        .assert()
+        .success()
+        .stdout(contains("dry run").and(contains("mcpay.toml")).and(contains("src/generated/manifest.ts")));
+    assert_eq!(tree(&dir), snapshot);
+
+    // A stdio server is fine on axum: the command is split like a shell does.
+    let ax = t.path().join("ax");
+    new_project(&ax, &["-t", "axum"]);
+    bin().current_dir(&ax).args(["add-upstream", "files", "--command", "npx -y '@acme/files mcp'"]).assert().success();
+    assert!(read(ax.join("mcpay.toml")).ends_with("[upstreams.files]\ncommand = [\"npx\", \"-y\", \"@acme/files mcp\"]\nprice_mcents = 100\n"));
+    assert!(read(ax.join("src/generated/mod.rs")).contains(r#"UpstreamTransport::Command(&["npx", "-y", "@acme/files mcp"])"#));
+    bin().current_dir(&ax).arg("check").assert().success();
+    let mpp = t.path().join("mpp");
+    new_project(&mpp, &["-t", "mpp"]);
+    bin().current_dir(&mpp).args(["add-upstream", "files", "--command", "npx x"]).assert().failure().stderr(contains("the mpp target cannot start processes"));
+}
+
+#[test]
+fn add_upstream_discover_lists_the_tools_of_a_real_mcp_server() {
+    let up = HttpUpstream::start();
+    let t = tmp();
+    let dir = t.path().join("demo");
+    new_project(&dir, &[]);
+    let snapshot = tree(&dir);
+    let args = ["add-upstream", "weather", "--url", &up.url, "--discover", "--tool-price", "forecast=250", "--tool-price", "alerts=0", "--header", "X-Upstream-Token=env:H1_UPSTREAM_TOKEN"];
+
+    // The header's env var must be set for discovery; nothing is written without it.
+    bin().current_dir(&dir).args(args).env_remove("H1_UPSTREAM_TOKEN").assert().failure().stderr(contains("H1_UPSTREAM_TOKEN, which is not set"));
+    assert_eq!(tree(&dir), snapshot);
+    assert_eq!(up.stats()["mcp_requests"], 0, "nothing was sent without the header");
+
+    let out = bin().current_dir(&dir).args(args).env("H1_UPSTREAM_TOKEN", "tok-123").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    // The table to review: every tool with its price and the first line of its description.
+    let row = |tool: &str| stdout.lines().find(|l| l.split_whitespace().next() == Some(tool)).unwrap_or_else(|| panic!("no row for {tool} in:\n{stdout}")).to_string();
+    assert!(row("forecast").contains(" 250  Weather forecast for a city"), "{stdout}");
+    assert!(row("alerts").contains(" 0  "), "{stdout}");
+    assert!(row("echo").contains(" 100  "), "{stdout}");
+    let stats = up.stats();
+    assert_eq!(stats["methods"]["initialize"], 1, "{stats}");
+    assert_eq!(stats["methods"]["tools/list"], 1, "{stats}");
+    assert_eq!(stats["tools_call"], serde_json::json!({}), "discovery calls no tool: {stats}");
+    assert_eq!(stats["last_headers"]["x-upstream-token"], "tok-123", "the configured header is sent: {stats}");
+
+    let toml = read(dir.join("mcpay.toml"));
+    let tools = toml.split("[upstreams.weather.tools]\n").nth(1).unwrap_or_else(|| panic!("{toml}"));
+    assert_eq!(
+        tools,
+        "forecast = 250\nalerts = 0\necho = 100\nfail = 100\ntool_error = 100\nslow = 100\nprogress = 100\nwhoami = 100\nbig = 100\n",
+        "one entry per tool, in the upstream's order, at the default price unless given"
+    );
+    assert!(read(dir.join("src/generated/manifest.ts")).contains(r#"["forecast", 250], ["alerts", 0], ["echo", 100]"#));
+    bin().current_dir(&dir).arg("check").assert().success();
+
+    // An unreachable or wrong upstream: a clear error, nothing written.
+    let snapshot = tree(&dir);
+    let dead = format!("{}/nope", up.url.strip_suffix("/mcp").unwrap());
+    let out = bin().current_dir(&dir).args(["add-upstream", "other", "--url", &dead, "--discover"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&format!("could not reach {dead}: ")) && err.contains("404") && err.contains("check the URL or run without --discover"), "{err}");
+    drop(up);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let refused = format!("http://127.0.0.1:{port}/mcp");
+    let out = bin().current_dir(&dir).args(["add-upstream", "other", "--url", &refused, "--discover"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&format!("could not reach {refused}: ")) && err.contains("run without --discover"), "{err}");
+    assert_eq!(tree(&dir), snapshot);
+}
+
+#[test]
+fn add_upstream_discover_times_out_with_the_upstreams_timeout() {
+    // A server that accepts connections and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            keep.lock().unwrap().push(s);
+        }
+    });
+    let t = tmp();
+    let dir = t.path().join("demo");
+    new_project(&dir, &[]);
+    let snapshot = tree(&dir);
+    let started = std::time::Instant::now();
+    let out = bin().current_dir(&dir).args(["add-upstream", "slow", "--url", &url, "--discover", "--timeout-seconds", "1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&format!("could not reach {url}: no answer within 1 s")), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert_eq!(tree(&dir), snapshot);
+}
+
+#[test]
+fn add_upstream_discover_starts_a_stdio_server_on_axum() {
+    let argv = common::upstream::stdio_command();
+    let server = PathBuf::from(&argv[1]);
+    let t = tmp();
+    let dir = t.path().join("ax");
+    new_project(&dir, &["-t", "axum"]);
+    let command = format!("node '{}' --stdio", server.display());
+    let out = bin().current_dir(&dir).args(["add-upstream", "local", "--command", &command, "--discover", "--price", "5", "--tool-price", "stats=0"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("11 tool(s) listed by upstream local"), "{stdout}");
+    let toml = read(dir.join("mcpay.toml"));
+    let table = toml.split("[upstreams.local]\n").nth(1).unwrap_or_else(|| panic!("{toml}"));
+    assert!(table.starts_with(&format!("command = [\"node\", \"{}\", \"--stdio\"]\nprice_mcents = 5\n", server.display())), "{table}");
+    assert!(table.ends_with("[upstreams.local.tools]\nforecast = 5\nalerts = 5\necho = 5\nfail = 5\ntool_error = 5\nslow = 5\nprogress = 5\nwhoami = 5\nbig = 5\ncrash = 5\nstats = 0\n"), "{table}");
+    bin().current_dir(&dir).arg("check").assert().success();
+
+    // A command that does not start, or exits before answering: its reason, nothing written.
+    let snapshot = tree(&dir);
+    bin()
+        .current_dir(&dir)
+        .args(["add-upstream", "gone", "--command", "no-such-mcp-server-h1 --stdio", "--discover"])
+        .assert()
+        .failure()
+        .stderr(contains("cannot start \"no-such-mcp-server-h1\"").and(contains("check the command or run without --discover")));
+    bin()
+        .current_dir(&dir)
+        .args(["add-upstream", "gone", "--command", "node -e 'console.error(\"broken config\"); process.exit(3)'", "--discover"])
+        .assert()
+        .failure()
+        .stderr(contains("broken config"));
+    assert_eq!(tree(&dir), snapshot);
+}
+
+#[test]
+fn add_upstream_help_shows_the_default_price() {
+    bin()
+        .args(["add-upstream", "--help"])
+        .assert()
+        .success()
+        .stdout(contains("--discover").and(contains("--tool-price <TOOL=MCENTS>")).and(contains("[default: 100]")));
+    bin().arg("--help").assert().success().stdout(contains("add-upstream"));
 }

@@ -1,6 +1,7 @@
 //! One module per subcommand; each takes its clap arguments and the terminal.
 
 pub mod add_endpoint;
+pub mod add_upstream;
 pub mod audit;
 pub mod check;
 pub mod new;

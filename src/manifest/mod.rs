@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, bail};
 use toml_edit::DocumentMut;
 
-pub use edit::{clear_endpoints, insert_endpoint, set_dotted};
+pub use edit::{clear_endpoints, insert_endpoint, insert_upstream, set_dotted};
 pub use schema::*;
 
 pub const FILE_NAME: &str = "mcpay.toml";

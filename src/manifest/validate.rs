@@ -225,6 +225,11 @@ impl Manifest {
                 if argv.iter().any(|a| a.contains('\0')) {
                     out.push(format!("{at}.command: arguments cannot contain NUL characters"));
                 }
+                if up.headers.as_ref().is_some_and(|h| !h.is_empty()) {
+                    out.push(format!(
+                        "{at}.headers: a stdio server has no HTTP headers; remove `headers` and pass secrets to the command through its environment"
+                    ));
+                }
             }
         }
         if !(1..=MAX_PRICE_MCENTS).contains(&up.price_mcents) {
@@ -347,5 +352,149 @@ const FORBIDDEN_UPSTREAM_HEADERS: &[&str] = &[
 pub(super) fn range(out: &mut Vec<String>, key: &str, v: u64, lo: u64, hi: u64) {
     if !(lo..=hi).contains(&v) {
         out.push(format!("{key}: {v} is out of range; use {lo} to {hi}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(target: &str, upstreams: &str) -> Manifest {
+        let text = format!("[project]\nname = \"a\"\ntarget = \"{target}\"\n[endpoints.tool]\nprice_mcents = 1\n{upstreams}");
+        crate::manifest::parse(&text, Path::new("mcpay.toml")).unwrap().1
+    }
+
+    fn problems(target: &str, upstreams: &str) -> String {
+        manifest(target, upstreams).problems().join("\n")
+    }
+
+    const WEATHER: &str = "[upstreams.weather]\nurl = \"https://weather.example.com/mcp\"\nprice_mcents = 100\n";
+
+    #[test]
+    fn a_url_upstream_is_valid_on_every_target_with_its_defaults() {
+        for target in ["worker", "axum", "mpp"] {
+            assert_eq!(problems(target, WEATHER), "", "{target}");
+        }
+        let m = manifest("worker", WEATHER);
+        let r = m.upstreams["weather"].resolved("weather", &m.gateway);
+        assert_eq!(r.transport, UpstreamTransport::Url("https://weather.example.com/mcp".into()));
+        assert_eq!((r.scope.as_str(), r.timeout_ms, r.rate_limit_per_minute), ("weather", 30_000, 60));
+        assert_eq!((r.enabled, r.refund_tool_errors, r.description.as_str()), (true, false, ""));
+        assert!(r.headers.is_empty() && r.tools.is_empty());
+        assert_eq!(upstream_url_env("weather"), "UPSTREAM_WEATHER_URL");
+    }
+
+    #[test]
+    fn exactly_one_of_url_and_command() {
+        let both = "[upstreams.w]\nurl = \"https://x/mcp\"\ncommand = [\"node\", \"s.mjs\"]\nprice_mcents = 1\n";
+        assert!(problems("axum", both).contains("upstreams.w: set either `url` or `command`, not both"), "{}", problems("axum", both));
+        let neither = "[upstreams.w]\nprice_mcents = 1\n";
+        let p = problems("axum", neither);
+        assert!(p.contains("upstreams.w: set `url = ") && p.contains("or `command = ["), "{p}");
+        let p = problems("axum", "[upstreams.w]\nurl = \"ftp://x/mcp\"\nprice_mcents = 1\n");
+        assert!(p.contains("upstreams.w.url: \"ftp://x/mcp\" must be an http(s) URL"), "{p}");
+        let p = problems("axum", "[upstreams.w]\ncommand = []\nprice_mcents = 1\n");
+        assert!(p.contains("upstreams.w.command: the program and its arguments"), "{p}");
+    }
+
+    #[test]
+    fn a_command_is_refused_where_no_process_can_start_with_the_reason() {
+        let cmd = "[upstreams.w]\ncommand = [\"npx\", \"-y\", \"@acme/weather-mcp\"]\nprice_mcents = 1\n";
+        assert_eq!(problems("axum", cmd), "");
+        let m = manifest("axum", cmd);
+        assert_eq!(
+            m.upstreams["w"].resolved("w", &m.gateway).transport,
+            UpstreamTransport::Command(vec!["npx".into(), "-y".into(), "@acme/weather-mcp".into()])
+        );
+        for target in ["worker", "mpp"] {
+            let p = problems(target, cmd);
+            assert!(
+                p.contains(&format!("upstreams.w.command: the {target} target cannot start processes"))
+                    && p.contains("set `url` instead, or use the axum target"),
+                "{target}: {p}"
+            );
+        }
+    }
+
+    #[test]
+    fn headers_name_a_secret_and_cannot_be_the_gateways_own() {
+        let ok = format!("{WEATHER}headers = {{ Authorization = \"env:WEATHER_TOKEN\", X-Api-Key = \"env:_K2\" }}\n");
+        assert_eq!(problems("worker", &ok), "");
+        let m = manifest("worker", &ok);
+        let r = m.upstreams["weather"].resolved("weather", &m.gateway);
+        assert_eq!(r.headers, [("Authorization".to_string(), "WEATHER_TOKEN".to_string()), ("X-Api-Key".into(), "_K2".into())]);
+        for value in ["Bearer abc", "env:", "env:1BAD", "env:A-B", "ENV:A"] {
+            let p = problems("worker", &format!("{WEATHER}headers = {{ Authorization = \"{value}\" }}\n"));
+            assert!(p.contains("upstreams.weather.headers.Authorization: write \"env:VAR\" (e.g. \"env:WEATHER_TOKEN\")"), "{value}: {p}");
+            assert!(!p.contains("abc"), "a header value is never echoed: {p}");
+        }
+        for header in ["Host", "content-type", "Mcp-Session-Id", "Cookie", "Transfer-Encoding", "Proxy-Authorization"] {
+            let p = problems("worker", &format!("{WEATHER}headers = {{ {header} = \"env:X\" }}\n"));
+            assert!(p.contains(&format!("upstreams.weather.headers.{header}: the gateway sets this header itself")), "{header}: {p}");
+        }
+        let p = problems("worker", &format!("{WEATHER}headers = {{ \"Bad Header\" = \"env:X\" }}\n"));
+        assert!(p.contains("\"Bad Header\" is not an HTTP header name"), "{p}");
+    }
+
+    #[test]
+    fn upstreams_and_endpoints_share_one_namespace() {
+        let p = problems("worker", "[upstreams.tool]\nurl = \"https://x/mcp\"\nprice_mcents = 1\n");
+        assert!(p.contains("upstreams.tool: an endpoint is already named \"tool\""), "{p}");
+        let p = problems("mpp", "[upstreams.execute_code]\nurl = \"https://x/mcp\"\nprice_mcents = 1\n");
+        assert!(p.contains("upstreams.execute_code: an endpoint is already named"), "{p}");
+        for bad in ["Weather", "admin", "match"] {
+            let p = problems("worker", &format!("[upstreams.{bad}]\nurl = \"https://x/mcp\"\nprice_mcents = 1\n"));
+            assert!(p.contains(&format!("upstreams.{bad}: ")), "{bad}: {p}");
+        }
+    }
+
+    #[test]
+    fn prices_ranges_and_tools() {
+        let p = problems("worker", &WEATHER.replace("price_mcents = 100", "price_mcents = 0"));
+        assert!(p.contains("upstreams.weather.price_mcents: 0 is out of range") && p.contains("listed in [upstreams.weather.tools] with 0"), "{p}");
+        let p = problems("worker", &WEATHER.replace("price_mcents = 100", &format!("price_mcents = {}", MAX_PRICE_MCENTS + 1)));
+        assert!(p.contains("upstreams.weather.price_mcents"), "{p}");
+        let tools = format!("{WEATHER}[upstreams.weather.tools]\nforecast = 250\nalerts = 0\n\"odd name\" = {MAX_PRICE_MCENTS}\n");
+        assert_eq!(problems("worker", &tools), "", "a free tool (0) and the maximum price are fine");
+        let m = manifest("worker", &tools);
+        assert_eq!(m.upstreams["weather"].resolved("weather", &m.gateway).tools.into_iter().collect::<Vec<_>>(), [
+            ("forecast".to_string(), 250),
+            ("alerts".to_string(), 0),
+            ("odd name".to_string(), MAX_PRICE_MCENTS)
+        ]);
+        let p = problems("worker", &format!("{WEATHER}[upstreams.weather.tools]\nforecast = {}\n\"\" = 1\n", MAX_PRICE_MCENTS + 1));
+        assert!(p.contains("upstreams.weather.tools.forecast: 100000001 is out of range; use 0 (free)"), "{p}");
+        assert!(p.contains("upstreams.weather.tools: \"\" is not a tool name"), "{p}");
+        for (key, bad, needle) in [
+            ("timeout_seconds", "0", "upstreams.weather.timeout_seconds: 0 is out of range; use 1 to 600"),
+            ("timeout_seconds", "601", "upstreams.weather.timeout_seconds: 601 is out of range; use 1 to 600"),
+            ("rate_limit_per_minute", "0", "upstreams.weather.rate_limit_per_minute: 0 is out of range"),
+            ("scope", "\"Bad\"", "upstreams.weather.scope: "),
+            ("description", "\"two\\nlines\"", "upstreams.weather.description: one line"),
+        ] {
+            let p = problems("worker", &format!("{WEATHER}{key} = {bad}\n"));
+            assert!(p.contains(needle), "{key} = {bad}: {p}");
+        }
+        let m = manifest("worker", &format!("{WEATHER}timeout_seconds = 600\nrate_limit_per_minute = 5\n"));
+        assert_eq!(m.problems(), Vec::<String>::new());
+        let r = m.upstreams["weather"].resolved("weather", &m.gateway);
+        assert_eq!((r.timeout_ms, r.rate_limit_per_minute), (600_000, 5));
+    }
+
+    #[test]
+    fn unknown_upstream_keys_are_refused() {
+        let text = format!("[project]\nname = \"a\"\ntarget = \"worker\"\n[endpoints.tool]\nprice_mcents = 1\n{WEATHER}prise_mcents = 1\n");
+        let err = crate::manifest::parse(&text, Path::new("mcpay.toml")).unwrap_err().to_string();
+        assert!(err.contains("prise_mcents"), "{err}");
+    }
+
+    #[test]
+    fn scopes_include_upstream_scopes_after_the_endpoints_without_repeats() {
+        let m = manifest(
+            "worker",
+            &format!("{WEATHER}[upstreams.files]\nurl = \"https://f/mcp\"\nprice_mcents = 1\nscope = \"tool\"\n[upstreams.maps]\nurl = \"https://m/mcp\"\nprice_mcents = 1\nscope = \"geo\"\n"),
+        );
+        assert_eq!(m.problems(), Vec::<String>::new());
+        assert_eq!(m.scopes(), ["tool", "weather", "geo"]);
     }
 }

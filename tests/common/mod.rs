@@ -5,6 +5,7 @@
 pub mod chain;
 pub mod node;
 pub mod crash;
+pub mod upstream;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

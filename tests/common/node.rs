@@ -166,3 +166,53 @@ fn wrangler_dev(dir: &Path, xdg: &Path, port: u16, admin: Option<&str>, state: &
     }
     Server::spawn_logged(dev, Some(log_path))
 }
+
+/// `npm ci` in `dir` (a harness of tests/, e.g. tests/upstream) once per checkout and lockfile: a
+/// marker in node_modules holds the lockfile it was installed from; concurrent tests wait on a lock.
+pub fn npm_ci_once(dir: &Path) {
+    use std::time::{Duration, Instant};
+    let lockfile = std::fs::read(dir.join("package-lock.json")).unwrap_or_else(|e| panic!("{}/package-lock.json: {e}", dir.display()));
+    let marker = dir.join("node_modules/.mcpay-installed");
+    let current = || std::fs::read(&marker).is_ok_and(|m| m == lockfile);
+    if current() {
+        return;
+    }
+    let tmp = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let name = dir.file_name().unwrap().to_string_lossy().to_string();
+    // A lock held by creating a directory (atomic); one left by a process that died is taken over.
+    let lock = tmp.join(format!("{name}-install.lock"));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        std::fs::create_dir_all(&tmp).unwrap();
+        match std::fs::create_dir(&lock) {
+            Ok(()) => {
+                std::fs::write(lock.join("pid"), std::process::id().to_string()).unwrap();
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let holder = std::fs::read_to_string(lock.join("pid")).ok();
+                if holder.is_some_and(|pid| !Path::new(&format!("/proc/{}", pid.trim())).exists()) {
+                    let _ = std::fs::remove_dir_all(&lock);
+                    continue;
+                }
+                assert!(Instant::now() < deadline, "{} is still held after 600 s", lock.display());
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => panic!("cannot create {}: {e}", lock.display()),
+        }
+    }
+    struct Unlock(std::path::PathBuf);
+    impl Drop for Unlock {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _unlock = Unlock(lock);
+    if current() {
+        return;
+    }
+    let xdg = tmp.join(format!("{name}-xdg"));
+    std::fs::create_dir_all(&xdg).unwrap();
+    npm(dir, &xdg, &["ci", "--ignore-scripts", "--no-audit", "--no-fund"]);
+    std::fs::write(&marker, &lockfile).unwrap();
+}
