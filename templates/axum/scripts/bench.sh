@@ -3,13 +3,14 @@
 # drives GET /v1/health and paid calls with many concurrent connections across many keys
 # (examples/bench.rs), prints requests/s, p50/p99 latency and peak RSS, then checks that no
 # key overdrew. Bounded: BENCH_REQUESTS (default 20000) per phase, BENCH_SECONDS (default 30)
-# per phase, BENCH_CONCURRENCY (default 64).
+# per phase, BENCH_CONCURRENCY (default 64). Then examples/bench_proxy.rs: what /mcp/<name> adds to
+# an MCP server (p50/p99 and throughput, proxied versus direct).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bin=$(sed -n 's/^name = "\(.*\)"/\1/p' Cargo.toml | head -1)
 echo "building $bin (release)..."
-cargo build --release --locked --bin "$bin" --example bench
+cargo build --release --locked --bin "$bin" --example bench --example bench_proxy
 
 work=$(mktemp -d)
 server_pid=""
@@ -36,3 +37,8 @@ echo "server pid $server_pid on $addr"
 
 BENCH_URL="http://$addr" BENCH_DATABASE_URL="sqlite:$work/bench.db" BENCH_SERVER_PID="$server_pid" \
   timeout 600 "$target_dir/release/examples/bench"
+
+# /mcp/<name>: a paid tools/call through the gateway versus the same MCP server called directly
+# (both started by the example, in one run).
+echo
+NO_COLOR=1 RUST_LOG=warn timeout 600 "$target_dir/release/examples/bench_proxy"

@@ -51,6 +51,8 @@ pub struct AppState {
     body_read_timeout_ms: std::sync::atomic::AtomicU64,
     /// MCP_ALLOWED_HOSTS (see [`AppState::set_mcp_allowed_hosts`]).
     mcp_allowed_hosts: std::sync::RwLock<Vec<String>>,
+    /// The metered MCP servers of `/mcp/<name>` (see [`AppState::set_upstreams`]).
+    upstreams: std::sync::RwLock<Arc<crate::proxy::Upstreams>>,
 }
 
 impl AppState {
@@ -68,7 +70,8 @@ impl AppState {
         signup: Signup,
     ) -> Arc<Self> {
         let body_read_timeout_ms = (crate::config::DEFAULT_BODY_READ_TIMEOUT.as_millis() as u64).into();
-        Arc::new(AppState { store, limiter, admin_key, handlers, signup, body_read_timeout_ms, mcp_allowed_hosts: Default::default() })
+        let upstreams = std::sync::RwLock::new(Arc::new(crate::proxy::Upstreams::generated()));
+        Arc::new(AppState { store, limiter, admin_key, handlers, signup, body_read_timeout_ms, mcp_allowed_hosts: Default::default(), upstreams })
     }
 
     /// How long a request body may take to arrive once its headers are read (BODY_READ_TIMEOUT_MS;
@@ -91,6 +94,18 @@ impl AppState {
 
     pub fn mcp_allowed_hosts(&self) -> Vec<String> {
         self.mcp_allowed_hosts.read().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    /// The upstream MCP servers served at `/mcp/<name>` (default: `generated::UPSTREAMS` from
+    /// mcpay.toml with the process environment; tests pass their own).
+    pub fn set_upstreams(&self, upstreams: crate::proxy::Upstreams) {
+        if let Ok(mut u) = self.upstreams.write() {
+            *u = Arc::new(upstreams);
+        }
+    }
+
+    pub fn upstreams(&self) -> Arc<crate::proxy::Upstreams> {
+        self.upstreams.read().map(|u| u.clone()).unwrap_or_else(|e| e.into_inner().clone())
     }
 }
 
@@ -166,9 +181,16 @@ async fn entry(State(app): State<Arc<AppState>>, req: Request) -> Response {
     let admin = is_admin_path(&path);
     let route = Route::find(&path);
     let mcp = path == crate::mcp::PATH;
+    let upstream = crate::proxy::upstream_name(&path).map(str::to_string);
     let timeout = app.body_read_timeout();
     let answer = async {
-        if mcp { crate::mcp::serve(&app, req, &request_id).await } else { dispatch(&app, route, req, &request_id, admin).await }
+        if mcp {
+            crate::mcp::serve(&app, req, &request_id).await
+        } else if let Some(name) = &upstream {
+            crate::proxy::serve(&app, name, req, &request_id).await
+        } else {
+            dispatch(&app, route, req, &request_id, admin).await
+        }
     };
     let mut res = match crate::body::with_body_deadline(timeout, answer).await {
         Ok(res) => res,
@@ -180,14 +202,20 @@ async fn entry(State(app): State<Arc<AppState>>, req: Request) -> Response {
         strip_cors(h);
     } else if path.starts_with("/v1/") {
         add_cors(h);
-    } else if mcp {
+    } else if mcp || upstream.is_some() {
         crate::mcp::add_cors(h);
     }
     // Never log keys: no headers, no query string, no raw path.
     tracing::info!(
         request_id = %request_id,
         method = %method,
-        route = if mcp { crate::mcp::PATH } else { route.map_or("(unmatched)", Route::label) },
+        route = if mcp {
+            crate::mcp::PATH
+        } else if upstream.is_some() {
+            crate::proxy::ROUTE_LABEL
+        } else {
+            route.map_or("(unmatched)", Route::label)
+        },
         status = res.status().as_u16(),
         ms = started.elapsed().as_millis() as u64,
         "request"
@@ -214,7 +242,7 @@ async fn dispatch(app: &Arc<AppState>, route: Option<Route>, req: Request, reque
     }
     match route {
         Route::Health => Ok(health()),
-        Route::Pricing => Ok(pricing()),
+        Route::Pricing => Ok(pricing(app)),
         Route::Me => me(app, req.headers()).await,
         Route::Ledger => ledger(app, req.headers(), req.uri().query()).await,
         Route::Leaderboard => leaderboard(app).await,
@@ -264,12 +292,12 @@ fn health() -> Response {
     json_response(StatusCode::OK, &json!({ "ok": true, "status": "ok", "service": PROJECT_NAME, "version": PROJECT_VERSION }))
 }
 
-fn pricing() -> Response {
-    json_response(StatusCode::OK, &pricing_body())
+fn pricing(app: &AppState) -> Response {
+    json_response(StatusCode::OK, &pricing_body(app))
 }
 
 /// The body of GET /v1/pricing (also the MCP `pricing` tool's result).
-pub(crate) fn pricing_body() -> Value {
+pub(crate) fn pricing_body(app: &AppState) -> Value {
     let endpoints: Vec<Value> = Endpoint::ALL
         .iter()
         .map(|ep| {
@@ -290,7 +318,8 @@ pub(crate) fn pricing_body() -> Value {
             })
         })
         .collect();
-    json!({ "ok": true, "unit": "mcents", "mcents_per_cent": 1000, "signup": pricing_entry(), "endpoints": endpoints })
+    let upstreams = app.upstreams().pricing();
+    json!({ "ok": true, "unit": "mcents", "mcents_per_cent": 1000, "signup": pricing_entry(), "endpoints": endpoints, "upstreams": upstreams })
 }
 
 #[derive(Serialize)]
@@ -553,7 +582,7 @@ impl FailedCall {
         err.extra("charged_mcents", self.charged_mcents).extra("balance_mcents", self.balance_mcents)
     }
 
-    fn http_response(&self, request_id: &str) -> Response {
+    pub(crate) fn http_response(&self, request_id: &str) -> Response {
         let mut res = self.error().into_response(request_id);
         paid_headers(&mut res, self.charged_mcents, self.balance_mcents);
         res
@@ -634,32 +663,61 @@ fn replay_response(stored: StoredResponse) -> Response {
     res
 }
 
-/// Steps 9-11 of a paid call: the hold (key → scope → Idempotency-Key → rate limit → balance,
-/// nothing written unless all pass), then the handler within its time limit, then the capture
-/// (success) or the release (failure, timeout).
-async fn hold_and_run(
-    app: &Arc<AppState>,
-    ep: Endpoint,
-    key_hash: &str,
-    call: Call,
+/// What a hold is taken for (step 9-10 of contract 3.8): the ledger's endpoint name, the scope the
+/// key needs, the price and XP, the rate limit and its bucket, and the time limit (the hold's
+/// deadline is that + the sweep margin). `POST /v1/<endpoint>`, MCP `tools/call` and the
+/// metered upstreams of `/mcp/<name>` (contract 3.12) all hold through [`take_hold`].
+pub(crate) struct HoldSpec<'a> {
+    pub endpoint: &'a str,
+    pub scope: &'a str,
+    pub price: i64,
+    pub xp: i64,
+    /// Holds per key per rolling minute counted under `rate_bucket` (0: unlimited).
+    pub rate_limit_per_minute: u32,
+    /// The rate limit's bucket is `rl:<key_id>:<rate_bucket>`.
+    pub rate_bucket: &'a str,
+    pub time_limit: Duration,
+}
+
+/// A hold taken: the key it is on and the balance after it.
+pub(crate) struct Held {
+    pub key_ref: i64,
+    pub key_id: String,
+    pub balance: i64,
+}
+
+/// What step 9 ends in when no refusal answers.
+pub(crate) enum HoldStep {
+    Held(Held),
+    /// A recorded Idempotency-Key answers instead (nothing held).
+    Idempotent(IdemFound),
+}
+
+/// Steps 9-10 for a key read by [`key_row`] (step 9: an unknown key is `401`): scope →
+/// Idempotency-Key → rate limit → balance, nothing written unless all pass, then the hold (one
+/// atomic step per key; a key deleted meanwhile is `401`). A refusal is an `Err` with the
+/// no-charge note.
+pub(crate) async fn take_hold(
+    app: &AppState,
+    spec: &HoldSpec<'_>,
+    key: &KeyRow,
     request_id: &str,
-    idem: Option<Idem>,
-    face: Face,
-) -> Result<PaidOutcome, ApiError> {
-    let key = key_row(app, key_hash, true).await?;
-    if !key.scope_list().iter().any(|s| s == ep.scope()) {
-        return Err(ApiError::new(403, "scope_denied").no_charge().extra("required_scope", ep.scope()));
+    idem: Option<&Idem>,
+) -> Result<HoldStep, ApiError> {
+    if !key.scope_list().iter().any(|s| s == spec.scope) {
+        return Err(ApiError::new(403, "scope_denied").no_charge().extra("required_scope", spec.scope));
     }
-    let idem_request = idem.as_ref().map(|i| IdemRequest { key: &i.key, body_sha256: &i.body_sha256 });
+    let idem_request = idem.map(|i| IdemRequest { key: &i.key, body_sha256: &i.body_sha256 });
     // 9b. A recorded Idempotency-Key answers before the rate limit (checked again with the hold).
     if let Some(ir) = &idem_request
-        && let Some(found) = app.store.find_idempotency(key.id, ir, ep.name()).await.map_err(|e| db_error(e, true))?
+        && let Some(found) = app.store.find_idempotency(key.id, ir, spec.endpoint).await.map_err(|e| db_error(e, true))?
     {
-        return idempotent_outcome(found);
+        return Ok(HoldStep::Idempotent(found));
     }
-    let bucket = format!("rl:{}:{}", key.key_id, ep.name());
-    let limit = ep.rate_limit_per_minute();
-    let limited = if limit == 0 { Ok(Acquire::Allowed) } else { app.limiter.acquire(&bucket, limit, MINUTE_MS, request_id).await };
+    let bucket = format!("rl:{}:{}", key.key_id, spec.rate_bucket);
+    let bucket = bucket.as_str();
+    let limit = spec.rate_limit_per_minute;
+    let limited = if limit == 0 { Ok(Acquire::Allowed) } else { app.limiter.acquire(bucket, limit, MINUTE_MS, request_id).await };
     match limited {
         Ok(Acquire::Allowed) => {}
         Ok(Acquire::Limited { retry_after_seconds }) => {
@@ -674,40 +732,136 @@ async fn hold_and_run(
             return Err(ApiError::internal().no_charge());
         }
     }
-    let price = ep.price_mcents();
-    let time_limit = app.handlers.timeout(ep);
+    let price = spec.price;
     let hold = HoldRequest {
         key_ref: key.id,
-        endpoint: ep.name(),
+        endpoint: spec.endpoint,
         price,
-        xp: ep.xp(),
+        xp: spec.xp,
         request_id,
-        timeout_ms: i64::try_from(time_limit.as_millis()).unwrap_or(i64::MAX / 2),
+        timeout_ms: i64::try_from(spec.time_limit.as_millis()).unwrap_or(i64::MAX / 2),
         idem: idem_request,
     };
-    let balance = match app.store.hold(&hold).await {
-        Ok(HoldOutcome::Held { balance_mcents, .. }) => balance_mcents,
+    match app.store.hold(&hold).await {
+        Ok(HoldOutcome::Held { balance_mcents, .. }) => Ok(HoldStep::Held(Held { key_ref: key.id, key_id: key.key_id.clone(), balance: balance_mcents })),
         other => {
             // Nothing was held: the rate-limit slot is given back (only holds count).
             if limit > 0 {
-                app.limiter.release(&bucket, request_id).await;
+                app.limiter.release(bucket, request_id).await;
             }
-            return match other {
+            match other {
                 Ok(HoldOutcome::Insufficient { balance_mcents }) => Err(ApiError::new(402, "insufficient_balance")
                     .no_charge()
                     .extra("price_mcents", price)
                     .extra("balance_mcents", balance_mcents)),
-                Ok(HoldOutcome::Idempotent(found)) => idempotent_outcome(found),
+                Ok(HoldOutcome::Idempotent(found)) => Ok(HoldStep::Idempotent(found)),
                 Ok(_) => Err(ApiError::new(401, "invalid_key").no_charge()),
                 Err(e) => Err(db_error(e, true)),
-            };
+            }
         }
+    }
+}
+
+/// Step 11, success: the capture, retried (contract 3.8). None when every attempt failed: the
+/// answer is still sent and the sweeper releases the hold.
+pub(crate) async fn capture_hold(app: &AppState, key_ref: i64, request_id: &str, stored: Option<&StoredResponse>) -> Option<CaptureOutcome> {
+    settle_with_retry(request_id, "capture", || app.store.capture(key_ref, request_id, stored)).await
+}
+
+/// How a failed call is presented: its status, code and the messages of its three endings.
+pub(crate) struct FailureText {
+    pub status: u16,
+    pub code: &'static str,
+    /// Released.
+    pub released: &'static str,
+    /// Captured past the refund cap (caller failures only).
+    pub kept: &'static str,
+    /// The release kept failing: left to the sweeper.
+    pub pending: &'static str,
+}
+
+/// Step 11, failure: the release (or, for a caller failure past the cap, the capture), retried;
+/// when every attempt failed the hold is left to the sweeper (`refund_pending`).
+pub(crate) async fn release_hold(
+    app: &AppState,
+    key_ref: i64,
+    request_id: &str,
+    reason: ReleaseReason,
+    price: i64,
+    balance: i64,
+    text: &FailureText,
+) -> FailedCall {
+    let Some(settled) = settle_with_retry(request_id, "release", || app.store.release(key_ref, request_id, reason)).await else {
+        // The hold stays until the sweeper releases it (within the time limit + the sweep margin).
+        return FailedCall {
+            status: text.status,
+            code: text.code,
+            message: text.pending,
+            refunded: false,
+            charged_mcents: price,
+            balance_mcents: balance,
+            refund_pending: Some(true),
+        };
     };
+    FailedCall {
+        status: text.status,
+        code: text.code,
+        message: if settled.refunded { text.released } else { text.kept },
+        refunded: settled.refunded,
+        charged_mcents: if settled.refunded { 0 } else { price },
+        balance_mcents: settled.balance_mcents,
+        refund_pending: None,
+    }
+}
+
+const HANDLER_TIMEOUT: FailureText = FailureText {
+    status: 504,
+    code: "handler_timeout",
+    released: TIMEOUT_MESSAGE,
+    kept: TIMEOUT_MESSAGE,
+    pending: "The endpoint handler failed; the held price will be released shortly.",
+};
+
+const HANDLER_FAILED: FailureText = FailureText {
+    status: 502,
+    code: "handler_failed",
+    released: "The endpoint handler failed; the charge was refunded.",
+    kept: "The endpoint handler failed; the hourly refund limit for this key is reached, so the charge stands.",
+    pending: "The endpoint handler failed; the held price will be released shortly.",
+};
+
+/// Steps 9-11 of a paid call: the hold ([`take_hold`]), then the handler within its time limit,
+/// then the capture (success) or the release (failure, timeout).
+async fn hold_and_run(
+    app: &Arc<AppState>,
+    ep: Endpoint,
+    key_hash: &str,
+    call: Call,
+    request_id: &str,
+    idem: Option<Idem>,
+    face: Face,
+) -> Result<PaidOutcome, ApiError> {
+    let time_limit = app.handlers.timeout(ep);
+    let spec = HoldSpec {
+        endpoint: ep.name(),
+        scope: ep.scope(),
+        price: ep.price_mcents(),
+        xp: ep.xp(),
+        rate_limit_per_minute: ep.rate_limit_per_minute(),
+        rate_bucket: ep.name(),
+        time_limit,
+    };
+    let key = key_row(app, key_hash, true).await?;
+    let held = match take_hold(app, &spec, &key, request_id, idem.as_ref()).await? {
+        HoldStep::Held(held) => held,
+        HoldStep::Idempotent(found) => return idempotent_outcome(found),
+    };
+    let (price, balance) = (spec.price, held.balance);
 
     // 10. The handler, within its time limit.
     let ctx = Context {
         endpoint: ep,
-        key_id: key.key_id.clone(),
+        key_id: held.key_id.clone(),
         request_id: request_id.to_string(),
         charged_mcents: price,
         balance_mcents: balance,
@@ -718,8 +872,7 @@ async fn hold_and_run(
     // 11. Capture or release.
     let failure = match outcome {
         Outcome::Success { answer, stored } => {
-            let captured = settle_with_retry(request_id, "capture", || app.store.capture(key.id, request_id, stored.as_ref())).await;
-            return match captured {
+            return match capture_hold(app, held.key_ref, request_id, stored.as_ref()).await {
                 // Captured; or the capture kept failing: the answer is still sent and the sweeper
                 // releases the hold (the gateway never keeps money for an outcome it did not record).
                 Some(CaptureOutcome::Captured { .. }) | None => Ok(PaidOutcome::Success(answer)),
@@ -746,35 +899,12 @@ async fn hold_and_run(
         Some(error) => tracing::error!(request_id, endpoint = ep.name(), error = %error, "handler failed"),
         None => tracing::error!(request_id, endpoint = ep.name(), timeout_ms = time_limit.as_millis() as u64, "handler timed out"),
     }
-    let reason = if timed_out { ReleaseReason::Timeout } else { ReleaseReason::Caller { cap: GATEWAY.refunds_per_key_per_hour } };
-    let (status, code) = if timed_out { (504, "handler_timeout") } else { (502, "handler_failed") };
-    let Some(settled) = settle_with_retry(request_id, "release", || app.store.release(key.id, request_id, reason)).await else {
-        // The hold stays until the sweeper releases it (within the time limit + the sweep margin).
-        return Ok(PaidOutcome::Failed(FailedCall {
-            status,
-            code,
-            message: "The endpoint handler failed; the held price will be released shortly.",
-            refunded: false,
-            charged_mcents: price,
-            balance_mcents: balance,
-            refund_pending: Some(true),
-        }));
+    let (reason, text) = if timed_out {
+        (ReleaseReason::Timeout, &HANDLER_TIMEOUT)
+    } else {
+        (ReleaseReason::Caller { cap: GATEWAY.refunds_per_key_per_hour }, &HANDLER_FAILED)
     };
-    let message = match (timed_out, settled.refunded) {
-        (true, _) => TIMEOUT_MESSAGE,
-        (false, true) => "The endpoint handler failed; the charge was refunded.",
-        (false, false) => "The endpoint handler failed; the hourly refund limit for this key is reached, so the charge stands.",
-    };
-    let charged = if settled.refunded { 0 } else { price };
-    Ok(PaidOutcome::Failed(FailedCall {
-        status,
-        code,
-        message,
-        refunded: settled.refunded,
-        charged_mcents: charged,
-        balance_mcents: settled.balance_mcents,
-        refund_pending: None,
-    }))
+    Ok(PaidOutcome::Failed(release_hold(app, held.key_ref, request_id, reason, price, balance, text).await))
 }
 
 const TIMEOUT_MESSAGE: &str = "The endpoint handler did not finish in time; the held price was released.";

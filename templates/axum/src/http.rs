@@ -58,6 +58,10 @@ fn default_message(code: &str) -> &'static str {
         "payment_in_progress" => "This payment is being processed by another request; retry shortly.",
         "payment_unavailable" => "The payment service is unavailable; nothing was charged.",
         "signup_unavailable" => "Signup is not configured on this server.",
+        "upstream_failed" => "The upstream MCP server failed.",
+        "upstream_timeout" => "The upstream MCP server did not answer in time.",
+        "upstream_disabled" => "This upstream MCP server is paused on this gateway.",
+        "upstream_unavailable" => "This upstream MCP server is not configured on this gateway.",
         _ => "Internal error.",
     }
 }

@@ -11,6 +11,7 @@ pub mod keys;
 pub mod levels;
 pub mod mcp;
 pub mod mint;
+pub mod proxy;
 pub mod ratelimit;
 pub mod shape;
 pub mod signup;
@@ -172,6 +173,8 @@ pub async fn start_hold_sweeper(store: Store, every: Duration) -> tokio::task::J
 pub async fn run(config: Config) -> Result<(), BoxError> {
     signup::install_tls_provider();
     let state = state_from_config(&config).await?;
+    // The stdio MCP servers of `command` upstreams start now rather than on their first call.
+    state.upstreams().start_stdio().await;
     let listener = tokio::net::TcpListener::bind(config.bind).await.map_err(|e| format!("bind {}: {e}", config.bind))?;
     tracing::info!(
         service = generated::PROJECT_NAME,

@@ -138,7 +138,7 @@ fn mcp_service(app: &AppState) -> StreamableHttpService<Gateway, NeverSessionMan
 /// become JSON-RPC errors so that every body is JSON (contract section 2). rmcp answers 415 to a
 /// JSON body that is not a JSON-RPC message too (`{}`, `"id": null`, `_meta` a string); with a JSON
 /// Content-Type that is an invalid request (400 -32600), as on the Workers targets' 400.
-async fn finish(res: Response, json_body: bool) -> Response {
+pub(crate) async fn finish(res: Response, json_body: bool) -> Response {
     let is_json = res
         .headers()
         .get(header::CONTENT_TYPE)
@@ -167,12 +167,12 @@ async fn finish(res: Response, json_body: bool) -> Response {
     res
 }
 
-fn parse_error() -> Response {
+pub(crate) fn parse_error() -> Response {
     rpc_error_response(StatusCode::BAD_REQUEST, ErrorCode::PARSE_ERROR, "Parse error: the body is not JSON the gateway can read (invalid UTF-8 or JSON, or nested more than 128 levels deep).", Value::Null, None)
 }
 
 /// A JSON-RPC error answered by the gateway itself (before or instead of the MCP server).
-fn rpc_error_response(status: StatusCode, code: ErrorCode, message: &str, id: Value, data: Option<Value>) -> Response {
+pub(crate) fn rpc_error_response(status: StatusCode, code: ErrorCode, message: &str, id: Value, data: Option<Value>) -> Response {
     let mut error = json!({ "code": code.0, "message": message });
     if let Some(data) = data {
         error["data"] = data;
@@ -182,7 +182,7 @@ fn rpc_error_response(status: StatusCode, code: ErrorCode, message: &str, id: Va
 
 /// A refusal of the billing core as the JSON-RPC error of contract 3.11: `data` carries the
 /// contract's `code`, the no-charge note and the same extra fields as HTTP.
-fn rpc_error(err: &ApiError) -> ErrorData {
+pub(crate) fn rpc_error(err: &ApiError) -> ErrorData {
     let code = match err.code {
         "invalid_input" | "not_found" => ErrorCode::INVALID_PARAMS,
         "insufficient_balance" => ErrorCode(-32002),
@@ -300,7 +300,7 @@ impl ServerHandler for Gateway {
         };
         let name = params.name.as_ref();
         if name == "pricing" {
-            return to_result(tool_result(&pricing_body(), false, None));
+            return to_result(tool_result(&pricing_body(&mcp.app), false, None));
         }
         if name == "balance" {
             let Some(hash) = mcp.key_hash.as_deref() else { return Err(rpc_error(&ApiError::new(401, "missing_key"))) };

@@ -234,6 +234,9 @@ pub enum ReleaseReason {
     Timeout,
     /// The gateway's own failure: always released, never counted.
     Ours,
+    /// A metered upstream MCP server failed the call (unreachable, 5xx, timeout, JSON-RPC error;
+    /// an `isError` result with `refund_tool_errors`): always released, never counted (contract 3.12).
+    Upstream,
     /// Swept past its deadline (see [`Store::release_expired`]).
     Expired,
 }
@@ -244,6 +247,7 @@ impl ReleaseReason {
             ReleaseReason::Caller { .. } => "caller",
             ReleaseReason::Timeout => "timeout",
             ReleaseReason::Ours => "ours",
+            ReleaseReason::Upstream => "upstream",
             ReleaseReason::Expired => "expired",
         }
     }

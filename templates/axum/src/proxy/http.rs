@@ -1,0 +1,565 @@
+//! `url` upstreams: the JSON-RPC messages of `/mcp/<name>` forwarded over Streamable HTTP with
+//! reqwest. Free messages stream through untouched; a `tools/list` answer and a paid
+//! `tools/call` answer are read (JSON: whole, bounded; SSE: event by event, streamed on) so
+//! that the response can be rewritten and, for a paid call, settled before it is written.
+//! The exchange with the upstream runs in a task of its own that feeds the caller's body through
+//! a channel: a caller that goes away does not stop the upstream's answer from being read (within
+//! `timeout_ms`) and the hold from being settled.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::Response;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Checked, Kind, MAX_ANSWER_BYTES, UPSTREAM_FAILED, UPSTREAM_TIMEOUT};
+use crate::app::{AppState, FailedCall, FailureText, HoldSpec, HoldStep, capture_hold, release_hold, take_hold};
+use crate::body::read_bounded;
+use crate::generated::{GATEWAY, UpstreamConfig};
+use crate::http::{ApiError, base_headers, set_header};
+use crate::store::{CaptureOutcome, KeyRow, ReleaseReason};
+
+/// Where a `url` upstream is reached: its URL (after the env override), the configured headers
+/// with their values, and the shared client.
+pub(crate) struct Target {
+    pub url: String,
+    pub headers: Vec<(&'static str, String)>,
+    pub client: reqwest::Client,
+}
+
+/// Request headers forwarded to the upstream (besides the configured ones). Never the caller's
+/// Authorization, Cookie, X-Admin-Key, Payment* or hop-by-hop headers.
+const FORWARD_REQUEST: [HeaderName; 5] = [
+    header::CONTENT_TYPE,
+    header::ACCEPT,
+    HeaderName::from_static("mcp-session-id"),
+    HeaderName::from_static("mcp-protocol-version"),
+    HeaderName::from_static("last-event-id"),
+];
+
+/// Response headers passed back to the caller.
+const FORWARD_RESPONSE: [HeaderName; 3] =
+    [header::CONTENT_TYPE, HeaderName::from_static("mcp-session-id"), HeaderName::from_static("mcp-protocol-version")];
+
+pub(crate) async fn serve(
+    app: &Arc<AppState>,
+    u: &UpstreamConfig,
+    target: Target,
+    checked: Checked,
+    req: Request,
+    request_id: &str,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    if parts.method != Method::POST {
+        // GET (the server's event stream) and DELETE (end of a session): forwarded as they are.
+        let builder = upstream_request(&target, parts.method.clone(), &parts.headers, None);
+        return forward_free(u, builder).await;
+    }
+    let raw = match read_bounded(&parts.headers, body, GATEWAY.max_body_bytes, false).await {
+        Ok(raw) => raw,
+        Err(e) if e.code == "invalid_json" => return Ok(crate::mcp::parse_error()),
+        Err(e) => return Err(e),
+    };
+    let message = match super::check_message(&raw) {
+        Ok(m) => m,
+        Err(answer) => return Ok(*answer),
+    };
+    let kind = super::classify(u, &message);
+    let builder = upstream_request(&target, Method::POST, &parts.headers, Some(raw));
+    match kind {
+        Kind::Free => forward_free(u, builder).await,
+        Kind::List { id } => Ok(exchange(u, builder, id, Hook::List { u: *u }).await),
+        Kind::Paid { tool, price, id } => {
+            if let Err(answer) = super::check_tool_name(&tool, &id) {
+                return Ok(*answer);
+            }
+            // The hold and the exchange run in a task of their own: once the hold is taken, a
+            // caller that goes away cannot stop it from being settled.
+            let (app, u, key, rid) = (app.clone(), *u, checked.key, request_id.to_string());
+            let task = tokio::spawn(async move { paid_call(&app, &u, tool, price, id, &key, &rid, builder).await });
+            task.await.map_err(|e| {
+                tracing::error!(request_id, error = %e, "paid upstream call task failed");
+                ApiError::internal()
+            })
+        }
+    }
+}
+
+/// A paid `tools/call`: the hold of the tool's price under `<NAME>/<tool>` (refusals are
+/// JSON-RPC errors with the request's id, nothing forwarded), then the exchange.
+#[allow(clippy::too_many_arguments)]
+async fn paid_call(
+    app: &Arc<AppState>,
+    u: &UpstreamConfig,
+    tool: String,
+    price: i64,
+    id: Value,
+    key: &KeyRow,
+    request_id: &str,
+    builder: reqwest::RequestBuilder,
+) -> Response {
+    let endpoint = format!("{}/{}", u.name, tool);
+    let rate_bucket = format!("upstream:{}", u.name);
+    let spec = HoldSpec {
+        endpoint: &endpoint,
+        scope: u.scope,
+        price,
+        xp: 0,
+        rate_limit_per_minute: u.rate_limit_per_minute,
+        rate_bucket: &rate_bucket,
+        time_limit: super::time_limit(u),
+    };
+    // The call id is the request's X-Request-Id (one call per request: no batches).
+    let held = match take_hold(app, &spec, key, request_id, None).await {
+        Ok(HoldStep::Held(held)) => held,
+        Ok(HoldStep::Idempotent(_)) => return ApiError::internal().into_response(request_id),
+        Err(refused) => return super::refusal(&refused, id),
+    };
+    let paid = Paid {
+        app: app.clone(),
+        key_ref: held.key_ref,
+        price,
+        balance: held.balance,
+        call_id: request_id.to_string(),
+        refund_tool_errors: u.refund_tool_errors,
+        endpoint,
+    };
+    exchange(u, builder, id, Hook::Paid(paid)).await
+}
+
+fn upstream_request(target: &Target, method: Method, headers: &HeaderMap, body: Option<Bytes>) -> reqwest::RequestBuilder {
+    let mut out = HeaderMap::new();
+    for name in FORWARD_REQUEST {
+        for v in headers.get_all(&name) {
+            out.append(name.clone(), v.clone());
+        }
+    }
+    // MCP clients accept both answer types; scripts often send no Accept or `*/*` (taken, as
+    // /mcp takes it): the upstream is asked for what the transport needs.
+    let accept = out.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    if method == Method::GET && !accept.contains("text/event-stream") {
+        out.insert(header::ACCEPT, HeaderValue::from_static("text/event-stream"));
+    } else if method == Method::POST && !(accept.contains("application/json") && accept.contains("text/event-stream")) {
+        out.insert(header::ACCEPT, HeaderValue::from_static("application/json, text/event-stream"));
+    }
+    for (name, value) in &target.headers {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+            out.insert(n, v);
+        }
+    }
+    let mut builder = target.client.request(method, &target.url).headers(out);
+    if let Some(body) = body {
+        builder = builder.body(body);
+    }
+    builder
+}
+
+fn duration_header(res: &mut Response, started: Instant) {
+    set_header(res.headers_mut(), "x-upstream-duration-ms", started.elapsed().as_millis() as u64);
+}
+
+fn copy_response_headers(from: &reqwest::header::HeaderMap, to: &mut HeaderMap) {
+    for name in FORWARD_RESPONSE {
+        if let Some(v) = from.get(&name) {
+            to.insert(name, v.clone());
+        }
+    }
+    base_headers(to);
+}
+
+/// A free message: the upstream's answer streamed back untouched (status, content type, session
+/// headers). No hold, no ledger row, no rate limit.
+async fn forward_free(u: &UpstreamConfig, builder: reqwest::RequestBuilder) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let resp = match tokio::time::timeout(super::time_limit(u), builder.send()).await {
+        Err(_) => return Err(ApiError::new(504, "upstream_timeout").message("The upstream MCP server did not answer in time.")),
+        Ok(Err(e)) => {
+            tracing::warn!(upstream = u.name, error = %e, "upstream unreachable");
+            return Err(ApiError::new(502, "upstream_failed").message("The upstream MCP server could not be reached."));
+        }
+        Ok(Ok(resp)) => resp,
+    };
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut headers = HeaderMap::new();
+    copy_response_headers(resp.headers(), &mut headers);
+    let mut res = Response::new(Body::from_stream(resp.bytes_stream()));
+    *res.status_mut() = status;
+    *res.headers_mut() = headers;
+    duration_header(&mut res, started);
+    Ok(res)
+}
+
+/// A paid call held for the duration of the exchange.
+pub(crate) struct Paid {
+    pub app: Arc<AppState>,
+    pub key_ref: i64,
+    pub price: i64,
+    pub balance: i64,
+    pub call_id: String,
+    pub refund_tool_errors: bool,
+    pub endpoint: String,
+}
+
+/// What the answer to the forwarded request needs: the `tools/list` rewrite, or the settlement.
+pub(crate) enum Hook {
+    List { u: UpstreamConfig },
+    Paid(Paid),
+}
+
+/// How a paid call settled, for its answer.
+pub(crate) struct Settled {
+    pub charged: i64,
+    pub balance: i64,
+    pub refunded: bool,
+}
+
+impl Paid {
+    /// Settles by the upstream's JSON-RPC response and writes the terms into its result.
+    pub(crate) async fn settle_response(&self, message: &mut Value) -> Settled {
+        let is_error_result = message.get("result").and_then(|r| r.get("isError")).and_then(Value::as_bool) == Some(true);
+        let rpc_error = message.get("error").is_some() || message.get("result").is_none();
+        let settled = if rpc_error || (is_error_result && self.refund_tool_errors) {
+            self.release(&UPSTREAM_FAILED).await
+        } else {
+            match capture_hold(&self.app, self.key_ref, &self.call_id, None).await {
+                Some(CaptureOutcome::Captured { balance_mcents }) => {
+                    Settled { charged: self.price, balance: balance_mcents, refunded: false }
+                }
+                // The capture kept failing: the answer is still sent and the sweeper releases the hold.
+                None => Settled { charged: self.price, balance: self.balance, refunded: false },
+                // Released meanwhile (swept past its deadline): nothing is charged.
+                Some(CaptureOutcome::Released { balance_mcents } | CaptureOutcome::Unknown { balance_mcents }) => {
+                    tracing::warn!(request_id = %self.call_id, endpoint = %self.endpoint, "hold released before its capture");
+                    Settled { charged: 0, balance: balance_mcents, refunded: true }
+                }
+            }
+        };
+        if let Some(result) = message.get_mut("result") {
+            super::add_terms(result, settled.charged, settled.balance, &self.call_id, settled.refunded);
+        }
+        tracing::info!(
+            request_id = %self.call_id,
+            endpoint = %self.endpoint,
+            charged_mcents = settled.charged,
+            refunded = settled.refunded,
+            "upstream call settled"
+        );
+        settled
+    }
+
+    /// Releases the hold for an upstream failure (always, never counted against the refund cap).
+    async fn release(&self, text: &FailureText) -> Settled {
+        let f = self.release_failed(text).await;
+        Settled { charged: f.charged_mcents, balance: f.balance_mcents, refunded: f.refunded }
+    }
+
+    pub(crate) async fn release_failed(&self, text: &FailureText) -> FailedCall {
+        release_hold(&self.app, self.key_ref, &self.call_id, ReleaseReason::Upstream, self.price, self.balance, text).await
+    }
+}
+
+/// The answer of a failed exchange: paid → released, the error shape with the settlement's
+/// fields; free → the error shape.
+async fn failed(hook: &Hook, text: &FailureText, request_id: &str) -> Response {
+    match hook {
+        Hook::Paid(paid) => paid.release_failed(text).await.http_response(request_id),
+        Hook::List { .. } => ApiError::new(text.status, text.code).message(text.kept).into_response(request_id),
+    }
+}
+
+fn paid_headers(res: &mut Response, charged: i64, balance: i64) {
+    set_header(res.headers_mut(), "x-charged-mcents", charged);
+    set_header(res.headers_mut(), "x-balance-mcents", balance);
+}
+
+/// Sends the request and produces the answer in a task of its own; returns as soon as the
+/// answer's head is known (JSON: once settled; SSE: at once, the events follow).
+async fn exchange(u: &UpstreamConfig, builder: reqwest::RequestBuilder, id: Value, hook: Hook) -> Response {
+    let (head_tx, head_rx) = oneshot::channel::<Response>();
+    let limit = super::time_limit(u);
+    let name = u.name;
+    let call_id = match &hook {
+        Hook::Paid(p) => p.call_id.clone(),
+        Hook::List { .. } => String::new(),
+    };
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + limit;
+        run_exchange(name, builder, id, hook, deadline, head_tx).await;
+    });
+    match head_rx.await {
+        Ok(res) => res,
+        Err(_) => ApiError::internal().into_response(&call_id),
+    }
+}
+
+async fn run_exchange(
+    name: &'static str,
+    builder: reqwest::RequestBuilder,
+    id: Value,
+    hook: Hook,
+    deadline: tokio::time::Instant,
+    head: oneshot::Sender<Response>,
+) {
+    let rid = match &hook {
+        Hook::Paid(p) => p.call_id.clone(),
+        Hook::List { .. } => String::new(),
+    };
+    let started = Instant::now();
+    let resp = match tokio::time::timeout_at(deadline, builder.send()).await {
+        Err(_) => {
+            tracing::warn!(upstream = name, request_id = %rid, "upstream timed out");
+            let mut res = failed(&hook, &UPSTREAM_TIMEOUT, &rid).await;
+            duration_header(&mut res, started);
+            let _ = head.send(res);
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(upstream = name, request_id = %rid, error = %e, "upstream unreachable");
+            let mut res = failed(&hook, &UPSTREAM_FAILED, &rid).await;
+            duration_header(&mut res, started);
+            let _ = head.send(res);
+            return;
+        }
+        Ok(Ok(resp)) => resp,
+    };
+    let headers_after = started.elapsed();
+    let status = resp.status();
+    let mut head_headers = HeaderMap::new();
+    copy_response_headers(resp.headers(), &mut head_headers);
+    set_header(&mut head_headers, "x-upstream-duration-ms", headers_after.as_millis() as u64);
+    let content_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    let sse = content_type.starts_with("text/event-stream");
+
+    if !status.is_success() || !(sse || content_type.starts_with("application/json")) {
+        // Refused or not JSON-RPC: released; a 4xx answers with the upstream's status and body.
+        let body = tokio::time::timeout_at(deadline, read_capped(resp)).await.ok().and_then(Result::ok);
+        tracing::warn!(upstream = name, request_id = %rid, status = status.as_u16(), "upstream refused the call");
+        let mut res = match (&hook, body) {
+            (Hook::Paid(paid), Some(body)) if status.is_client_error() => {
+                let f = paid.release_failed(&UPSTREAM_FAILED).await;
+                let mut res = Response::new(Body::from(body));
+                *res.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+                *res.headers_mut() = head_headers.clone();
+                paid_headers(&mut res, f.charged_mcents, f.balance_mcents);
+                res
+            }
+            (Hook::List { .. }, Some(body)) if status.is_client_error() => {
+                let mut res = Response::new(Body::from(body));
+                *res.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+                *res.headers_mut() = head_headers.clone();
+                res
+            }
+            _ => failed(&hook, &UPSTREAM_FAILED, &rid).await,
+        };
+        set_header(res.headers_mut(), "x-upstream-duration-ms", headers_after.as_millis() as u64);
+        let _ = head.send(res);
+        return;
+    }
+
+    if !sse {
+        // application/json: read whole (bounded), settled, then sent.
+        let body = match tokio::time::timeout_at(deadline, read_capped(resp)).await {
+            Err(_) => Err(&UPSTREAM_TIMEOUT),
+            Ok(Err(())) => Err(&UPSTREAM_FAILED),
+            Ok(Ok(body)) => Ok(body),
+        };
+        let message = body.and_then(|b| serde_json::from_slice::<Value>(&b).ok().filter(|m| is_response_to(m, &id)).ok_or(&UPSTREAM_FAILED));
+        let mut res = match message {
+            Err(text) => failed(&hook, text, &rid).await,
+            Ok(mut message) => {
+                let terms = apply(&hook, &mut message).await;
+                let mut res = Response::new(Body::from(serde_json::to_vec(&message).unwrap_or_default()));
+                *res.headers_mut() = head_headers;
+                if let Some(s) = terms {
+                    paid_headers(&mut res, s.charged, s.balance);
+                }
+                res
+            }
+        };
+        set_header(res.headers_mut(), "x-upstream-duration-ms", headers_after.as_millis() as u64);
+        let _ = head.send(res);
+        return;
+    }
+
+    // text/event-stream: streamed event by event; the response event is settled before it is
+    // written. Headers now: a paid call's terms are the hold's (the final ones are in `_meta`).
+    let (tx, rx) = mpsc::channel::<Bytes>(32);
+    let body = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx)) });
+    let mut res = Response::new(Body::from_stream(body));
+    *res.headers_mut() = head_headers;
+    if let Hook::Paid(p) = &hook {
+        paid_headers(&mut res, p.price, p.balance);
+    }
+    let mut caller_gone = head.send(res).is_err();
+    let mut events = sse_stream::SseStream::from_bytes_stream(resp.bytes_stream());
+    let mut answered = false;
+    let mut relayed: usize = 0;
+    loop {
+        let next = if answered {
+            // After the response: relay what the upstream still sends while the caller listens.
+            if caller_gone {
+                break;
+            }
+            events.next().await
+        } else {
+            match tokio::time::timeout_at(deadline, events.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    tracing::warn!(upstream = name, request_id = %rid, "upstream timed out mid-stream");
+                    let event = failure_event(&hook, &UPSTREAM_TIMEOUT, &id, &rid).await;
+                    let _ = tx.send(event).await;
+                    return;
+                }
+            }
+        };
+        let event = match next {
+            Some(Ok(event)) => event,
+            Some(Err(e)) => {
+                tracing::warn!(upstream = name, request_id = %rid, error = %e, "upstream event stream failed");
+                break;
+            }
+            None => break,
+        };
+        let mut event = event;
+        if !answered
+            && let Some(data) = event.data.as_deref()
+            && let Ok(mut message) = serde_json::from_str::<Value>(data)
+            && is_response_to(&message, &id)
+        {
+            answered = true;
+            apply(&hook, &mut message).await;
+            event.data = Some(message.to_string());
+        }
+        relayed += 1;
+        if !caller_gone {
+            // A caller that stops reading must not hold up the settlement: before the response,
+            // writing waits at most until the deadline, then the caller counts as gone.
+            let sent = if answered {
+                tx.send(encode_sse(&event)).await.is_ok()
+            } else {
+                matches!(tokio::time::timeout_at(deadline, tx.send(encode_sse(&event))).await, Ok(Ok(())))
+            };
+            caller_gone = !sent;
+        }
+    }
+    if !answered {
+        tracing::warn!(upstream = name, request_id = %rid, events = relayed, "upstream stream ended before the response");
+        let event = failure_event(&hook, &UPSTREAM_FAILED, &id, &rid).await;
+        let _ = tx.send(event).await;
+    }
+}
+
+/// The rewrite (tools/list) or settlement (paid call) of the response message.
+async fn apply(hook: &Hook, message: &mut Value) -> Option<Settled> {
+    match hook {
+        Hook::List { u } => {
+            if let Some(result) = message.get_mut("result") {
+                super::rewrite_tools(u, result);
+            }
+            None
+        }
+        Hook::Paid(paid) => Some(paid.settle_response(message).await),
+    }
+}
+
+/// The event that ends a stream whose upstream failed before its response: a paid call's
+/// failure result (contract 3.11's shape: isError, the error body, the settlement in `_meta`),
+/// else a JSON-RPC error.
+async fn failure_event(hook: &Hook, text: &FailureText, id: &Value, request_id: &str) -> Bytes {
+    let message = match hook {
+        Hook::Paid(paid) => {
+            let f = paid.release_failed(text).await;
+            json!({ "jsonrpc": "2.0", "id": id, "result": failure_result(&f, request_id) })
+        }
+        Hook::List { .. } => super::failure_message(id, text.code, text.kept),
+    };
+    encode_sse(&sse_stream::Sse::default().event("message").data(message.to_string()))
+}
+
+/// A paid call that failed after its hold, as a tool result (contract 3.11's shape): isError, the
+/// error body as structuredContent and text, the settlement in `_meta`.
+pub(crate) fn failure_result(f: &FailedCall, request_id: &str) -> Value {
+    let body = f.error().body(request_id);
+    let mut result = json!({
+        "content": [{ "type": "text", "text": body.to_string() }],
+        "structuredContent": body,
+        "isError": true,
+    });
+    super::add_terms(&mut result, f.charged_mcents, f.balance_mcents, request_id, f.refunded);
+    result
+}
+
+/// Whether `message` is the JSON-RPC response (result or error) to the request `id`.
+pub(crate) fn is_response_to(message: &Value, id: &Value) -> bool {
+    message.get("method").is_none()
+        && message.get("id") == Some(id)
+        && (message.get("result").is_some_and(Value::is_object) || message.get("error").is_some_and(Value::is_object))
+}
+
+/// Reads an upstream's body up to MAX_ANSWER_BYTES (more, or a read error: `Err`).
+async fn read_capped(resp: reqwest::Response) -> Result<Vec<u8>, ()> {
+    let mut stream = resp.bytes_stream();
+    let mut buf = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| ())?;
+        if buf.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
+}
+
+/// One server-sent event in the wire format (every data line prefixed, a blank line after).
+pub(crate) fn encode_sse(event: &sse_stream::Sse) -> Bytes {
+    let mut out = String::new();
+    if let Some(name) = &event.event {
+        out.push_str("event: ");
+        out.push_str(name);
+        out.push('\n');
+    }
+    if let Some(id) = &event.id {
+        out.push_str("id: ");
+        out.push_str(id);
+        out.push('\n');
+    }
+    if let Some(retry) = event.retry {
+        out.push_str(&format!("retry: {retry}\n"));
+    }
+    if let Some(data) = &event.data {
+        for line in data.split('\n') {
+            out.push_str("data: ");
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push('\n');
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip() {
+        let e = sse_stream::Sse::default().event("message").id("7").data("{\"a\":1}\n{\"b\":2}");
+        assert_eq!(encode_sse(&e), Bytes::from("event: message\nid: 7\ndata: {\"a\":1}\ndata: {\"b\":2}\n\n"));
+    }
+
+    #[test]
+    fn responses_are_matched_by_id() {
+        let id = json!(3);
+        assert!(is_response_to(&json!({ "jsonrpc": "2.0", "id": 3, "result": {} }), &id));
+        assert!(is_response_to(&json!({ "jsonrpc": "2.0", "id": 3, "error": { "code": 1 } }), &id));
+        assert!(!is_response_to(&json!({ "jsonrpc": "2.0", "id": "3", "result": {} }), &id));
+        assert!(!is_response_to(&json!({ "jsonrpc": "2.0", "method": "notifications/progress", "params": {} }), &id));
+        assert!(!is_response_to(&json!({ "jsonrpc": "2.0", "id": 3, "method": "sampling/createMessage", "params": {} }), &id));
+    }
+}

@@ -1,0 +1,386 @@
+//! `/mcp/<name>`: a price on an MCP server that already exists (contract 3.12). Each
+//! `[upstreams.NAME]` of mcpay.toml (`generated::UPSTREAMS`) is served at `/mcp/NAME`: the
+//! caller's key and the upstream's scope are checked before anything is forwarded, every message
+//! but a priced `tools/call` is forwarded free, and a priced `tools/call` is held, forwarded and
+//! captured or released through the gateway's one billing core ([`crate::app::take_hold`],
+//! [`crate::app::capture_hold`], [`crate::app::release_hold`]), in the same ledger as `/v1`.
+//!
+//! `url` upstreams (Streamable HTTP) are forwarded with reqwest ([`http`]); `command` upstreams
+//! (a stdio MCP server the gateway spawns and keeps alive) are served by rmcp ([`stdio`]).
+
+pub mod http;
+pub mod stdio;
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{Method, StatusCode, header};
+use axum::response::Response;
+use rmcp::model::ErrorCode;
+use serde_json::{Value, json};
+
+use crate::app::{AppState, FailureText, bearer, key_row};
+use crate::generated::{UPSTREAMS, UpstreamConfig, UpstreamTransport};
+use crate::http::{ApiError, set_header};
+use crate::store::KeyRow;
+use crate::mcp::{rpc_error, rpc_error_response};
+
+/// The route of every upstream, for logs (never the raw path).
+pub const ROUTE_LABEL: &str = "/mcp/<upstream>";
+
+/// An upstream's `application/json` answer (and a refused answer's body) is read up to this.
+pub const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+
+/// Longest tool name a paid call may name (it becomes the ledger's `<NAME>/<tool>`).
+pub const MAX_TOOL_NAME_BYTES: usize = 128;
+
+/// `_meta` keys of the terms and of the settlement (contract 3.11, 3.12).
+pub const META_PRICE: &str = "io.mcpay/price_mcents";
+pub const META_SCOPE: &str = "io.mcpay/scope";
+pub const META_CHARGED: &str = "io.mcpay/charged_mcents";
+pub const META_BALANCE: &str = "io.mcpay/balance_mcents";
+pub const META_REQUEST_ID: &str = "io.mcpay/request_id";
+pub const META_REFUNDED: &str = "io.mcpay/refunded";
+
+/// The name of `/mcp/<name>` (any path under /mcp/; unknown names answer 404).
+pub fn upstream_name(path: &str) -> Option<&str> {
+    path.strip_prefix("/mcp/")
+}
+
+/// The metered upstreams of one gateway: the table (default `generated::UPSTREAMS`), where their
+/// header secrets and URL overrides are read (default: the process environment), the HTTP client
+/// and the stdio servers it keeps alive.
+pub struct Upstreams {
+    list: Vec<UpstreamConfig>,
+    vars: Option<HashMap<String, String>>,
+    client: OnceLock<reqwest::Client>,
+    children: stdio::Children,
+}
+
+impl Upstreams {
+    /// `[upstreams]` of mcpay.toml, secrets from the environment.
+    pub fn generated() -> Self {
+        Upstreams::new(UPSTREAMS.to_vec())
+    }
+
+    pub fn new(list: Vec<UpstreamConfig>) -> Self {
+        Upstreams { list, vars: None, client: OnceLock::new(), children: stdio::Children::default() }
+    }
+
+    /// Reads header secrets and URL overrides from `vars` instead of the environment (tests).
+    pub fn with_vars<K: Into<String>, V: Into<String>>(mut self, vars: impl IntoIterator<Item = (K, V)>) -> Self {
+        self.vars = Some(vars.into_iter().map(|(k, v)| (k.into(), v.into())).collect());
+        self
+    }
+
+    pub fn list(&self) -> &[UpstreamConfig] {
+        &self.list
+    }
+
+    pub fn find(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.list.iter().find(|u| u.name == name)
+    }
+
+    /// A secret or setting by name: trimmed, None when unset or empty.
+    fn var(&self, name: &str) -> Option<String> {
+        let value = match &self.vars {
+            Some(vars) => vars.get(name).cloned(),
+            None => std::env::var(name).ok(),
+        };
+        value.map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+    }
+
+    /// The HTTP client of `url` upstreams (HTTPS on rustls with Mozilla's roots when the `tls`
+    /// feature is on, as it is by default).
+    fn client(&self) -> &reqwest::Client {
+        self.client.get_or_init(|| {
+            #[cfg(feature = "tls")]
+            {
+                crate::signup::install_tls_provider();
+                if let Ok(client) = crate::signup::http_client() {
+                    return client;
+                }
+            }
+            reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).build().unwrap_or_default()
+        })
+    }
+
+    /// `upstreams` of GET /v1/pricing (contract 3.2), in manifest order.
+    pub fn pricing(&self) -> Vec<Value> {
+        self.list
+            .iter()
+            .map(|u| {
+                let tools: serde_json::Map<String, Value> = u.tools.iter().map(|(t, p)| ((*t).to_string(), json!(p))).collect();
+                json!({
+                    "name": u.name,
+                    "path": format!("/mcp/{}", u.name),
+                    "price_mcents": u.price_mcents,
+                    "scope": u.scope,
+                    "description": u.description,
+                    "rate_limit_per_minute": u.rate_limit_per_minute,
+                    "enabled": u.enabled,
+                    "refund_tool_errors": u.refund_tool_errors,
+                    "transport": match u.transport {
+                        crate::generated::UpstreamTransport::Url(_) => "http",
+                        crate::generated::UpstreamTransport::Command(_) => "stdio",
+                    },
+                    "tools": tools,
+                })
+            })
+            .collect()
+    }
+
+    /// Starts the stdio upstreams now (instead of on their first request); failures are logged
+    /// and retried on the next request.
+    pub async fn start_stdio(&self) {
+        for u in &self.list {
+            if let UpstreamTransport::Command(argv) = u.transport
+                && u.enabled
+                && let Err(e) = self.children.get(u.name, argv).await
+            {
+                tracing::error!(upstream = u.name, error = %e, "stdio upstream did not start (retried on the next request)");
+            }
+        }
+    }
+}
+
+/// The price of one `tools/call` of `tool` on `u`: its `[upstreams.NAME.tools]` entry, else the
+/// upstream's default (0 = free).
+pub fn tool_price(u: &UpstreamConfig, tool: &str) -> i64 {
+    u.tools.iter().find(|(t, _)| *t == tool).map_or(u.price_mcents, |(_, p)| *p)
+}
+
+/// The time limit of one call.
+pub(crate) fn time_limit(u: &UpstreamConfig) -> Duration {
+    Duration::from_millis(u.timeout_ms.max(1))
+}
+
+pub(crate) const UPSTREAM_FAILED: FailureText = FailureText {
+    status: 502,
+    code: "upstream_failed",
+    released: "The upstream MCP server failed this call; the held price was released.",
+    kept: "The upstream MCP server failed this call.",
+    pending: "The upstream MCP server failed this call; the held price will be released shortly.",
+};
+
+pub(crate) const UPSTREAM_TIMEOUT: FailureText = FailureText {
+    status: 504,
+    code: "upstream_timeout",
+    released: "The upstream MCP server did not answer in time; the held price was released.",
+    kept: "The upstream MCP server did not answer in time.",
+    pending: "The upstream MCP server did not answer in time; the held price will be released shortly.",
+};
+
+/// What the checks before forwarding found: the caller's key (its row, read once).
+pub(crate) struct Checked {
+    pub key: KeyRow,
+}
+
+/// Everything of `/mcp/<name>` before forwarding (contract 3.12): the name, the method, the
+/// switch, the key and its scope; then the transport.
+pub(crate) async fn serve(app: &Arc<AppState>, name: &str, req: Request, request_id: &str) -> Result<Response, ApiError> {
+    let upstreams = app.upstreams();
+    let Some(u) = upstreams.find(name).copied() else { return Err(ApiError::new(404, "not_found")) };
+    let method = req.method().clone();
+    if method == Method::OPTIONS {
+        let mut res = Response::new(Body::empty());
+        *res.status_mut() = StatusCode::NO_CONTENT;
+        set_header(res.headers_mut(), "access-control-allow-methods", "GET, POST, DELETE, OPTIONS");
+        set_header(res.headers_mut(), "access-control-max-age", "86400");
+        return Ok(res);
+    }
+    if !matches!(method, Method::GET | Method::POST | Method::DELETE) {
+        return Err(ApiError::new(405, "method_not_allowed").header(header::ALLOW, "GET, POST, DELETE, OPTIONS"));
+    }
+    if !u.enabled {
+        return Err(ApiError::new(503, "upstream_disabled"));
+    }
+    // Every request needs a key with the upstream's scope, whatever it carries (an unknown key
+    // writes nothing).
+    let key_hash = bearer(req.headers(), false)?;
+    let key = key_row(app, &key_hash, false).await?;
+    if !key.scope_list().iter().any(|s| s == u.scope) {
+        return Err(ApiError::new(403, "scope_denied").extra("required_scope", u.scope));
+    }
+    let checked = Checked { key };
+    match u.transport {
+        UpstreamTransport::Url(default_url) => {
+            let url = upstreams.var(u.url_env).unwrap_or_else(|| default_url.to_string());
+            if url.is_empty() {
+                tracing::error!(upstream = u.name, missing = u.url_env, "upstream URL is not set");
+                return Err(unavailable());
+            }
+            let mut headers = Vec::with_capacity(u.headers.len());
+            for (header_name, var) in u.headers {
+                let Some(value) = upstreams.var(var) else {
+                    tracing::error!(upstream = u.name, missing = *var, "upstream header secret is not set");
+                    return Err(unavailable());
+                };
+                headers.push((*header_name, value));
+            }
+            let target = http::Target { url, headers, client: upstreams.client().clone() };
+            http::serve(app, &u, target, checked, req, request_id).await
+        }
+        UpstreamTransport::Command(argv) => {
+            let child = match upstreams.children.get(u.name, argv).await {
+                Ok(child) => child,
+                Err(e) => {
+                    tracing::error!(upstream = u.name, error = %e, "stdio upstream unavailable");
+                    return Err(unavailable());
+                }
+            };
+            stdio::serve(app, &u, child, checked, req, request_id).await
+        }
+    }
+}
+
+fn unavailable() -> ApiError {
+    ApiError::new(503, "upstream_unavailable").message("This upstream MCP server is not configured on this gateway (a URL or a secret is missing).")
+}
+
+/// What a POST to `/mcp/<name>` carries, as far as billing is concerned.
+pub(crate) enum Kind {
+    /// A `tools/call` request of a priced tool.
+    Paid { tool: String, price: i64, id: Value },
+    /// A `tools/list` request: its result is rewritten with the terms.
+    List { id: Value },
+    /// Anything else (and a free tool): forwarded as it is.
+    Free,
+}
+
+pub(crate) fn classify(u: &UpstreamConfig, message: &Value) -> Kind {
+    let Some(id) = message.get("id").filter(|id| !id.is_null()).cloned() else { return Kind::Free };
+    match message.get("method").and_then(Value::as_str) {
+        Some("tools/call") => {
+            let tool = message.get("params").and_then(|p| p.get("name")).and_then(Value::as_str).unwrap_or("");
+            let price = tool_price(u, tool);
+            if price > 0 { Kind::Paid { tool: tool.to_string(), price, id } } else { Kind::Free }
+        }
+        Some("tools/list") => Kind::List { id },
+        _ => Kind::Free,
+    }
+}
+
+/// The checks of a POST body (contract 3.12): a JSON object, not a batch. `Err` is the answer.
+pub(crate) fn check_message(raw: &[u8]) -> Result<Value, Box<Response>> {
+    let Ok(message) = serde_json::from_slice::<Value>(raw) else { return Err(Box::new(crate::mcp::parse_error())) };
+    if !message.is_object() {
+        let what = if message.is_array() {
+            "Invalid Request: JSON-RPC batches are not supported (removed from MCP in 2025-06-18); send one message per request. Nothing was forwarded or charged."
+        } else {
+            "Invalid Request: the body must be one JSON-RPC message (an object). Nothing was forwarded or charged."
+        };
+        return Err(Box::new(rpc_error_response(StatusCode::BAD_REQUEST, ErrorCode::INVALID_REQUEST, what, Value::Null, None)));
+    }
+    Ok(message)
+}
+
+/// A refusal before the hold as the JSON-RPC error of contract 3.11 (HTTP 200, the request's id).
+pub(crate) fn refusal(err: &ApiError, id: Value) -> Response {
+    let data = rpc_error(err);
+    rpc_error_response(StatusCode::OK, data.code, &data.message, id, data.data)
+}
+
+/// A tool name that cannot be billed (too long for the ledger): -32602, nothing forwarded.
+pub(crate) fn check_tool_name(tool: &str, id: &Value) -> Result<(), Box<Response>> {
+    if tool.is_empty() || tool.len() > MAX_TOOL_NAME_BYTES {
+        let err = ApiError::new(400, "invalid_input")
+            .message(format!("params.name must be a tool name of 1 to {MAX_TOOL_NAME_BYTES} bytes."))
+            .no_charge();
+        return Err(Box::new(refusal(&err, id.clone())));
+    }
+    Ok(())
+}
+
+/// A `tools/list` result with the terms in each tool's `_meta` (the upstream's own keys kept).
+pub(crate) fn rewrite_tools(u: &UpstreamConfig, result: &mut Value) {
+    let Some(tools) = result.get_mut("tools").and_then(Value::as_array_mut) else { return };
+    for tool in tools {
+        let Some(obj) = tool.as_object_mut() else { continue };
+        let name = obj.get("name").and_then(Value::as_str).unwrap_or("").to_string();
+        let meta = obj.entry("_meta").or_insert_with(|| json!({}));
+        if !meta.is_object() {
+            *meta = json!({});
+        }
+        meta[META_PRICE] = json!(tool_price(u, &name));
+        meta[META_SCOPE] = json!(u.scope);
+    }
+}
+
+/// The settlement's terms in a result's `_meta` (contract 3.12).
+pub(crate) fn add_terms(result: &mut Value, charged: i64, balance: i64, call_id: &str, refunded: bool) {
+    let Some(obj) = result.as_object_mut() else { return };
+    let meta = obj.entry("_meta").or_insert_with(|| json!({}));
+    if !meta.is_object() {
+        *meta = json!({});
+    }
+    meta[META_CHARGED] = json!(charged);
+    meta[META_BALANCE] = json!(balance);
+    meta[META_REQUEST_ID] = json!(call_id);
+    if refunded {
+        meta[META_REFUNDED] = json!(true);
+    }
+}
+
+/// A JSON-RPC error answered by the gateway for a message it forwarded (SSE: written as an event).
+pub(crate) fn failure_message(id: &Value, code: &str, message: &str) -> Value {
+    json!({ "jsonrpc": "2.0", "id": id, "error": { "code": ErrorCode::INTERNAL_ERROR.0, "message": message, "data": { "code": code } } })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const U: UpstreamConfig = UpstreamConfig {
+        name: "weather",
+        transport: UpstreamTransport::Url("http://127.0.0.1:9/mcp"),
+        url_env: "UPSTREAM_WEATHER_URL",
+        price_mcents: 100,
+        tools: &[("forecast", 250), ("alerts", 0)],
+        scope: "weather",
+        timeout_ms: 30_000,
+        rate_limit_per_minute: 60,
+        headers: &[],
+        enabled: true,
+        refund_tool_errors: false,
+        description: "",
+    };
+
+    #[test]
+    fn prices_and_kinds() {
+        assert_eq!(tool_price(&U, "forecast"), 250);
+        assert_eq!(tool_price(&U, "alerts"), 0);
+        assert_eq!(tool_price(&U, "echo"), 100);
+        let call = |tool: &str| json!({ "jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": { "name": tool } });
+        assert!(matches!(classify(&U, &call("forecast")), Kind::Paid { price: 250, .. }));
+        assert!(matches!(classify(&U, &call("alerts")), Kind::Free));
+        assert!(matches!(classify(&U, &call("echo")), Kind::Paid { price: 100, .. }));
+        // A notification (no id) is never billed.
+        assert!(matches!(classify(&U, &json!({ "jsonrpc": "2.0", "method": "tools/call", "params": { "name": "echo" } })), Kind::Free));
+        assert!(matches!(classify(&U, &json!({ "jsonrpc": "2.0", "id": "a", "method": "tools/list" })), Kind::List { .. }));
+    }
+
+    #[test]
+    fn tools_list_gains_the_terms() {
+        let mut result = json!({ "tools": [
+            { "name": "forecast", "_meta": { "x.upstream/own": 1 } },
+            { "name": "alerts" },
+            { "name": "echo", "_meta": "junk" },
+        ] });
+        rewrite_tools(&U, &mut result);
+        assert_eq!(result["tools"][0]["_meta"], json!({ "x.upstream/own": 1, META_PRICE: 250, META_SCOPE: "weather" }));
+        assert_eq!(result["tools"][1]["_meta"], json!({ META_PRICE: 0, META_SCOPE: "weather" }));
+        assert_eq!(result["tools"][2]["_meta"], json!({ META_PRICE: 100, META_SCOPE: "weather" }));
+    }
+
+    #[test]
+    fn batches_and_non_objects_are_refused() {
+        assert_eq!(check_message(b"[]").unwrap_err().status(), StatusCode::BAD_REQUEST);
+        assert_eq!(check_message(b"12").unwrap_err().status(), StatusCode::BAD_REQUEST);
+        assert_eq!(check_message(b"{").unwrap_err().status(), StatusCode::BAD_REQUEST);
+        assert!(check_message(br#"{"jsonrpc":"2.0","method":"ping","id":1}"#).is_ok());
+    }
+}
