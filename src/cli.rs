@@ -246,6 +246,26 @@ pub struct AuditArgs {
     /// scenarios that pay for real while the facilitator's answers are lost).
     #[arg(long, value_name = "CONTROL_URL")]
     pub x402_harness: Option<String>,
+
+    /// The name of an [upstreams.NAME] the gateway meters at /mcp/NAME (for the proxy.* scenarios;
+    /// without it they are n/a). Its terms are read from /v1/pricing.
+    #[arg(long, value_name = "NAME")]
+    pub upstream: Option<String>,
+
+    /// The base URL of the test upstream behind --upstream (tests/upstream/server.mjs's control
+    /// endpoints), so the audit can count what reached it and make it fail.
+    #[arg(long, value_name = "URL", requires = "upstream")]
+    pub upstream_control: Option<String>,
+
+    /// TOOL=JSON: a call the upstream answers after its timeout_seconds (for the 504 upstream_timeout
+    /// scenario), e.g. 'slow={"ms":4000}'.
+    #[arg(long, value_name = "TOOL=JSON", requires = "upstream")]
+    pub upstream_slow_call: Option<String>,
+
+    /// NAME=VALUE: a header the gateway sends the upstream (its `headers`) and the value it should
+    /// carry, checked with the test upstream's whoami tool.
+    #[arg(long, value_name = "NAME=VALUE", requires = "upstream")]
+    pub upstream_header: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

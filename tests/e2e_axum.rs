@@ -82,11 +82,18 @@ fn axum_project_builds_locked_and_passes_its_own_tests() {
     // Serve the built binary and audit it (the new handler fails or hangs on demand, for the refund
     // and timeout checks).
     std::fs::write(dir.join("src/handlers/mytool.rs"), FAILING_HANDLER).unwrap();
+    // Put a price on real MCP servers (tests/upstream, the official TS SDK): over Streamable HTTP
+    // and as a stdio process the gateway spawns; add-upstream lists their tools with --discover.
+    let upstream = common::upstream::Upstream::start();
+    common::upstream::add_test_upstream(&dir, "weather", &upstream.url);
+    common::upstream::add_stdio_upstream(&dir, "local");
     cargo(&dir, &["build", "--locked"], &[]);
     let bin = shared_target().join("debug/api");
     let port = free_port();
     let bare_port = free_port();
-    let mut server = serve(&bin, port, Some(ADMIN), &t.path().join("a.db"), &chain.gateway_env());
+    let mut gateway_env = chain.gateway_env();
+    gateway_env.push(("UPSTREAM_TEST_TOKEN", common::upstream::UPSTREAM_TOKEN.to_string()));
+    let mut server = serve(&bin, port, Some(ADMIN), &t.path().join("a.db"), &gateway_env);
     let mut bare = serve(&bin, bare_port, None, &t.path().join("b.db"), &[]);
     wait_ready(port, &mut server);
     wait_ready(bare_port, &mut bare);
@@ -100,7 +107,14 @@ fn axum_project_builds_locked_and_passes_its_own_tests() {
     assert_eq!(header(&headers, "x-balance-mcents"), Some("750".into()));
 
     chain.run_signup_checks(port, "mcp_", ADMIN, &server);
-    audit(port, ADMIN, FAILING_CALL, SLOW_CALL, bare_port, Some(&chain.control_url()), SIGNUP_X402_NA);
+    let mut na: Vec<&str> = SIGNUP_X402_NA.to_vec();
+    na.extend(common::upstream::PROXY_HTTP_NA);
+    audit(port, ADMIN, FAILING_CALL, SLOW_CALL, bare_port, Some(&chain.control_url()), &upstream.audit_args("weather"), &na);
+    // The stdio upstream: the proxy.* scenarios again, against /mcp/local.
+    let stdio_args: Vec<String> = ["--only", "proxy.", "--upstream", "local", "--upstream-slow-call", r#"slow={"ms":4000}"#]
+        .map(String::from)
+        .to_vec();
+    audit_with(port, ADMIN, &stdio_args, common::upstream::PROXY_STDIO_NA);
     drop(server);
     drop(bare);
 

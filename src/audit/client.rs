@@ -169,6 +169,45 @@ impl Client {
         }
     }
 
+    /// A request whose answer is read line by line as it arrives (an SSE stream): the reply (its
+    /// body is the whole text) and, for each line, the milliseconds from sending to its arrival.
+    pub fn request_timed(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> (Reply, Vec<(u128, String)>) {
+        use std::io::BufRead as _;
+        let url = format!("{}{}", self.base, path);
+        let Ok(method) = Method::from_bytes(method.as_bytes()) else { return (unsendable(&url, "bad method"), Vec::new()) };
+        let mut b = http::Request::builder().method(method).uri(&url);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let started = std::time::Instant::now();
+        let result = match b.body(body.unwrap_or_default().to_vec()) {
+            Ok(r) => self.agent.run(r),
+            Err(e) => return (unsendable(&url, &e.to_string()), Vec::new()),
+        };
+        let resp = match result {
+            Ok(resp) => resp,
+            Err(e) => return (to_reply(Err(e)), Vec::new()),
+        };
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let mut reader = std::io::BufReader::new(resp.into_body().into_reader());
+        let (mut text, mut lines) = (String::new(), Vec::new());
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    text.push_str(&line);
+                    lines.push((started.elapsed().as_millis(), line.trim_end_matches(['\r', '\n']).to_string()));
+                }
+            }
+            if text.len() > 16 * 1024 * 1024 {
+                break;
+            }
+        }
+        (Reply { status, headers, body: text }, lines)
+    }
+
     pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
         self.request("GET", path, headers, None)
     }

@@ -58,7 +58,20 @@ pub fn run(args: &AuditArgs) -> Result<()> {
     {
         bail!("--x402-harness {h:?}: expected the harness's control URL, e.g. http://127.0.0.1:8402/__control (the controlUrl of tests/chain/chain.mjs's ready line)");
     }
-    let opts = Options { failing_call, slow_call, unconfigured_url, x402_harness };
+    let upstream = args.upstream.as_deref().map(str::trim).filter(|n| !n.is_empty()).map(str::to_string);
+    let upstream_control = match &args.upstream_control {
+        Some(u) => Some(client::base_url(u, "--upstream-control")?),
+        None => None,
+    };
+    let upstream_slow_call = endpoint_call("--upstream-slow-call", args.upstream_slow_call.as_deref())?;
+    let upstream_header = match args.upstream_header.as_deref() {
+        None => None,
+        Some(raw) => match raw.split_once('=') {
+            Some((name, value)) if !name.trim().is_empty() => Some((name.trim().to_string(), value.to_string())),
+            _ => bail!("--upstream-header {raw:?}: expected NAME=VALUE, e.g. --upstream-header X-Upstream-Token=secret"),
+        },
+    };
+    let opts = Options { failing_call, slow_call, unconfigured_url, x402_harness, upstream, upstream_control, upstream_slow_call, upstream_header };
     let mut client = client::Client::connect(url, admin_key)?;
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     let mut results = Vec::new();
@@ -173,6 +186,21 @@ mod tests {
         mcp.sort();
         listed.sort();
         assert_eq!(listed, mcp, "tests/common/mod.rs MCP_NA");
+    }
+
+    /// Issue 14: the proxy.* scenarios (contract 3.12); tests/common/upstream.rs PROXY_NA (what an
+    /// audit without --upstream reports n/a) names exactly them.
+    #[test]
+    fn the_contract_3_12_scenarios_are_listed_and_the_e2e_na_list_matches() {
+        let mut proxy: Vec<&str> = all().iter().map(|s| s.name).filter(|n| n.starts_with("proxy.")).collect();
+        assert!(proxy.len() >= 20, "{} proxy.* scenarios", proxy.len());
+        let common = include_str!("../../tests/common/upstream.rs");
+        let start = common.find("pub const PROXY_NA: &[&str] = &[").expect("PROXY_NA in tests/common/upstream.rs");
+        let block = &common[start..start + common[start..].find("];").expect("end of PROXY_NA")];
+        let mut listed: Vec<&str> = block.split('"').skip(1).step_by(2).collect();
+        proxy.sort();
+        listed.sort();
+        assert_eq!(listed, proxy, "tests/common/upstream.rs PROXY_NA");
     }
 
     #[test]

@@ -93,16 +93,21 @@ pub const SIGNUP_X402_NA: &[&str] = &["signup.disabled", "signup.mpp_offer", "si
 /// whose facilitator the gateway uses; `failing_call` and `slow_call` as ENDPOINT=JSON, the calls
 /// its handler fails on and outlives its timeout_ms on); every scenario must pass except those
 /// named in `not_applicable`, which must be reported n/a (and no others).
-pub fn audit(port: u16, admin: &str, failing_call: &str, slow_call: &str, bare_port: u16, x402_harness: Option<&str>, not_applicable: &[&str]) {
-    let mut c = cli();
-    c.args(["audit", &format!("http://127.0.0.1:{port}"), "--admin-key", admin])
-        .args(["--failing-call", failing_call])
-        .args(["--slow-call", slow_call])
-        .args(["--unconfigured-url", &format!("http://127.0.0.1:{bare_port}")])
-        .args(["--json"]);
+/// The whole audit against a served gateway; `extra`: more flags (e.g. the upstream's, for proxy.*).
+pub fn audit(port: u16, admin: &str, failing_call: &str, slow_call: &str, bare_port: u16, x402_harness: Option<&str>, extra: &[String], not_applicable: &[&str]) {
+    let mut args: Vec<String> = vec!["--failing-call".into(), failing_call.into(), "--slow-call".into(), slow_call.into()];
+    args.extend(extra.iter().cloned());
+    args.extend(["--unconfigured-url".into(), format!("http://127.0.0.1:{bare_port}")]);
     if let Some(url) = x402_harness {
-        c.args(["--x402-harness", url]);
+        args.extend(["--x402-harness".into(), url.into()]);
     }
+    audit_with(port, admin, &args, not_applicable);
+}
+
+/// `create-mcpay audit --json` with these flags; every scenario passes except exactly `not_applicable`.
+pub fn audit_with(port: u16, admin: &str, args: &[String], not_applicable: &[&str]) {
+    let mut c = cli();
+    c.args(["audit", &format!("http://127.0.0.1:{port}"), "--admin-key", admin]).args(args).args(["--json"]);
     let out = c.output().unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));

@@ -72,9 +72,16 @@ pub fn workers_project_end_to_end(target: &str, signup: bool) {
     std::fs::write(dir.join("src/handlers/mytool.ts"), FAILING_HANDLER).unwrap();
     npm(&dir, &xdg, &["run", "typecheck"]);
 
+    // Put a price on a real MCP server (tests/upstream, the official TS SDK): add-upstream lists its
+    // tools with --discover, prices two of them, and the gateway sends it the configured header.
+    let upstream = super::upstream::Upstream::start();
+    super::upstream::add_test_upstream(&dir, "weather", &upstream.url);
+    npm(&dir, &xdg, &["run", "typecheck"]);
+
     // Serve it for real: one instance with an ADMIN_KEY, one without (for the 503 scenario).
     let port = free_port();
     let mut vars: Vec<(&str, String)> = MPP_VARS.iter().map(|(k, v)| (*k, v.to_string())).collect();
+    vars.push(("UPSTREAM_TEST_TOKEN", super::upstream::UPSTREAM_TOKEN.to_string()));
     if let Some(chain) = &chain {
         vars.extend(chain.gateway_env());
     }
@@ -113,9 +120,10 @@ pub fn workers_project_end_to_end(target: &str, signup: bool) {
         chain.run_signup_checks(port, "mcp_", ADMIN, &server);
     }
     // Every target serves /mcp (contract 3.11): no mcp.* scenario is n/a.
-    let na = if signup { SIGNUP_ON_NA } else { SIGNUP_OFF_NA };
+    let mut na: Vec<&str> = if signup { SIGNUP_ON_NA } else { SIGNUP_OFF_NA }.to_vec();
+    na.extend(super::upstream::PROXY_HTTP_NA);
     let harness = chain.as_ref().map(|c| c.control_url());
-    audit(port, ADMIN, FAILING_CALL, SLOW_CALL, bare_port, harness.as_deref(), na);
+    audit(port, ADMIN, FAILING_CALL, SLOW_CALL, bare_port, harness.as_deref(), &upstream.audit_args("weather"), &na);
     drop(server);
     drop(bare);
 }

@@ -10,6 +10,22 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
+/// The audit's proxy.* scenarios (contract 3.12): all n/a on a gateway audited without `--upstream`
+/// (src/audit/mod.rs checks this list names exactly them).
+pub const PROXY_NA: &[&str] = &[
+    "proxy.auth", "proxy.scope_denied", "proxy.unknown_upstream", "proxy.free_discovery",
+    "proxy.tool_terms", "proxy.charge_exact", "proxy.default_price", "proxy.free_tool",
+    "proxy.insufficient_balance", "proxy.jsonrpc_error", "proxy.tool_error", "proxy.upstream_500",
+    "proxy.upstream_reset", "proxy.timeout", "proxy.credentials_not_forwarded", "proxy.sse_progress",
+    "proxy.json_answer", "proxy.response_headers", "proxy.session", "proxy.bad_messages",
+    "proxy.body_too_large", "proxy.cors", "proxy.stdio_crash", "proxy.rate_limited",
+];
+/// ... with `--upstream` for this server over HTTP ([`Upstream::audit_args`]): it has no `crash` tool.
+pub const PROXY_HTTP_NA: &[&str] = &["proxy.stdio_crash"];
+/// ... with `--upstream` for this server over stdio (an axum `command` upstream, [`stdio_command`]):
+/// no control endpoints (so no HTTP 500, reset or JSON answers to ask for), no sessions.
+pub const PROXY_STDIO_NA: &[&str] = &["proxy.upstream_500", "proxy.upstream_reset", "proxy.json_answer", "proxy.session"];
+
 /// The token the gateways under test are given for the upstream's configured header
 /// (`X-Upstream-Token = "env:UPSTREAM_TEST_TOKEN"`); `whoami` / `stats().last_headers` show it arrived.
 pub const UPSTREAM_TOKEN: &str = "e2e-upstream-token-0123456789";
@@ -123,6 +139,23 @@ impl Upstream {
         )
     }
 
+    /// The audit flags that run every proxy.* scenario against the gateway's `[upstreams.NAME]`
+    /// made from [`Upstream::manifest_toml`] (served with `UPSTREAM_TEST_TOKEN` = [`UPSTREAM_TOKEN`]).
+    /// (For a `command` upstream on [`stdio_command`]: `--upstream NAME --upstream-slow-call
+    /// 'slow={"ms":4000}'` only, and [`PROXY_STDIO_NA`].)
+    pub fn audit_args(&self, name: &str) -> Vec<String> {
+        vec![
+            "--upstream".into(),
+            name.into(),
+            "--upstream-control".into(),
+            self.base(),
+            "--upstream-slow-call".into(),
+            r#"slow={"ms":4000}"#.into(),
+            "--upstream-header".into(),
+            format!("X-Upstream-Token={UPSTREAM_TOKEN}"),
+        ]
+    }
+
     pub fn log_tail(&self) -> String {
         self.server.log_tail()
     }
@@ -141,4 +174,37 @@ pub fn run_selftest() {
     let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     eprintln!("{report}");
     assert!(out.status.success(), "the test upstream's self-test failed ({}):\n{report}", out.status);
+}
+
+/// `create-mcpay add-upstream NAME --url URL --discover` in `dir`, priced as the audit's proxy.*
+/// scenarios expect ([`Upstream::manifest_toml`]): the CLI lists the server's tools and writes them.
+pub fn add_test_upstream(dir: &Path, name: &str, url: &str) {
+    let out = cli()
+        .current_dir(dir)
+        .args(["add-upstream", name, "--url", url, "--price", "100", "--timeout-seconds", "2"])
+        .args(["--tool-price", "forecast=250", "--tool-price", "alerts=0"])
+        .args(["--header", "X-Upstream-Token=env:UPSTREAM_TEST_TOKEN", "--discover"])
+        .env("UPSTREAM_TEST_TOKEN", UPSTREAM_TOKEN)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "add-upstream --discover: {text}");
+    let manifest = std::fs::read_to_string(dir.join("mcpay.toml")).unwrap();
+    for tool in ["forecast = 250", "alerts = 0", "echo = 100", "whoami = 100"] {
+        assert!(manifest.contains(tool), "add-upstream --discover did not write {tool:?}: {text}\n{manifest}");
+    }
+}
+
+/// `create-mcpay add-upstream NAME --command "node …/server.mjs --stdio" --discover` (axum).
+pub fn add_stdio_upstream(dir: &Path, name: &str) {
+    let argv = stdio_command();
+    let command = shlex::try_join(argv.iter().map(String::as_str)).expect("no NUL in the command");
+    let out = cli()
+        .current_dir(dir)
+        .args(["add-upstream", name, "--command", &command, "--price", "100", "--timeout-seconds", "2"])
+        .args(["--tool-price", "forecast=250", "--tool-price", "alerts=0", "--discover"])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "add-upstream --command --discover: {text}");
 }

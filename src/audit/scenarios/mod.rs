@@ -17,6 +17,7 @@ mod idempotency;
 mod leak;
 mod ledger;
 mod mcp;
+mod proxy;
 mod rate;
 mod route;
 mod scope;
@@ -52,6 +53,7 @@ pub fn all() -> Vec<Scenario> {
     all.extend(headers::scenarios());
     all.extend(signup::scenarios());
     all.extend(mcp::scenarios());
+    all.extend(proxy::scenarios());
     all.push(admin::hourly_limit());
     all
 }

@@ -20,14 +20,14 @@ use crate::audit::client::random_idempotency_key;
 const PATH: &str = "/mcp";
 /// The protocol revision the audit speaks: one every SDK the targets use serves (rmcp and the TS v1
 /// SDK both negotiate it).
-const PROTOCOL: &str = "2025-06-18";
+pub(super) const PROTOCOL: &str = "2025-06-18";
 /// `_meta` keys of contract 3.10 / 3.11.
-const PRICE: &str = "io.mcpay/price_mcents";
-const SCOPE: &str = "io.mcpay/scope";
-const CHARGED: &str = "io.mcpay/charged_mcents";
-const BALANCE: &str = "io.mcpay/balance_mcents";
-const REQUEST_ID: &str = "io.mcpay/request_id";
-const REFUNDED: &str = "io.mcpay/refunded";
+pub(super) const PRICE: &str = "io.mcpay/price_mcents";
+pub(super) const SCOPE: &str = "io.mcpay/scope";
+pub(super) const CHARGED: &str = "io.mcpay/charged_mcents";
+pub(super) const BALANCE: &str = "io.mcpay/balance_mcents";
+pub(super) const REQUEST_ID: &str = "io.mcpay/request_id";
+pub(super) const REFUNDED: &str = "io.mcpay/refunded";
 const IDEMPOTENCY_KEY: &str = "io.mcpay/idempotency_key";
 const REPLAYED: &str = "io.mcpay/idempotent_replayed";
 /// The MPP transport's "payment required" JSON-RPC error: the mpp target's answer to a paid tool
@@ -46,7 +46,7 @@ pub fn scenarios() -> Vec<Scenario> {
 
 /// The JSON-RPC messages of an MCP answer: a JSON body (one message or a batch), or an SSE stream's
 /// `data:` lines.
-fn messages(r: &Reply) -> Vec<Value> {
+pub(super) fn messages(r: &Reply) -> Vec<Value> {
     let one_or_many = |v: Value| match v {
         Value::Array(a) => a,
         Value::Null => Vec::new(),
@@ -65,9 +65,14 @@ fn messages(r: &Reply) -> Vec<Value> {
 
 /// POST /mcp with the transport's headers (plus `headers`) and `body` as given.
 fn post_raw(c: &Client, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+    post_to(c, PATH, headers, body)
+}
+
+/// POST to an MCP endpoint (`/mcp`, `/mcp/<upstream>`) with the transport's headers (plus `headers`).
+pub(super) fn post_to(c: &Client, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
     let mut h: Vec<(&str, &str)> = vec![("Content-Type", "application/json"), ("Accept", "application/json, text/event-stream")];
     h.extend_from_slice(headers);
-    c.request("POST", PATH, &h, Some(body))
+    c.request("POST", path, &h, Some(body))
 }
 
 fn mcp(c: &Client, headers: &[(&str, &str)], body: &Value) -> Reply {
@@ -99,7 +104,7 @@ fn call_tool_id(c: &Client, key: Option<&Key>, id: Value, name: &str, args: Valu
 }
 
 /// A JSON-RPC id no gateway could take for its own: a string that is not a uuid.
-fn fresh_id() -> String {
+pub(super) fn fresh_id() -> String {
     format!("audit-{}", &random_idempotency_key()[..12])
 }
 
@@ -110,7 +115,7 @@ fn unserved(c: &Client) -> Option<Outcome> {
 }
 
 /// The one JSON-RPC answer of a request's reply (HTTP 200, one message with a `result` or an `error`).
-fn answer(r: &Reply) -> Result<Value> {
+pub(super) fn answer(r: &Reply) -> Result<Value> {
     ensure!(r.status == 200, "expected HTTP 200 with a JSON-RPC answer, got {}", r.brief());
     let msgs = messages(r);
     ensure!(msgs.len() == 1, "expected one JSON-RPC message, got {}: {}", msgs.len(), r.brief());
@@ -121,7 +126,7 @@ fn answer(r: &Reply) -> Result<Value> {
 }
 
 /// The `result` of a successful request.
-fn result(r: &Reply) -> Result<Value> {
+pub(super) fn result(r: &Reply) -> Result<Value> {
     let m = answer(r)?;
     match m.get("result") {
         Some(res) => Ok(res.clone()),
@@ -130,7 +135,7 @@ fn result(r: &Reply) -> Result<Value> {
 }
 
 /// The `error` of a refused request, whose code must be `code`.
-fn rpc_error(r: &Reply, code: i64) -> Result<Value> {
+pub(super) fn rpc_error(r: &Reply, code: i64) -> Result<Value> {
     let m = answer(r)?;
     let Some(e) = m.get("error") else { bail!("expected the JSON-RPC error {code}, got a result: {}", m["result"]) };
     ensure!(e["code"] == code, "expected the JSON-RPC error {code}, got {e}");
@@ -159,7 +164,7 @@ fn text_is(res: &Value, value: &Value) -> Result<()> {
 
 /// A refusal before the hold (contract 3.11's table): the JSON-RPC `code`, `data.code`, the
 /// no-charge note, and neither the balance nor the ledger moved. Returns `error.data`.
-fn refused(c: &Client, r: &Reply, code: i64, data_code: &str, key: &Key, balance: u64, ledger: (i64, usize)) -> Result<Value> {
+pub(super) fn refused(c: &Client, r: &Reply, code: i64, data_code: &str, key: &Key, balance: u64, ledger: (i64, usize)) -> Result<Value> {
     let e = rpc_error(r, code)?;
     let data = &e["data"];
     ensure!(data["code"] == data_code, "error.data.code {} (expected {data_code}): {e}", data["code"]);
@@ -171,7 +176,7 @@ fn refused(c: &Client, r: &Reply, code: i64, data_code: &str, key: &Key, balance
 }
 
 /// A 401 of section 2 (decided before the MCP server runs): `code`, `WWW-Authenticate: Bearer realm=…`.
-fn unauthorized(r: &Reply, code: &str) -> Result<()> {
+pub(super) fn unauthorized(r: &Reply, code: &str) -> Result<()> {
     expect(r, 401, code)?;
     let www = r.header("www-authenticate").unwrap_or_default();
     ensure!(www.starts_with("Bearer realm=\""), "401 {code} with WWW-Authenticate {www:?} (expected Bearer realm=\"…\")");
@@ -188,7 +193,7 @@ fn mpp_offer(r: &Reply) -> bool {
 }
 
 /// `8-4-4-4-12` lowercase hex.
-fn is_uuid(s: &str) -> bool {
+pub(super) fn is_uuid(s: &str) -> bool {
     s.len() == 36
         && s.char_indices().all(|(i, ch)| if matches!(i, 8 | 13 | 18 | 23) { ch == '-' } else { ch.is_ascii_digit() || ('a'..='f').contains(&ch) })
 }
@@ -216,7 +221,7 @@ fn tools(c: &Client) -> Result<Vec<Value>> {
 }
 
 /// `GET /v1/pricing` as JSON.
-fn pricing(c: &Client) -> Result<Value> {
+pub(super) fn pricing(c: &Client) -> Result<Value> {
     let r = c.get("/v1/pricing", &[]);
     expect(&r, 200, "")?;
     Ok(r.json())
@@ -234,7 +239,7 @@ fn rows_of(rows: &[Value], id: &str) -> Vec<(String, i64)> {
 }
 
 /// The ledger of `key` has, for `id`, exactly a hold of `price` then `settle` (`capture` / `release`).
-fn settled_as(c: &Client, key: &Key, id: &str, price: u64, settle: &str) -> Result<()> {
+pub(super) fn settled_as(c: &Client, key: &Key, id: &str, price: u64, settle: &str) -> Result<()> {
     let rows = ledger_rows(c, key)?;
     let got = rows_of(&rows, id);
     let amount = if settle == "release" { price as i64 } else { 0 };
@@ -326,7 +331,7 @@ mod tests {
             _ => (404, r#"{"ok":false,"error":{"code":"not_found","message":"Not found"}}"#.into()),
         });
         let mut c = Client::connect(&url, Some("admin".into())).unwrap();
-        let opts = Options { failing_call: Some(("example".into(), "{}".into())), slow_call: Some(("example".into(), "{}".into())), unconfigured_url: None, x402_harness: None };
+        let opts = Options { failing_call: Some(("example".into(), "{}".into())), slow_call: Some(("example".into(), "{}".into())), unconfigured_url: None, x402_harness: None, ..Options::default() };
         let all = scenarios();
         assert!(all.len() >= 20, "{}", all.len());
         for s in &all {
@@ -355,7 +360,7 @@ mod tests {
             _ => (404, r#"{"ok":false,"error":{"code":"not_found","message":"Not found"}}"#.into()),
         });
         let mut c = Client::connect(&url, Some("admin".into())).unwrap();
-        let opts = Options { failing_call: Some(("example".into(), r#"{"message":"fail"}"#.into())), slow_call: Some(("example".into(), r#"{"message":"slow"}"#.into())), unconfigured_url: None, x402_harness: None };
+        let opts = Options { failing_call: Some(("example".into(), r#"{"message":"fail"}"#.into())), slow_call: Some(("example".into(), r#"{"message":"slow"}"#.into())), unconfigured_url: None, x402_harness: None, ..Options::default() };
         for s in scenarios() {
             match (s.run)(&mut c, &opts) {
                 Err(_) => {}
