@@ -12,8 +12,10 @@ import {
   RATE_LIMIT_PER_MINUTE,
   SCOPE_FOR,
   TIMEOUT_MS,
+  UPSTREAMS,
   XP_AWARD,
   type CallType,
+  type UpstreamConfig,
 } from "./generated/manifest";
 import { readJsonBody, readJsonBodyText } from "./lib/body";
 import type { AppEnv } from "./lib/env";
@@ -24,6 +26,7 @@ import { generateApiKey, generateKeyId, parseBearer, secretsEqual, sha256Hex } f
 import { isCallType } from "./lib/manifest-util";
 import { MCP_PATH, handleMcp } from "./lib/mcp";
 import { parseMintInput } from "./lib/mint";
+import { UPSTREAM_PATH_PREFIX, handleUpstream, upstreamsPricing } from "./lib/proxy";
 import { IDEMPOTENCY_KEY_RE, IDEMPOTENCY_MAX_STORED_BYTES, runPaidCall, type Face } from "./lib/paid-call";
 import { SIGNUP_PATH, handleSignup, pricingSignup, resolveSignup, type SignupOptions } from "./lib/signup";
 import type { SignupConfig } from "./lib/signup-config";
@@ -35,6 +38,8 @@ export interface AppOptions {
   readonly timeoutMs?: Partial<Record<CallType, number>>;
   /** How a paid route reaches a key's Durable Object (default: env.KEYS); tests wrap it to inject failures. */
   readonly keyStub?: (env: AppEnv, keyHash: string) => DurableObjectStub<KeyDO>;
+  /** The MCP servers metered at /mcp/<name> (default: UPSTREAMS from mcpay.toml); tests bring their own. */
+  readonly upstreams?: readonly UpstreamConfig[];
 }
 
 export interface App {
@@ -82,7 +87,7 @@ async function health(): Promise<Response> {
 }
 
 /** The body of GET /v1/pricing (also the MCP `pricing` tool's structuredContent). */
-export function pricingBody(signup: SignupConfig): Record<string, unknown> {
+export function pricingBody(signup: SignupConfig, upstreams: readonly UpstreamConfig[] = UPSTREAMS): Record<string, unknown> {
   const endpoints = CALL_TYPES.map((name: CallType) => ({
     name,
     method: "POST",
@@ -96,11 +101,11 @@ export function pricingBody(signup: SignupConfig): Record<string, unknown> {
       Object.entries(INPUT_SHAPE[name]).map(([field, spec]) => [field, { type: spec.type, required: spec.required }]),
     ),
   }));
-  return { ok: true, unit: "mcents", mcents_per_cent: 1000, signup: pricingSignup(signup), endpoints };
+  return { ok: true, unit: "mcents", mcents_per_cent: 1000, signup: pricingSignup(signup), endpoints, upstreams: upstreamsPricing(upstreams) };
 }
 
-async function pricing(signup: SignupConfig): Promise<Response> {
-  return json(200, pricingBody(signup));
+async function pricing(signup: SignupConfig, upstreams: readonly UpstreamConfig[] | undefined): Promise<Response> {
+  return json(200, pricingBody(signup, upstreams));
 }
 
 async function me(r: RequestInfo): Promise<Response> {
@@ -405,7 +410,7 @@ function buildRoutes(handlers: Handlers, options: AppOptions): Map<string, Route
   const signup = resolveSignup(options.signup).config;
   const routes = new Map<string, Route>([
     ["/v1/health", { method: "GET", handle: health }],
-    ["/v1/pricing", { method: "GET", handle: () => pricing(signup) }],
+    ["/v1/pricing", { method: "GET", handle: () => pricing(signup, options.upstreams) }],
     ["/v1/me", { method: "GET", handle: me }],
     ["/v1/me/ledger", { method: "GET", handle: myLedger }],
     ["/v1/leaderboard", { method: "GET", handle: leaderboard }],
@@ -453,6 +458,8 @@ export function createApp(handlers: Handlers, options: AppOptions = {}): App {
       const url = new URL(request.url);
       // The MCP face (contract 3.11): its own methods, CORS and errors, the same billing core.
       if (url.pathname === MCP_PATH) return handleMcp(request, env, ctx, requestId, handlers, options, signup);
+      // Metered upstream MCP servers (contract 3.12).
+      if (url.pathname.startsWith(UPSTREAM_PATH_PREFIX)) return handleUpstream(request, env, ctx, requestId, url, options);
       const admin = isAdminPath(url.pathname);
       const res = await answering(requestId, () => dispatch({ request, url, env, ctx, requestId }, admin));
       if (admin) return withoutCors(withHeaders(res, { "X-Request-Id": requestId }));

@@ -89,7 +89,7 @@ describe("signup: routing and pricing follow mcpay.toml", () => {
 
     const on = signupApp().app;
     const pricing = (await (await call(on, new Request(`${BASE}/v1/pricing`))).json()) as Record<string, unknown>;
-    expect(Object.keys(pricing)).toEqual(["ok", "unit", "mcents_per_cent", "signup", "endpoints"]);
+    expect(Object.keys(pricing)).toEqual(["ok", "unit", "mcents_per_cent", "signup", "endpoints", "upstreams"]);
     expect(pricing.signup).toEqual({ path: "/v1/signup", price_mcents: 50_000, balance_mcents: 12_345, scopes: [SCOPE], rails: ["x402", "mpp"] });
     expect(pricingSignup({ ...TEST_SIGNUP, rails: ["mpp"], x402: null })).toMatchObject({ rails: ["mpp"] });
   });

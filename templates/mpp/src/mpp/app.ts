@@ -3,9 +3,10 @@
 //   POST /pay/<tool>     the manifest's paid endpoints, paid with MPP
 //   POST /mcp            MCP (streamable HTTP): paid tools (-32042 / credential in _meta), free tools
 //   GET  /SKILL.md, /llms.txt   discovery documents generated from mcpay.toml
+//   /mcp/<upstream>      metered upstream MCP servers: the worker gateway's route (src/lib/proxy.ts)
 // `createMppApp` takes the payment setup as a parameter: src/index.ts builds the production
 // methods from the environment; tests build their own app with a deterministic method.
-import { createApp } from "../app";
+import { createApp, type AppOptions } from "../app";
 import { withoutCredentials } from "../lib/http";
 import { CALL_TYPES, GATEWAY, type CallType } from "../generated/manifest";
 import { FAILURE_POLICY, LLMS_TXT, MPP, SKILL_MD } from "../generated/mpp";
@@ -29,6 +30,8 @@ export interface MppAppOptions {
   limits?: SandboxLimits;
   /** POST /v1/signup (default: mcpay.toml [signup] and the environment). */
   signup?: SignupOptions;
+  /** The MCP servers metered at /mcp/<name> (default: mcpay.toml's upstreams). */
+  upstreams?: AppOptions["upstreams"];
 }
 
 export interface MppApp {
@@ -239,7 +242,10 @@ function text(body: string, type: string, requestId: string): Response {
 }
 
 export function createMppApp(options: MppAppOptions): MppApp {
-  const base = createApp(options.handlers, options.signup ? { signup: options.signup } : {});
+  const base = createApp(options.handlers, {
+    ...(options.signup ? { signup: options.signup } : {}),
+    ...(options.upstreams ? { upstreams: options.upstreams } : {}),
+  });
   const g: Gateway = { options, limits: options.limits ?? DEFAULT_LIMITS };
   return {
     async fetch(request, env, ctx) {

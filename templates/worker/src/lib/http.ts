@@ -31,7 +31,11 @@ export type ErrorCode =
   | "payment_in_progress"
   | "payment_unavailable"
   | "payment_pending"
-  | "signup_unavailable";
+  | "signup_unavailable"
+  | "upstream_failed"
+  | "upstream_timeout"
+  | "upstream_disabled"
+  | "upstream_unavailable";
 
 const MESSAGES: Record<ErrorCode, string> = {
   not_found: "No such route.",
@@ -63,6 +67,10 @@ const MESSAGES: Record<ErrorCode, string> = {
   payment_unavailable: "The payment service is unavailable; nothing was charged. Retry later.",
   payment_pending: "The payment was submitted but its outcome is not known yet; retry the same request to collect what it bought.",
   signup_unavailable: "Signup is not configured on this gateway.",
+  upstream_failed: "The upstream MCP server failed.",
+  upstream_timeout: "The upstream MCP server did not answer in time.",
+  upstream_disabled: "This upstream MCP server is paused on this gateway.",
+  upstream_unavailable: "This upstream MCP server is not configured on this gateway (its URL or a header secret is missing).",
 };
 
 const BASE_HEADERS: Readonly<Record<string, string>> = {

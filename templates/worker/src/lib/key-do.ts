@@ -3,8 +3,10 @@
 // of its paid calls and its Idempotency-Key records (contract 3.8).
 // Every mutation is a single synchronous SQLite transaction inside a single-threaded object,
 // so concurrent charges on one key can never overdraw it, and keys never contend with each other.
-// Prices, XP awards, scopes and rate limits are read from the generated manifest HERE: callers
-// only name the endpoint, they never pass an amount.
+// Prices, XP awards, scopes and rate limits of the manifest's endpoints are read from the generated
+// manifest HERE: callers only name the endpoint, they never pass an amount. A proxied upstream tool
+// (`<NAME>/<tool>`, contract 3.12) is held on explicit terms that the gateway takes from its
+// upstream table (never from a request); they can never stand for a manifest endpoint.
 import { DurableObject } from "cloudflare:workers";
 import { GATEWAY, PRICE_MCENTS, RATE_LIMIT_PER_MINUTE, SCOPE_FOR, TIMEOUT_MS, XP_AWARD } from "../generated/manifest";
 import type { AppEnv } from "./env";
@@ -36,6 +38,47 @@ export interface HoldOptions {
   /** The caller's Idempotency-Key (already syntax-checked) and the SHA-256 hex of the body. */
   idempotencyKey?: string;
   bodyHash?: string;
+  /** The terms of a proxied upstream tool (endpoint `<NAME>/<tool>`); refused for a manifest endpoint. */
+  terms?: HoldTerms;
+}
+
+/** What one hold costs and needs, for an endpoint that is not in the manifest (an upstream's tool). */
+export interface HoldTerms {
+  priceMcents: number;
+  scope: string;
+  /** The per-key rate-limit window the hold counts in (an upstream: `/mcp/<NAME>`, one window for all its tools). */
+  rateKey: string;
+  /** Holds per rolling minute in that window (0 = unlimited). */
+  rateLimitPerMinute: number;
+  /** The call's time limit; the alarm releases the hold after it + HOLD_MARGIN_MS. */
+  timeoutMs: number;
+}
+
+interface ResolvedTerms extends HoldTerms {
+  xp: number;
+}
+
+/** The manifest's terms for its endpoints, the given terms for an upstream tool; null when neither applies. */
+function resolveTerms(endpoint: string, terms: HoldTerms | undefined): ResolvedTerms | null {
+  if (isCallType(endpoint)) {
+    if (terms !== undefined) return null;
+    return {
+      priceMcents: PRICE_MCENTS[endpoint],
+      scope: SCOPE_FOR[endpoint],
+      rateKey: endpoint,
+      rateLimitPerMinute: RATE_LIMIT_PER_MINUTE[endpoint],
+      timeoutMs: TIMEOUT_MS[endpoint],
+      xp: XP_AWARD[endpoint],
+    };
+  }
+  if (terms === undefined || !endpoint.includes("/")) return null;
+  const ok =
+    Number.isSafeInteger(terms.priceMcents) && terms.priceMcents >= 1 &&
+    typeof terms.scope === "string" && terms.scope !== "" &&
+    typeof terms.rateKey === "string" && terms.rateKey !== "" && !isCallType(terms.rateKey) &&
+    Number.isSafeInteger(terms.rateLimitPerMinute) && terms.rateLimitPerMinute >= 0 &&
+    Number.isSafeInteger(terms.timeoutMs) && terms.timeoutMs >= 1;
+  return ok ? { ...terms, xp: 0 } : null;
 }
 
 export type HoldResult =
@@ -49,8 +92,11 @@ export type CaptureResult =
   | { ok: true; balanceMcents: number }
   | { ok: false; state: "released" | "unknown"; balanceMcents: number };
 
-/** Why a hold is released: the caller's failure (subject to the refund cap), or ours (never capped). */
-export type ReleaseReason = "caller" | "timeout" | "ours";
+/**
+ * Why a hold is released: the caller's failure (subject to the refund cap), or ours (never capped):
+ * a timeout, the gateway, or a proxied upstream's failure (contract 3.12).
+ */
+export type ReleaseReason = "caller" | "timeout" | "ours" | "upstream";
 
 export interface SettleResult {
   refunded: boolean;
@@ -270,20 +316,22 @@ export class KeyDO extends DurableObject<AppEnv> {
    * Atomically checks and holds the price of one call to `endpoint` under the gateway's call id.
    * Order: key exists → known endpoint → scope → Idempotency-Key (mismatch / in progress / replay)
    * → per-minute rate limit → balance. Nothing is written unless the hold is taken. The hold must
-   * then be captured or released; the alarm releases it after TIMEOUT_MS[endpoint] + HOLD_MARGIN_MS.
+   * then be captured or released; the alarm releases it after the time limit + HOLD_MARGIN_MS.
+   * A manifest endpoint's terms come from the manifest; an upstream tool's from `opts.terms`.
    */
   hold(endpoint: string, callId: string, opts: HoldOptions = {}): HoldResult {
     if (!this.initialized) return { ok: false, code: "invalid_key" };
-    if (!isCallType(endpoint)) return { ok: false, code: "unknown_endpoint" };
+    const terms = resolveTerms(endpoint, opts.terms);
+    if (terms === null) return { ok: false, code: "unknown_endpoint" };
     const idemKey = opts.idempotencyKey;
     const bodyHash = opts.bodyHash ?? "";
     const now = Date.now();
-    const deadline = now + TIMEOUT_MS[endpoint] + HOLD_MARGIN_MS;
+    const deadline = now + terms.timeoutMs + HOLD_MARGIN_MS;
     const result = this.ctx.storage.transactionSync((): HoldResult => {
       const acct = this.account();
       if (!acct) return { ok: false, code: "invalid_key" };
       const scopes = JSON.parse(acct.scopes) as string[];
-      if (!scopes.includes(SCOPE_FOR[endpoint])) return { ok: false, code: "scope_denied" };
+      if (!scopes.includes(terms.scope)) return { ok: false, code: "scope_denied" };
 
       if (idemKey !== undefined) {
         this.sql.exec("DELETE FROM idempotency WHERE idem_key = ? AND expires_at <= ?", idemKey, now);
@@ -303,13 +351,13 @@ export class KeyDO extends DurableObject<AppEnv> {
         }
       }
 
-      const limit = RATE_LIMIT_PER_MINUTE[endpoint];
+      const limit = terms.rateLimitPerMinute;
       if (limit > 0) {
-        this.sql.exec("DELETE FROM rate_events WHERE endpoint = ? AND ts <= ?", endpoint, now - MINUTE_MS);
+        this.sql.exec("DELETE FROM rate_events WHERE endpoint = ? AND ts <= ?", terms.rateKey, now - MINUTE_MS);
         const w = this.sql
           .exec<{ n: number; oldest: number | null }>(
             "SELECT COUNT(*) AS n, MIN(ts) AS oldest FROM rate_events WHERE endpoint = ?",
-            endpoint,
+            terms.rateKey,
           )
           .one();
         if (w.n >= limit) {
@@ -318,7 +366,7 @@ export class KeyDO extends DurableObject<AppEnv> {
         }
       }
 
-      const price = PRICE_MCENTS[endpoint];
+      const price = terms.priceMcents;
       if (acct.balance < price) {
         return { ok: false, code: "insufficient_balance", priceMcents: price, balanceMcents: acct.balance };
       }
@@ -327,7 +375,7 @@ export class KeyDO extends DurableObject<AppEnv> {
         throw new Error("hold: call id already used");
       }
       const balance = acct.balance - price;
-      const xp = XP_AWARD[endpoint];
+      const xp = terms.xp;
       this.sql.exec(
         "UPDATE account SET balance = ?, xp = xp + ?, calls = calls + 1, spent = spent + ?, rev = rev + 1 WHERE id = 1",
         balance,
@@ -362,7 +410,7 @@ export class KeyDO extends DurableObject<AppEnv> {
           now + IDEMPOTENCY_TTL_MS,
         );
       }
-      if (limit > 0) this.sql.exec("INSERT INTO rate_events (endpoint, ts) VALUES (?, ?)", endpoint, now);
+      if (limit > 0) this.sql.exec("INSERT INTO rate_events (endpoint, ts) VALUES (?, ?)", terms.rateKey, now);
       return { ok: true, keyId: acct.key_id, chargedMcents: price, balanceMcents: balance, deadline };
     });
     if (result.ok) {
@@ -421,7 +469,7 @@ export class KeyDO extends DurableObject<AppEnv> {
    * The call failed: its XP and call count are taken back and its hold is released (a `release`
    * ledger row, +price). A `caller` failure is released only while the key had fewer than
    * GATEWAY.refundsPerKeyPerHour caller-failure releases in the last rolling hour; past that the
-   * hold is captured (the charge stands). `timeout` and `ours` are always released and not counted.
+   * hold is captured (the charge stands). `timeout`, `ours` and `upstream` are always released and not counted.
    * The Idempotency-Key of a failed call is freed (a retry runs again). Idempotent per call id.
    */
   release(callId: string, reason: ReleaseReason): SettleResult {

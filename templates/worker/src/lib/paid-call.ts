@@ -3,11 +3,13 @@
 // request (HTTP body / JSON-RPC arguments), then calls `runPaidCall` and maps the outcome to its
 // own answer (an HTTP response / a JSON-RPC error or tool result). Refusals before the hold are
 // thrown as HttpError (with the no-charge note); after the hold the outcome is always returned.
+// /mcp/<upstream> (lib/proxy.ts) holds on explicit terms and settles with the same captureHold /
+// releaseHold (retries, refund_pending) and maps refusals with the same holdRefusal.
 import { INPUT_SHAPE, RATE_LIMIT_PER_MINUTE, SCOPE_FOR, type CallType } from "../generated/manifest";
 import type { AppEnv } from "./env";
 import type { Handler, HandlerContext, ValidateContext } from "./handler";
 import { HttpError, withoutCredentials } from "./http";
-import type { CaptureResult, KeyDO, SettleResult, StoredResponse } from "./key-do";
+import type { CaptureResult, HoldResult, KeyDO, ReleaseReason, SettleResult, StoredResponse } from "./key-do";
 import { sha256Hex } from "./keys";
 import { checkShape } from "./shape";
 
@@ -97,43 +99,15 @@ export async function runPaidCall<A>(call: PaidCall, face: Face<A>): Promise<Pai
     ...(call.idempotencyKey !== undefined ? { idempotencyKey: call.idempotencyKey, bodyHash: await sha256Hex(call.bodyForHash) } : {}),
   });
   if (!hold.ok) {
-    switch (hold.code) {
-      case "invalid_key":
-        throw new HttpError(401, "invalid_key", { noCharge: true });
-      case "scope_denied":
-        throw new HttpError(403, "scope_denied", { noCharge: true, extra: { required_scope: SCOPE_FOR[endpoint] } });
-      case "rate_limited":
-        throw new HttpError(429, "rate_limited", {
-          message: `Rate limit of ${RATE_LIMIT_PER_MINUTE[endpoint]} calls per minute reached for this endpoint.`,
-          noCharge: true,
-          extra: { retry_after_seconds: hold.retryAfterSeconds },
-          headers: { "Retry-After": String(hold.retryAfterSeconds) },
-        });
-      case "insufficient_balance":
-        throw new HttpError(402, "insufficient_balance", {
-          noCharge: true,
-          extra: { price_mcents: hold.priceMcents, balance_mcents: hold.balanceMcents },
-        });
-      case "unknown_endpoint":
-        throw new HttpError(404, "not_found", { noCharge: true });
-      case "idempotency_mismatch":
-        throw new HttpError(422, "idempotency_mismatch", { noCharge: true });
-      case "idempotency_in_progress":
-        throw new HttpError(409, "idempotency_in_progress", {
-          noCharge: true,
-          extra: { retry_after_seconds: hold.retryAfterSeconds },
-          headers: { "Retry-After": String(hold.retryAfterSeconds) },
-        });
-      case "replay":
-        if (hold.response === null) {
-          throw new HttpError(409, "idempotency_response_not_stored", {
-            noCharge: true,
-            extra: { original_request_id: hold.originalRequestId, max_stored_bytes: IDEMPOTENCY_MAX_STORED_BYTES },
-            headers: { "Idempotent-Replayed": "true" },
-          });
-        }
-        return { kind: "replay", stored: hold.response as StoredResponse };
+    if (hold.code !== "replay") throw holdRefusal(hold, SCOPE_FOR[endpoint], RATE_LIMIT_PER_MINUTE[endpoint]);
+    if (hold.response === null) {
+      throw new HttpError(409, "idempotency_response_not_stored", {
+        noCharge: true,
+        extra: { original_request_id: hold.originalRequestId, max_stored_bytes: IDEMPOTENCY_MAX_STORED_BYTES },
+        headers: { "Idempotent-Replayed": "true" },
+      });
     }
+    return { kind: "replay", stored: hold.response as StoredResponse };
   }
 
   const hctx: HandlerContext = {
@@ -152,6 +126,38 @@ export async function runPaidCall<A>(call: PaidCall, face: Face<A>): Promise<Pai
     () => undefined,
   ));
   return work;
+}
+
+/** A refused hold (other than an idempotent replay) as the error its face answers (contract 3.8 steps 9–9d). */
+export function holdRefusal(hold: Exclude<HoldResult, { ok: true } | { code: "replay" }>, requiredScope: string, rateLimitPerMinute: number): HttpError {
+  switch (hold.code) {
+    case "invalid_key":
+      return new HttpError(401, "invalid_key", { noCharge: true });
+    case "scope_denied":
+      return new HttpError(403, "scope_denied", { noCharge: true, extra: { required_scope: requiredScope } });
+    case "rate_limited":
+      return new HttpError(429, "rate_limited", {
+        message: `Rate limit of ${rateLimitPerMinute} calls per minute reached for this endpoint.`,
+        noCharge: true,
+        extra: { retry_after_seconds: hold.retryAfterSeconds },
+        headers: { "Retry-After": String(hold.retryAfterSeconds) },
+      });
+    case "insufficient_balance":
+      return new HttpError(402, "insufficient_balance", {
+        noCharge: true,
+        extra: { price_mcents: hold.priceMcents, balance_mcents: hold.balanceMcents },
+      });
+    case "unknown_endpoint":
+      return new HttpError(404, "not_found", { noCharge: true });
+    case "idempotency_mismatch":
+      return new HttpError(422, "idempotency_mismatch", { noCharge: true });
+    case "idempotency_in_progress":
+      return new HttpError(409, "idempotency_in_progress", {
+        noCharge: true,
+        extra: { retry_after_seconds: hold.retryAfterSeconds },
+        headers: { "Retry-After": String(hold.retryAfterSeconds) },
+      });
+  }
 }
 
 async function runHandler<A>(call: PaidCall, face: Face<A>, hctx: HandlerContext, charge: Charge): Promise<RunResult<A>> {
@@ -191,12 +197,8 @@ async function runAndSettle<A>(call: PaidCall, face: Face<A>, hctx: HandlerConte
   if (timer !== undefined) clearTimeout(timer);
 
   if (outcome.kind === "ok") {
-    const captured = await settleWithRetry("capture", callId, async (): Promise<CaptureResult> => await stub.capture(callId, outcome.stored));
-    if (captured === null || captured.ok) {
-      // Captured; or the capture RPC kept failing: the answer is sent and the alarm releases the
-      // hold (the gateway never keeps money for a call whose outcome it did not record).
-      return { kind: "ok", answer: outcome.answer };
-    }
+    const captured = await captureHold(stub, callId, outcome.stored);
+    if (captured.kept) return { kind: "ok", answer: outcome.answer };
     // The hold was released meanwhile (past its deadline): the call counts as timed out.
     await face.discard(outcome.answer);
     return { kind: "failed", status: 504, code: "handler_timeout", extra: { refunded: true, charged_mcents: 0, balance_mcents: captured.balanceMcents } };
@@ -209,20 +211,13 @@ async function runAndSettle<A>(call: PaidCall, face: Face<A>, hctx: HandlerConte
     request_id: callId,
     ...(timeout ? { timeout_ms: call.timeoutMs } : { error: outcome.failure }),
   }));
-  const settled = await settleWithRetry("release", callId, async (): Promise<SettleResult> => await stub.release(callId, timeout ? "timeout" : "caller"));
+  const settled = await releaseHold(stub, callId, timeout ? "timeout" : "caller", charge);
   const status = timeout ? 504 : 502;
   const code = timeout ? "handler_timeout" : "handler_failed";
-  if (settled === null) {
+  if (settled.refund_pending) {
     // The hold stays until the KeyDO's alarm releases it (within TIMEOUT_MS + HOLD_MARGIN_MS).
-    return {
-      kind: "failed",
-      status,
-      code,
-      message: "The endpoint handler failed; the held price will be released shortly.",
-      extra: { refunded: false, refund_pending: true, charged_mcents: charge.chargedMcents, balance_mcents: charge.balanceMcents },
-    };
+    return { kind: "failed", status, code, message: "The endpoint handler failed; the held price will be released shortly.", extra: settled };
   }
-  const charged = settled.refunded ? 0 : charge.chargedMcents;
   return {
     kind: "failed",
     status,
@@ -234,6 +229,34 @@ async function runAndSettle<A>(call: PaidCall, face: Face<A>, hctx: HandlerConte
             ? "The endpoint handler failed; the charge was refunded."
             : "The endpoint handler failed; the hourly refund limit for this key is reached, so the charge stands.",
         }),
-    extra: { refunded: settled.refunded, charged_mcents: charged, balance_mcents: settled.balanceMcents },
+    extra: settled,
   };
+}
+
+/** The money fields of a released (or kept, or pending) call: the body of 502/504 and MCP `_meta`. */
+export type Released = Failed["extra"];
+
+/**
+ * Captures a held call (with retries). `kept`: captured, or the capture RPC kept failing (the
+ * answer is still sent and the alarm releases the hold: the gateway never keeps money for a call
+ * whose outcome it did not record). Not kept: the hold was released meanwhile (past its deadline).
+ */
+export async function captureHold(
+  stub: DurableObjectStub<KeyDO>,
+  callId: string,
+  stored?: StoredResponse,
+): Promise<{ kept: true } | { kept: false; balanceMcents: number }> {
+  const captured = await settleWithRetry("capture", callId, async (): Promise<CaptureResult> => await stub.capture(callId, stored));
+  if (captured === null || captured.ok) return { kept: true };
+  return { kept: false, balanceMcents: captured.balanceMcents };
+}
+
+/**
+ * Releases a held call (with retries). When every attempt failed the hold is left to the KeyDO's
+ * alarm: `refund_pending`, and the money fields are the held ones.
+ */
+export async function releaseHold(stub: DurableObjectStub<KeyDO>, callId: string, reason: ReleaseReason, charge: Charge): Promise<Released> {
+  const settled = await settleWithRetry("release", callId, async (): Promise<SettleResult> => await stub.release(callId, reason));
+  if (settled === null) return { refunded: false, refund_pending: true, charged_mcents: charge.chargedMcents, balance_mcents: charge.balanceMcents };
+  return { refunded: settled.refunded, charged_mcents: settled.refunded ? 0 : charge.chargedMcents, balance_mcents: settled.balanceMcents };
 }

@@ -1,0 +1,643 @@
+// /mcp/<NAME>: metering an MCP server that already exists (contract 3.12). The caller's key and
+// the upstream's scope are checked before anything is forwarded; every message is forwarded free
+// except a `tools/call` of a priced tool, which is held, forwarded and then captured or released
+// through the billing core of /v1 and /mcp (the KeyDO's hold, lib/paid-call.ts's settlement).
+// Forwarding is plain `fetch` to the upstream's Streamable HTTP endpoint: JSON answers are read
+// whole (bounded) and settled before they are sent; event streams are passed on event by event,
+// the event carrying the call's response being settled (and its `_meta` completed) before it is
+// written. Settlement runs under ctx.waitUntil, so a caller that goes away cannot leave a hold open.
+import { keyStubFor, type AppOptions } from "../app";
+import { GATEWAY, UPSTREAMS, type UpstreamConfig } from "../generated/manifest";
+import { readBoundedText } from "./body";
+import type { AppEnv } from "./env";
+import { HttpError, answering, errorBody, errorResponse, withHeaders, type ErrorCode } from "./http";
+import type { HoldTerms, KeyDO } from "./key-do";
+import { parseBearer, sha256Hex } from "./keys";
+import { MCP_CORS_HEADERS, toRpcError } from "./mcp";
+import { captureHold, holdRefusal, releaseHold, type Charge, type Released } from "./paid-call";
+
+export const UPSTREAM_PATH_PREFIX = "/mcp/";
+/** Largest upstream JSON answer read (a paid call's answer, a tools/list result); more → 502. */
+export const UPSTREAM_MAX_JSON_BYTES = 4 * 1024 * 1024;
+
+const ALLOW = "GET, POST, DELETE, OPTIONS";
+/** Request headers passed to the upstream; nothing else of the caller's (Authorization, Cookie, …) is. */
+const FORWARDED_REQUEST_HEADERS = ["Accept", "Content-Type", "Mcp-Session-Id", "Mcp-Protocol-Version", "Last-Event-ID"];
+/** Upstream answer headers passed back to the caller. */
+const FORWARDED_RESPONSE_HEADERS = ["Content-Type", "Cache-Control", "Mcp-Session-Id", "Mcp-Protocol-Version"];
+/** MCP tool names (1–128 visible ASCII characters): anything else is refused before it is held or forwarded. */
+const TOOL_NAME_RE = /^[\x21-\x7e]{1,128}$/;
+
+const META_CHARGED = "io.mcpay/charged_mcents";
+const META_BALANCE = "io.mcpay/balance_mcents";
+const META_REQUEST_ID = "io.mcpay/request_id";
+const META_REFUNDED = "io.mcpay/refunded";
+const META_PRICE = "io.mcpay/price_mcents";
+const META_SCOPE = "io.mcpay/scope";
+
+// ---------------------------------------------------------------- the upstream table
+
+export function upstreamByName(table: readonly UpstreamConfig[], name: string): UpstreamConfig | undefined {
+  return table.find((u) => u.name === name);
+}
+
+/** The price of one tools/call of `tool`: its own price (0 = free), else the upstream's default. */
+export function toolPrice(u: UpstreamConfig, tool: string): number {
+  for (const [name, price] of u.tools) if (name === tool) return price;
+  return u.priceMcents;
+}
+
+/** The `upstreams` of GET /v1/pricing (contract 3.2), in manifest order. */
+export function upstreamsPricing(table: readonly UpstreamConfig[] = UPSTREAMS): Record<string, unknown>[] {
+  return table.map((u) => ({
+    name: u.name,
+    path: `${UPSTREAM_PATH_PREFIX}${u.name}`,
+    price_mcents: u.priceMcents,
+    scope: u.scope,
+    description: u.description,
+    rate_limit_per_minute: u.rateLimitPerMinute,
+    enabled: u.enabled,
+    refund_tool_errors: u.refundToolErrors,
+    // Workers serve Streamable HTTP upstreams only (a `command` upstream is refused by the CLI).
+    transport: "http",
+    tools: Object.fromEntries(u.tools.map(([name, price]) => [name, price])),
+  }));
+}
+
+/** The hold terms of a priced tool: the endpoint `<NAME>/<tool>`, the upstream's scope, one rate window per upstream. */
+function holdTerms(u: UpstreamConfig, price: number): HoldTerms {
+  return { priceMcents: price, scope: u.scope, rateKey: `${UPSTREAM_PATH_PREFIX}${u.name}`, rateLimitPerMinute: u.rateLimitPerMinute, timeoutMs: u.timeoutMs };
+}
+
+// ---------------------------------------------------------------- JSON-RPC and SSE
+
+type Json = Record<string, unknown>;
+
+function isObject(v: unknown): v is Json {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
+}
+
+function rpcError(status: number, code: number, message: string, id: unknown = null, data?: unknown): Response {
+  return new Response(JSON.stringify({ jsonrpc: "2.0", id, error: { code, message, ...(data !== undefined ? { data } : {}) } }), {
+    status,
+    headers: { "Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff" },
+  });
+}
+
+function sameId(a: unknown, b: unknown): boolean {
+  return (typeof a === "string" || typeof a === "number") && a === b;
+}
+
+/** The JSON-RPC response to the request with this id, or null. */
+function responseTo(msg: unknown, id: unknown): Json | null {
+  if (!isObject(msg) || msg.jsonrpc !== "2.0" || !sameId(msg.id, id)) return null;
+  if (isObject(msg.result) || isObject(msg.error)) return msg;
+  return null;
+}
+
+/** One server-sent event: its lines (field lines and comments, without the blank line that ends it) and its data. */
+export interface SseEvent {
+  readonly lines: readonly string[];
+  readonly data: string | null;
+}
+
+/**
+ * An incremental parser of text/event-stream (the WHATWG rules: lines end with CRLF, LF or CR; a
+ * blank line ends an event; `data` lines join with LF; an event cut off by the end of the stream
+ * is not dispatched). An event larger than `maxEventChars` is an error (the stream is bounded).
+ */
+export class SseParser {
+  private readonly decoder = new TextDecoder();
+  private buf = "";
+  private lines: string[] = [];
+  private eventChars = 0;
+
+  constructor(private readonly maxEventChars: number = UPSTREAM_MAX_JSON_BYTES) {}
+
+  push(chunk: Uint8Array): SseEvent[] {
+    this.buf += this.decoder.decode(chunk, { stream: true });
+    return this.drain(false);
+  }
+
+  end(): SseEvent[] {
+    this.buf += this.decoder.decode();
+    return this.drain(true);
+  }
+
+  private drain(final: boolean): SseEvent[] {
+    const out: SseEvent[] = [];
+    let pos = 0;
+    const buf = this.buf;
+    for (;;) {
+      let i = pos;
+      while (i < buf.length && buf[i] !== "\n" && buf[i] !== "\r") i++;
+      if (i >= buf.length) break;
+      // A CR at the very end may be the first half of a CRLF split across chunks.
+      if (buf[i] === "\r" && i === buf.length - 1 && !final) break;
+      const line = buf.slice(pos, i);
+      pos = buf[i] === "\r" && buf[i + 1] === "\n" ? i + 2 : i + 1;
+      if (line === "") {
+        if (this.lines.length > 0) out.push(sseEvent(this.lines));
+        this.lines = [];
+        this.eventChars = 0;
+      } else {
+        this.lines.push(line);
+        this.eventChars += line.length + 1;
+      }
+    }
+    this.buf = buf.slice(pos);
+    if (this.eventChars + this.buf.length > this.maxEventChars) throw new Error(`an event of the upstream's stream is larger than ${this.maxEventChars} characters`);
+    if (final) {
+      this.buf = "";
+      this.lines = [];
+    }
+    return out;
+  }
+}
+
+function sseEvent(lines: string[]): SseEvent {
+  const data: string[] = [];
+  for (const l of lines) {
+    if (l === "data") data.push("");
+    else if (l.startsWith("data:")) data.push(l.slice(l.startsWith("data: ") ? 6 : 5));
+  }
+  return { lines, data: data.length > 0 ? data.join("\n") : null };
+}
+
+const encoder = new TextEncoder();
+
+/** An event as bytes; `data` replaces its data lines (one line: JSON has no raw newline). */
+function sseBytes(ev: SseEvent, data?: string): Uint8Array {
+  if (data === undefined) return encoder.encode(`${ev.lines.join("\n")}\n\n`);
+  const lines: string[] = [];
+  let placed = false;
+  for (const l of ev.lines) {
+    if (l === "data" || l.startsWith("data:")) {
+      if (!placed) lines.push(`data: ${data}`);
+      placed = true;
+    } else {
+      lines.push(l);
+    }
+  }
+  return encoder.encode(`${lines.join("\n")}\n\n`);
+}
+
+function parseJson(text: string | null): unknown {
+  if (text === null) return undefined;
+  try {
+    return JSON.parse(text) as unknown;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Reads a body up to `limit` bytes as text; null when it is longer (the rest is cancelled). */
+async function readUpTo(body: ReadableStream<Uint8Array> | null, limit: number): Promise<string | null> {
+  if (body === null) return "";
+  const reader = body.getReader();
+  const chunks: Uint8Array[] = [];
+  let total = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    total += value.byteLength;
+    if (total > limit) {
+      await reader.cancel().catch(() => {});
+      return null;
+    }
+    chunks.push(value);
+  }
+  const all = new Uint8Array(total);
+  let off = 0;
+  for (const c of chunks) {
+    all.set(c, off);
+    off += c.byteLength;
+  }
+  return new TextDecoder().decode(all);
+}
+
+function mediaType(res: Response): string {
+  return (res.headers.get("Content-Type") ?? "").split(";", 1)[0]!.trim().toLowerCase();
+}
+
+/** A tools/list result with each tool's terms in `_meta` (the upstream's own `_meta` keys kept). */
+function withToolTerms(msg: Json, u: UpstreamConfig): Json {
+  const result = msg.result;
+  if (!isObject(result) || !Array.isArray(result.tools)) return msg;
+  const tools = result.tools.map((t: unknown) => {
+    if (!isObject(t) || typeof t.name !== "string") return t;
+    const meta = isObject(t._meta) ? t._meta : {};
+    return { ...t, _meta: { ...meta, [META_PRICE]: toolPrice(u, t.name), [META_SCOPE]: u.scope } };
+  });
+  return { ...msg, result: { ...result, tools } };
+}
+
+// ---------------------------------------------------------------- the route
+
+interface Target {
+  readonly url: string;
+  readonly headers: readonly (readonly [string, string])[];
+}
+
+/** The upstream's URL and configured headers from the environment; null (logged) when one is missing. */
+function resolveTarget(u: UpstreamConfig, env: AppEnv, requestId: string): Target | null {
+  const vars = env as unknown as Record<string, unknown>;
+  const override = vars[u.urlEnv];
+  const url = typeof override === "string" && override !== "" ? override : u.url;
+  const missing: string[] = [];
+  if (url === "") missing.push(u.urlEnv);
+  const headers: [string, string][] = [];
+  for (const [header, name] of u.headers) {
+    const v = vars[name];
+    if (typeof v === "string" && v !== "") headers.push([header, v]);
+    else missing.push(name);
+  }
+  if (missing.length > 0) {
+    console.error(JSON.stringify({ msg: "upstream not configured", upstream: u.name, missing, request_id: requestId }));
+    return null;
+  }
+  return { url, headers };
+}
+
+/** /mcp/<NAME> (contract 3.12). Every answer carries X-Request-Id; a known upstream's also the CORS of /mcp. */
+export async function handleUpstream(
+  request: Request,
+  env: AppEnv,
+  ctx: ExecutionContext,
+  requestId: string,
+  url: URL,
+  options: AppOptions,
+): Promise<Response> {
+  const u = upstreamByName(options.upstreams ?? UPSTREAMS, url.pathname.slice(UPSTREAM_PATH_PREFIX.length));
+  if (u === undefined) return withHeaders(errorResponse(404, "not_found", requestId), { "X-Request-Id": requestId });
+  const res = await answering(requestId, () => proxy(u, request, env, ctx, requestId, options));
+  return withHeaders(res, { "X-Request-Id": requestId, ...MCP_CORS_HEADERS });
+}
+
+interface Forward {
+  readonly u: UpstreamConfig;
+  readonly target: Target;
+  readonly request: Request;
+  readonly method: string;
+  readonly body: string | null;
+}
+
+async function proxy(u: UpstreamConfig, request: Request, env: AppEnv, ctx: ExecutionContext, requestId: string, options: AppOptions): Promise<Response> {
+  const method = request.method.toUpperCase();
+  if (method === "OPTIONS") {
+    return new Response(null, { status: 204, headers: { "Access-Control-Allow-Methods": ALLOW, "Access-Control-Max-Age": "86400" } });
+  }
+  if (method !== "GET" && method !== "POST" && method !== "DELETE") throw new HttpError(405, "method_not_allowed", { headers: { Allow: ALLOW } });
+  if (!u.enabled) throw new HttpError(503, "upstream_disabled");
+  const target = resolveTarget(u, env, requestId);
+  if (target === null) throw new HttpError(503, "upstream_unavailable");
+  const bearer = parseBearer(request.headers.get("Authorization"));
+  if (!bearer.ok) throw new HttpError(401, bearer.code);
+  const stub = keyStubFor(env, await sha256Hex(bearer.key), options);
+
+  // One JSON-RPC message per POST, read whole (bounded) before anything is forwarded.
+  let body: string | null = null;
+  let msg: Json | null = null;
+  if (method === "POST") {
+    try {
+      body = await readBoundedText(request, GATEWAY.maxBodyBytes);
+    } catch (err) {
+      if (err instanceof HttpError && err.code === "body_too_large") throw new HttpError(413, "body_too_large", { ...err.opts, noCharge: false });
+      return rpcError(400, -32700, "Parse error: the body is not UTF-8 JSON.");
+    }
+    const parsed = parseJson(body);
+    if (parsed === undefined) return rpcError(400, -32700, "Parse error: the body is not JSON.");
+    if (Array.isArray(parsed)) return rpcError(400, -32600, "Invalid Request: send one JSON-RPC message per request (no batches). Nothing was forwarded or charged.");
+    if (!isObject(parsed)) return rpcError(400, -32600, "Invalid Request: a JSON-RPC message is a JSON object.");
+    msg = parsed;
+  }
+  const fwd: Forward = { u, target, request, method, body };
+
+  let badName: Response | null = null;
+  if (msg !== null && msg.method === "tools/call") {
+    const id = msg.id;
+    if (typeof id !== "string" && typeof id !== "number") return rpcError(400, -32600, "Invalid Request: tools/call must be a request with a string or number id.");
+    const tool = isObject(msg.params) ? msg.params.name : undefined;
+    if (typeof tool === "string" && TOOL_NAME_RE.test(tool)) {
+      const price = toolPrice(u, tool);
+      // The hold checks the key and the scope itself (HTTP 401 / 403), atomically with the charge.
+      if (price > 0) return paidCall(fwd, stub, id, tool, price, ctx, requestId);
+    } else {
+      badName = rpcError(200, -32602, "Invalid params: params.name must be a tool name (1 to 128 visible ASCII characters).", id, { code: "invalid_input", note: "no charge applied" });
+    }
+  }
+
+  // Free traffic: the key must exist and hold the upstream's scope (read-only: nothing is written).
+  const stats = await stub.stats();
+  if (stats === null) throw new HttpError(401, "invalid_key");
+  if (!stats.scopes.includes(u.scope)) throw new HttpError(403, "scope_denied", { extra: { required_scope: u.scope } });
+  return badName ?? freeForward(fwd, msg);
+}
+
+/** Sends the request to the upstream (as URL + init: the body is the text already read). */
+function fetchUpstream(fwd: Forward, signal: AbortSignal): Promise<Response> {
+  const headers = new Headers();
+  for (const h of FORWARDED_REQUEST_HEADERS) {
+    const v = fwd.request.headers.get(h);
+    if (v !== null) headers.set(h, v);
+  }
+  if (fwd.method === "POST") {
+    headers.set("Content-Type", "application/json");
+    const accept = headers.get("Accept") ?? "";
+    if (!accept.includes("application/json") || !accept.includes("text/event-stream")) headers.set("Accept", "application/json, text/event-stream");
+  } else if (fwd.method === "GET" && !headers.has("Accept")) {
+    headers.set("Accept", "text/event-stream");
+  }
+  for (const [h, v] of fwd.target.headers) headers.set(h, v);
+  return fetch(fwd.target.url, { method: fwd.method, headers, body: fwd.body, signal, redirect: "manual" });
+}
+
+function answerHeaders(upstream: Response, durationMs: number, extra: Record<string, string> = {}): Headers {
+  const headers = new Headers();
+  for (const h of FORWARDED_RESPONSE_HEADERS) {
+    const v = upstream.headers.get(h);
+    if (v !== null) headers.set(h, v);
+  }
+  headers.set("X-Content-Type-Options", "nosniff");
+  headers.set("X-Upstream-Duration-Ms", String(durationMs));
+  for (const [k, v] of Object.entries(extra)) headers.set(k, v);
+  return headers;
+}
+
+function gatewayError(status: number, code: ErrorCode, requestId: string, extra: Record<string, string> = {}, money?: Released, message?: string): Response {
+  const res = errorResponse(status, code, requestId, { ...(money ? { extra: money } : {}), ...(message ? { message } : {}) });
+  return withHeaders(res, extra);
+}
+
+/** Forwards a message that costs nothing (and GET / DELETE); tools/list results gain each tool's terms. */
+async function freeForward(fwd: Forward, msg: Json | null): Promise<Response> {
+  const ac = new AbortController();
+  const timer = setTimeout(() => ac.abort(), fwd.u.timeoutMs);
+  const started = Date.now();
+  let res: Response;
+  try {
+    res = await fetchUpstream(fwd, ac.signal);
+  } catch (err) {
+    const timedOut = ac.signal.aborted;
+    console.error(JSON.stringify({ msg: timedOut ? "upstream timed out" : "upstream unreachable", upstream: fwd.u.name, error: String(err) }));
+    throw new HttpError(timedOut ? 504 : 502, timedOut ? "upstream_timeout" : "upstream_failed", { headers: { "X-Upstream-Duration-Ms": String(Date.now() - started) } });
+  } finally {
+    // A stream (GET, an SSE answer) lives as long as the caller keeps it: only the headers are timed.
+    clearTimeout(timer);
+  }
+  const headers = answerHeaders(res, Date.now() - started);
+  const listId = msg !== null && msg.method === "tools/list" ? msg.id : undefined;
+  if (listId === undefined || res.status !== 200) return new Response(res.body, { status: res.status, headers });
+
+  const type = mediaType(res);
+  if (type === "application/json") {
+    const text = await readUpTo(res.body, UPSTREAM_MAX_JSON_BYTES);
+    if (text === null) throw new HttpError(502, "upstream_failed", { message: "The upstream's tools/list answer is larger than 4 MiB." });
+    const answer = responseTo(parseJson(text), listId);
+    headers.set("Cache-Control", "no-store");
+    return new Response(answer === null ? text : JSON.stringify(withToolTerms(answer, fwd.u)), { status: 200, headers });
+  }
+  if (type === "text/event-stream" && res.body !== null) {
+    const parser = new SseParser();
+    const rewrite = (ev: SseEvent): Uint8Array => {
+      const answer = responseTo(parseJson(ev.data), listId);
+      return answer === null ? sseBytes(ev) : sseBytes(ev, JSON.stringify(withToolTerms(answer, fwd.u)));
+    };
+    const stream = res.body.pipeThrough(
+      new TransformStream<Uint8Array, Uint8Array>({
+        transform(chunk, controller) {
+          for (const ev of parser.push(chunk)) controller.enqueue(rewrite(ev));
+        },
+        flush(controller) {
+          for (const ev of parser.end()) controller.enqueue(rewrite(ev));
+        },
+      }),
+    );
+    return new Response(stream, { status: 200, headers });
+  }
+  return new Response(res.body, { status: res.status, headers });
+}
+
+// ---------------------------------------------------------------- a paid tools/call
+
+/** The terms of a settled call in a result's `_meta` (contract 3.12). */
+function chargeMeta(money: Released, callId: string): Json {
+  return {
+    [META_CHARGED]: money.charged_mcents,
+    [META_BALANCE]: money.balance_mcents,
+    [META_REQUEST_ID]: callId,
+    ...(money.refunded ? { [META_REFUNDED]: true } : {}),
+    ...(money.refund_pending ? { "io.mcpay/refund_pending": true } : {}),
+  };
+}
+
+function withChargeMeta(answer: Json, money: Released, callId: string): Json {
+  const result = answer.result;
+  if (!isObject(result)) return answer;
+  const meta = isObject(result._meta) ? result._meta : {};
+  return { ...answer, result: { ...result, _meta: { ...meta, ...chargeMeta(money, callId) } } };
+}
+
+function moneyHeaders(money: Released): Record<string, string> {
+  return { "X-Charged-Mcents": String(money.charged_mcents), "X-Balance-Mcents": String(money.balance_mcents) };
+}
+
+type Settlement = "capture" | "release";
+
+/** What the upstream's response settles: a result is captured (a tool error released when configured), an error released. */
+function settlementOf(answer: Json, u: UpstreamConfig): Settlement {
+  if (isObject(answer.error)) return "release";
+  const result = answer.result as Json;
+  return result.isError === true && u.refundToolErrors ? "release" : "capture";
+}
+
+async function paidCall(
+  fwd: Forward,
+  stub: DurableObjectStub<KeyDO>,
+  id: string | number,
+  tool: string,
+  price: number,
+  ctx: ExecutionContext,
+  callId: string,
+): Promise<Response> {
+  const { u } = fwd;
+  // The hold: key, scope, the upstream's rate limit, balance — one atomic step in the key's object.
+  const hold = await stub.hold(`${u.name}/${tool}`, callId, { terms: holdTerms(u, price) });
+  if (!hold.ok) {
+    if (hold.code === "invalid_key") throw new HttpError(401, "invalid_key");
+    if (hold.code === "scope_denied") throw new HttpError(403, "scope_denied", { extra: { required_scope: u.scope } });
+    if (hold.code === "replay" || hold.code === "unknown_endpoint") throw new Error(`upstream hold refused: ${hold.code}`);
+    // Balance and rate limit: a JSON-RPC error with the request's id (3.11's table), nothing forwarded.
+    const err = toRpcError(holdRefusal(hold, u.scope, u.rateLimitPerMinute));
+    return rpcError(200, err.code, err.message, id, err.data);
+  }
+  const charge: Charge = { chargedMcents: hold.chargedMcents, balanceMcents: hold.balanceMcents };
+  const call: PaidForward = { fwd, stub, id, charge, callId, ctx };
+  // The forward and its settlement run under waitUntil: a caller that disconnects cannot leave a
+  // hold without a capture or a release (the event-stream pump registers itself too).
+  const work = forwardPaid(call);
+  ctx.waitUntil(work.then(
+    () => undefined,
+    () => undefined,
+  ));
+  return work;
+}
+
+interface PaidForward {
+  readonly fwd: Forward;
+  readonly stub: DurableObjectStub<KeyDO>;
+  readonly id: string | number;
+  readonly charge: Charge;
+  readonly callId: string;
+  readonly ctx: ExecutionContext;
+}
+
+/** Captures or releases (reason `upstream`: never counted against the refund cap); the money fields of the answer. */
+async function settle(c: PaidForward, how: Settlement): Promise<Released> {
+  if (how === "release") return releaseHold(c.stub, c.callId, "upstream", c.charge);
+  const captured = await captureHold(c.stub, c.callId);
+  if (captured.kept) return { refunded: false, charged_mcents: c.charge.chargedMcents, balance_mcents: c.charge.balanceMcents };
+  // Released meanwhile (past its deadline): nothing is charged for this answer.
+  return { refunded: true, charged_mcents: 0, balance_mcents: captured.balanceMcents };
+}
+
+const FAILED_MESSAGE = "The upstream MCP server failed; the held price was released.";
+const TIMEOUT_MESSAGE = "The upstream MCP server did not answer in time; the held price was released.";
+
+async function forwardPaid(c: PaidForward): Promise<Response> {
+  const { u } = c.fwd;
+  const ac = new AbortController();
+  const timer = setTimeout(() => ac.abort(), u.timeoutMs);
+  const started = Date.now();
+  const failed = async (status: 502 | 504, why: string, headers: Record<string, string> = {}): Promise<Response> => {
+    clearTimeout(timer);
+    console.error(JSON.stringify({ msg: "upstream call failed", upstream: u.name, request_id: c.callId, status, why }));
+    const money = await settle(c, "release");
+    return gatewayError(status, status === 504 ? "upstream_timeout" : "upstream_failed", c.callId, { ...headers, ...moneyHeaders(money) }, money, status === 504 ? TIMEOUT_MESSAGE : FAILED_MESSAGE);
+  };
+
+  let res: Response;
+  try {
+    res = await fetchUpstream(c.fwd, ac.signal);
+  } catch (err) {
+    return failed(ac.signal.aborted ? 504 : 502, String(err), { "X-Upstream-Duration-Ms": String(Date.now() - started) });
+  }
+  const duration = { "X-Upstream-Duration-Ms": String(Date.now() - started) };
+  if (res.status >= 400) {
+    if (res.status >= 500) {
+      await res.body?.cancel().catch(() => {});
+      return failed(502, `upstream status ${res.status}`, duration);
+    }
+    // A 4xx is the upstream's own answer (e.g. an expired session): released, passed on as it is.
+    const text = await readUpTo(res.body, UPSTREAM_MAX_JSON_BYTES).catch(() => null);
+    clearTimeout(timer);
+    const money = await settle(c, "release");
+    return new Response(text ?? "", { status: res.status, headers: answerHeaders(res, Date.now() - started, moneyHeaders(money)) });
+  }
+  const type = mediaType(res);
+  if (type === "text/event-stream" && res.body !== null && res.status === 200) return streamPaid(c, res, ac, timer, Date.now() - started);
+  if (type !== "application/json" || res.status !== 200) {
+    await res.body?.cancel().catch(() => {});
+    return failed(502, `not a JSON-RPC answer (status ${res.status}, ${type || "no content type"})`, duration);
+  }
+  let text: string | null;
+  try {
+    text = await readUpTo(res.body, UPSTREAM_MAX_JSON_BYTES);
+  } catch (err) {
+    return failed(ac.signal.aborted ? 504 : 502, String(err), duration);
+  }
+  if (text === null) return failed(502, "answer larger than 4 MiB", duration);
+  const answer = responseTo(parseJson(text), c.id);
+  if (answer === null) return failed(502, "not a JSON-RPC response to the call", duration);
+  clearTimeout(timer);
+  const money = await settle(c, settlementOf(answer, u));
+  const headers = answerHeaders(res, Date.now() - started, moneyHeaders(money));
+  headers.set("X-Upstream-Duration-Ms", duration["X-Upstream-Duration-Ms"]);
+  headers.set("Content-Type", "application/json");
+  headers.set("Cache-Control", "no-store");
+  return new Response(JSON.stringify(withChargeMeta(answer, money, c.callId)), { status: 200, headers });
+}
+
+/**
+ * An event stream: passed on event by event as it arrives; the event carrying the call's response
+ * is settled before it is written. The pump runs under waitUntil and keeps reading (within the
+ * time limit) after the caller went away, so the hold is always settled. A stream that fails or
+ * ends before the response gets a final event: a result with isError and the 502/504 body.
+ */
+function streamPaid(c: PaidForward, res: Response, ac: AbortController, timer: ReturnType<typeof setTimeout>, durationMs: number): Response {
+  const { u } = c.fwd;
+  const { readable, writable } = new TransformStream<Uint8Array, Uint8Array>();
+  const writer = writable.getWriter();
+  let callerGone = false;
+  writer.closed.catch(() => {
+    callerGone = true;
+  });
+  const send = (bytes: Uint8Array): void => {
+    if (callerGone) return;
+    // Not awaited before the response is settled: a slow reader never delays the settlement.
+    writer.write(bytes).catch(() => {
+      callerGone = true;
+    });
+  };
+  const failure = async (status: 502 | 504, why: string): Promise<void> => {
+    console.error(JSON.stringify({ msg: "upstream call failed", upstream: u.name, request_id: c.callId, status, why }));
+    const money = await settle(c, "release");
+    const body = errorBody(status === 504 ? "upstream_timeout" : "upstream_failed", c.callId, { message: status === 504 ? TIMEOUT_MESSAGE : FAILED_MESSAGE, extra: money });
+    const result = { content: [{ type: "text", text: JSON.stringify(body) }], structuredContent: body, isError: true, _meta: chargeMeta(money, c.callId) };
+    send(encoder.encode(`event: message\ndata: ${JSON.stringify({ jsonrpc: "2.0", id: c.id, result })}\n\n`));
+  };
+
+  const pump = (async () => {
+    const reader = res.body!.getReader();
+    const parser = new SseParser();
+    let settled = false;
+    try {
+      for (;;) {
+        let chunk: ReadableStreamReadResult<Uint8Array>;
+        try {
+          chunk = await reader.read();
+        } catch (err) {
+          if (!settled) await failure(ac.signal.aborted ? 504 : 502, String(err));
+          settled = true;
+          break;
+        }
+        let events: SseEvent[];
+        try {
+          events = chunk.done ? parser.end() : parser.push(chunk.value);
+        } catch (err) {
+          if (!settled) await failure(502, String(err));
+          settled = true;
+          await reader.cancel().catch(() => {});
+          break;
+        }
+        for (const ev of events) {
+          const answer = settled ? null : responseTo(parseJson(ev.data), c.id);
+          if (answer === null) {
+            send(sseBytes(ev));
+            continue;
+          }
+          clearTimeout(timer);
+          settled = true;
+          const money = await settle(c, settlementOf(answer, u));
+          send(sseBytes(ev, JSON.stringify(withChargeMeta(answer, money, c.callId))));
+        }
+        if (chunk.done) break;
+        if (settled && callerGone) {
+          await reader.cancel().catch(() => {});
+          break;
+        }
+      }
+      if (!settled) {
+        settled = true;
+        await failure(502, "the stream ended before the response");
+      }
+    } finally {
+      clearTimeout(timer);
+      if (!callerGone) writer.close().catch(() => {});
+    }
+  })();
+  c.ctx.waitUntil(pump.catch((err: unknown) => console.error(JSON.stringify({ msg: "upstream stream pump failed", request_id: c.callId, error: String(err) }))));
+
+  const headers = answerHeaders(res, durationMs, moneyHeaders({ refunded: false, charged_mcents: c.charge.chargedMcents, balance_mcents: c.charge.balanceMcents }));
+  return new Response(readable, { status: 200, headers });
+}
