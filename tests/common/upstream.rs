@@ -193,6 +193,18 @@ pub fn add_test_upstream(dir: &Path, name: &str, url: &str) {
     for tool in ["forecast = 250", "alerts = 0", "echo = 100", "whoami = 100"] {
         assert!(manifest.contains(tool), "add-upstream --discover did not write {tool:?}: {text}\n{manifest}");
     }
+    unlist_echo(dir);
+}
+
+/// Takes `echo` out of the discovered price list (and syncs), so that one tool is left at the
+/// upstream's default price (the audit's proxy.default_price).
+fn unlist_echo(dir: &Path) {
+    let path = dir.join("mcpay.toml");
+    let manifest = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(manifest.matches("\necho = 100\n").count(), 1, "one discovered echo entry: {manifest}");
+    std::fs::write(&path, manifest.replace("\necho = 100\n", "\n")).unwrap();
+    let status = cli().current_dir(dir).arg("sync").status().unwrap();
+    assert!(status.success(), "sync after unlisting echo");
 }
 
 /// `create-mcpay add-upstream NAME --command "node …/server.mjs --stdio" --discover` (axum).
@@ -207,4 +219,5 @@ pub fn add_stdio_upstream(dir: &Path, name: &str) {
         .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "add-upstream --command --discover: {text}");
+    unlist_echo(dir);
 }

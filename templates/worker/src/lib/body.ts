@@ -19,6 +19,34 @@ function tooLarge(maxBytes: number): HttpError {
   });
 }
 
+/**
+ * Reads a stream whole while it is at most `limit` bytes; null (and the stream cancelled) as soon
+ * as it is longer. Request bodies and upstream answers (lib/proxy.ts) are bounded with it.
+ */
+export async function readStreamUpTo(body: ReadableStream<Uint8Array> | null, limit: number): Promise<Uint8Array | null> {
+  if (body === null) return new Uint8Array(0);
+  const reader = body.getReader();
+  const chunks: Uint8Array[] = [];
+  let total = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    total += value.byteLength;
+    if (total > limit) {
+      await reader.cancel().catch(() => {});
+      return null;
+    }
+    chunks.push(value);
+  }
+  const all = new Uint8Array(total);
+  let off = 0;
+  for (const c of chunks) {
+    all.set(c, off);
+    off += c.byteLength;
+  }
+  return all;
+}
+
 /** Reads at most `maxBytes` bytes of the body as UTF-8 text, or throws HttpError 413 / 400. */
 export async function readBoundedText(req: Request, maxBytes: number): Promise<string> {
   const declared = req.headers.get("Content-Length");
@@ -30,26 +58,8 @@ export async function readBoundedText(req: Request, maxBytes: number): Promise<s
     }
     if (n > maxBytes) throw tooLarge(maxBytes);
   }
-  if (req.body === null) return "";
-  const reader = req.body.getReader();
-  const chunks: Uint8Array[] = [];
-  let total = 0;
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    total += value.byteLength;
-    if (total > maxBytes) {
-      await reader.cancel().catch(() => {});
-      throw tooLarge(maxBytes);
-    }
-    chunks.push(value);
-  }
-  const buf = new Uint8Array(total);
-  let off = 0;
-  for (const c of chunks) {
-    buf.set(c, off);
-    off += c.byteLength;
-  }
+  const buf = await readStreamUpTo(req.body, maxBytes);
+  if (buf === null) throw tooLarge(maxBytes);
   try {
     return new TextDecoder("utf-8", { fatal: true, ignoreBOM: false }).decode(buf);
   } catch {

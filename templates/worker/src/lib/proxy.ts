@@ -8,7 +8,7 @@
 // written. Settlement runs under ctx.waitUntil, so a caller that goes away cannot leave a hold open.
 import { keyStubFor, type AppOptions } from "../app";
 import { GATEWAY, UPSTREAMS, type UpstreamConfig } from "../generated/manifest";
-import { readBoundedText } from "./body";
+import { readBoundedText, readStreamUpTo } from "./body";
 import type { AppEnv } from "./env";
 import { HttpError, answering, errorBody, errorResponse, withHeaders, type ErrorCode } from "./http";
 import type { HoldTerms, KeyDO } from "./key-do";
@@ -193,27 +193,8 @@ function parseJson(text: string | null): unknown {
 
 /** Reads a body up to `limit` bytes as text; null when it is longer (the rest is cancelled). */
 async function readUpTo(body: ReadableStream<Uint8Array> | null, limit: number): Promise<string | null> {
-  if (body === null) return "";
-  const reader = body.getReader();
-  const chunks: Uint8Array[] = [];
-  let total = 0;
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    total += value.byteLength;
-    if (total > limit) {
-      await reader.cancel().catch(() => {});
-      return null;
-    }
-    chunks.push(value);
-  }
-  const all = new Uint8Array(total);
-  let off = 0;
-  for (const c of chunks) {
-    all.set(c, off);
-    off += c.byteLength;
-  }
-  return new TextDecoder().decode(all);
+  const bytes = await readStreamUpTo(body, limit);
+  return bytes === null ? null : new TextDecoder().decode(bytes);
 }
 
 function mediaType(res: Response): string {
