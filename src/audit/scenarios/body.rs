@@ -30,7 +30,7 @@ pub fn scenarios() -> Vec<Scenario> {
 const WRANGLER_DEV_RESTART: &str = "Your worker restarted mid-request";
 
 /// `r` is an answer local wrangler dev makes up (never one a gateway gives): which one.
-fn dev_server_artefact(r: &Reply) -> Option<&'static str> {
+pub(crate) fn dev_server_artefact(r: &Reply) -> Option<&'static str> {
     if r.status == 503 && r.body.contains(WRANGLER_DEV_RESTART) {
         return Some("503 \"Your worker restarted mid-request\"");
     }

@@ -227,12 +227,23 @@ fn burst(c: &mut Client) -> Result<Outcome> {
     // Within the per-minute limit, so only the balance can refuse a call.
     let room = 10u64.min(ep.rate_limit.max(2) / 2);
     let n = (3 * room) as usize;
-    let key = c.key_for(&ep, room)?;
-    let shared: &Client = c;
-    let replies: Vec<Reply> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..n).map(|_| s.spawn(|| call_tool(shared, Some(&key), &ep.name, ep.sample(), None))).collect();
-        handles.into_iter().map(|h| h.join().expect("request thread")).collect()
-    });
+    // Local `wrangler dev` sometimes answers one request of a burst with its own 503 (see
+    // body::dev_server_artefact); then the burst is run again on a fresh key (at most 3 times).
+    let mut attempt = 0;
+    let (key, replies) = loop {
+        attempt += 1;
+        let key = c.key_for(&ep, room)?;
+        let shared: &Client = c;
+        let replies: Vec<Reply> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..n).map(|_| s.spawn(|| call_tool(shared, Some(&key), &ep.name, ep.sample(), None))).collect();
+            handles.into_iter().map(|h| h.join().expect("request thread")).collect()
+        });
+        if attempt < 3 && replies.iter().any(|r| crate::audit::scenarios::body::dev_server_artefact(r).is_some()) {
+            std::thread::sleep(std::time::Duration::from_secs(3));
+            continue;
+        }
+        break (key, replies);
+    };
     let (mut served, mut poor) = (0u64, 0);
     for r in &replies {
         let m = answer(r)?;
@@ -247,5 +258,6 @@ fn burst(c: &mut Client) -> Result<Outcome> {
     ensure!(bal == 0, "balance {bal} after the burst");
     let (captured, released) = settled_holds(&ledger_rows(c, &key)?)?;
     ensure!(captured as u64 == room && released == 0, "ledger: {captured} captured, {released} released (expected {room} captured)");
-    pass(format!("{n} at once: {served} served, {poor} × -32002, balance 0"))
+    let retried = if attempt > 1 { format!(" (attempt {attempt}: local wrangler dev answered a burst with its own 503)") } else { String::new() };
+    pass(format!("{n} at once: {served} served, {poor} × -32002, balance 0{retried}"))
 }
