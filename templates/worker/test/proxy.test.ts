@@ -11,6 +11,8 @@ import { createApp, type App } from "../src/app";
 import { HANDLERS } from "../src/generated/handlers";
 import { GATEWAY, UPSTREAMS, type UpstreamConfig } from "../src/generated/manifest";
 import type { AppEnv } from "../src/lib/env";
+import type { KeyDO } from "../src/lib/key-do";
+import { sha256Hex } from "../src/lib/keys";
 import { toolPrice } from "../src/lib/proxy";
 import { BASE, SCOPE, getLedger, getMe, seedKey, testEnv } from "./helpers";
 
@@ -57,6 +59,8 @@ interface Stats {
   calls: Record<string, number>;
   authorization: number;
   tokens: string[];
+  bodies: any[];
+  last_event_ids: string[];
 }
 
 async function stats(tag: string): Promise<Stats> {
@@ -442,6 +446,10 @@ describe("/mcp/<upstream>: what reaches the upstream, and refusals before forwar
     expect([unconfigured.status, unconfigured.body.error.code]).toEqual([503, "upstream_unavailable"]);
     const batch = await status(rpcInit(key, [toolsCall("forecast", {}, undefined, 1), toolsCall("echo", {}, undefined, 2)]));
     expect([batch.status, batch.body.error.code, batch.body.id]).toEqual([400, -32600, null]);
+    for (const id of [1.5, null, true]) {
+      const badId = await status(rpcInit(key, { ...toolsCall("forecast"), id }));
+      expect([badId.status, badId.body.error.code]).toEqual([400, -32600]);
+    }
     const badName = await status(rpcInit(key, toolsCall("")));
     expect([badName.status, badName.body.error.code, badName.body.error.data.code]).toEqual([200, -32602, "invalid_input"]);
     const parse = await status(rpcInit(key, "{not json"));
@@ -481,6 +489,170 @@ describe("/mcp/<upstream>: what reaches the upstream, and refusals before forwar
         tools: { forecast: FORECAST, alerts: 0, whoami: 0 },
       },
     ]);
+  });
+});
+
+describe("/mcp/<upstream>: a paid result never reaches the caller unbilled", () => {
+  const rowsOf = async (key: string, rid: string) => (await getLedger(key)).filter((e) => e.request_id === rid).map((e) => [e.kind, e.amount_mcents]);
+
+  it("the call is forwarded with the gateway's id (re-serialized, known keys only); the caller gets its own id back", async () => {
+    const { env, tag } = envFor("json");
+    const { key } = await seedKey({ balance: 1000 });
+    const body = { ...toolsCall("forecast", { city: "Rome", extra: [1] }, { progressToken: "t" }, "caller-7"), extra_top: 1 };
+    (body.params as Record<string, unknown>).extra_param = "x";
+    const { res, msgs } = await rpc(env, key, body);
+    const rid = res.headers.get("X-Request-Id")!;
+    expect(last(msgs).id).toBe("caller-7");
+    expect(last(msgs).result.structuredContent).toEqual({ city: "Rome", sky: "sunny" });
+    expect((await stats(tag)).bodies).toEqual([
+      { jsonrpc: "2.0", id: `mcpay-${rid}`, method: "tools/call", params: { name: "forecast", arguments: { city: "Rome", extra: [1] }, _meta: { progressToken: "t" } } },
+    ]);
+    expect(await rowsOf(key, rid)).toEqual([["capture", 0], ["hold", -FORECAST]]);
+    // A caller's id may not look like the gateway's: refused, nothing forwarded or held.
+    const { env: env2, tag: tag2 } = envFor("json");
+    const spoofed = await rpc(env2, key, toolsCall("forecast", {}, undefined, `mcpay-${rid}`));
+    expect([spoofed.res.status, last(spoofed.msgs).error.code]).toEqual([400, -32600]);
+    expect((await stats(tag2)).requests).toBe(0);
+    expect((await getMe(key)).balance_mcents).toBe(1000 - FORECAST);
+  });
+
+  it("event stream: decoys before the response (other ids, not JSON, `method` with a result, a batch) are dropped; notifications pass", async () => {
+    const { env } = envFor("spoof");
+    const { key } = await seedKey({ balance: 1000 });
+    const { res, msgs } = await rpc(env, key, toolsCall("forecast"));
+    const rid = res.headers.get("X-Request-Id")!;
+    expect(msgs).toHaveLength(2);
+    expect(msgs[0]).toEqual({ jsonrpc: "2.0", method: "notifications/message", params: { level: "info", data: "working" } });
+    expect(msgs[1]!.id).toBe(1);
+    expect(msgs[1]!.result.content[0].text).toBe("real");
+    expect(msgs[1]!.result._meta["io.mcpay/charged_mcents"]).toBe(FORECAST);
+    expect(await rowsOf(key, rid)).toEqual([["capture", 0], ["hold", -FORECAST]]);
+  });
+
+  it("event stream without the real response: no decoy reaches the caller, released", async () => {
+    const { env } = envFor("spoofcut");
+    const { key } = await seedKey({ balance: 1000 });
+    const { res, msgs } = await rpc(env, key, toolsCall("forecast"));
+    const rid = res.headers.get("X-Request-Id")!;
+    expect(JSON.stringify(msgs)).not.toContain("stolen");
+    expect(msgs.map((m) => m.method ?? m.id)).toEqual(["notifications/message", 1]);
+    expect(last(msgs).result).toMatchObject({ isError: true, structuredContent: { refunded: true, charged_mcents: 0 } });
+    expect(await rowsOf(key, rid)).toEqual([["release", FORECAST], ["hold", -FORECAST]]);
+    expect((await getMe(key)).balance_mcents).toBe(1000);
+  });
+
+  it("JSON answer with the caller's id instead of the gateway's → 502, released, the result not passed on", async () => {
+    const { env } = envFor("spoofjson");
+    const { key } = await seedKey({ balance: 1000 });
+    const { res, ctx } = await send(env, rpcInit(key, toolsCall("forecast")));
+    const text = await res.text();
+    await waitOnExecutionContext(ctx);
+    expect(res.status).toBe(502);
+    expect(text).not.toContain("stolen");
+    expect(await rowsOf(key, res.headers.get("X-Request-Id")!)).toEqual([["release", FORECAST], ["hold", -FORECAST]]);
+  });
+
+  it("keys that equal a JSON-RPC/MCP key only after case folding (ASCII, ſ, K) → 400 -32600, nothing forwarded or held", async () => {
+    const { env, tag } = envFor("json");
+    const { key } = await seedKey({ balance: 1000 });
+    const bodies = [
+      { jsonrpc: "2.0", id: 1, method: "tools/list", Method: "tools/call", params: { name: "forecast" } },
+      { jsonrpc: "2.0", id: 1, method: "tools/call", params: { name: "alerts", NAME: "forecast" } },
+      { jsonrpc: "2.0", id: 1, method: "tools/call", params: { name: "alerts" }, "param\u017f": { name: "forecast" } },
+      { jsonrpc: "2.0", id: 1, method: "tools/call", params: { name: "alerts", "argument\u017f": {} } },
+      { jsonrpc: "2.0", ID: 2, id: 1, method: "tools/list" },
+    ];
+    for (const b of bodies) {
+      const { res, msgs } = await rpc(env, key, b);
+      expect([res.status, last(msgs).error.code, last(msgs).id]).toEqual([400, -32600, null]);
+    }
+    expect((await stats(tag)).requests).toBe(0);
+    // A key that folds to something else (K → "key") is not refused: forwarded as it is (a free tool).
+    const ok = await rpc(env, key, { ...toolsCall("alerts"), "\u212aey": 1 });
+    expect(ok.res.headers.get("X-Request-Id")).not.toBeNull();
+    expect((await stats(tag)).bodies).toEqual([{ ...toolsCall("alerts"), "\u212aey": 1 }]);
+    expect((await getLedger(key)).map((e) => e.kind)).toEqual(["mint"]);
+  });
+
+  it("GET: Last-Event-ID is not forwarded, and responses on the stream are dropped (no free replay)", async () => {
+    const { env, tag } = envFor("getreplay");
+    const { key } = await seedKey({ balance: 1000 });
+    const { res, ctx } = await send(env, { method: "GET", headers: { Authorization: `Bearer ${key}`, Accept: "text/event-stream", "Last-Event-ID": "e1" } });
+    expect(res.status).toBe(200);
+    const msgs = await messages(res, ctx);
+    expect(msgs).toEqual([{ jsonrpc: "2.0", method: "notifications/message", params: { level: "info", data: "hello" } }]);
+    const s = await stats(tag);
+    expect([s.requests, s.last_event_ids]).toEqual([1, []]);
+  });
+});
+
+describe("/mcp/<upstream>: settlement the gateway cannot confirm, and a caller gone during the hold", () => {
+  function faultyApp(over: Partial<Pick<KeyDO, "capture" | "release" | "hold">>) {
+    const keyStub = (env: AppEnv, keyHash: string) => {
+      const real = env.KEYS.get(env.KEYS.idFromName(keyHash));
+      return {
+        stats: () => real.stats(),
+        hold: (...a: Parameters<KeyDO["hold"]>) => (over.hold ? over.hold(...a) : real.hold(...a)),
+        capture: (...a: Parameters<KeyDO["capture"]>) => (over.capture ? over.capture(...a) : real.capture(...a)),
+        release: (...a: Parameters<KeyDO["release"]>) => (over.release ? over.release(...a) : real.release(...a)),
+      } as unknown as DurableObjectStub<KeyDO>;
+    };
+    return createApp(HANDLERS, { upstreams: [upstream()], keyStub });
+  }
+  const pendingMeta = { "io.mcpay/charged_mcents": FORECAST, "io.mcpay/balance_mcents": 1000 - FORECAST, "io.mcpay/refund_pending": true };
+
+  for (const [what, capture] of [
+    ["the capture RPC keeps failing", () => Promise.reject(new Error("injected"))],
+    ["the capture finds no such hold (state unknown)", () => Promise.resolve({ ok: false, state: "unknown", balanceMcents: 0 })],
+  ] as const) {
+    it(`${what} → refund_pending, charged the price (never "refunded" / 0)`, async () => {
+      const { env } = envFor("json");
+      const { key } = await seedKey({ balance: 1000 });
+      const { res, msgs } = await rpc(env, key, toolsCall("forecast"), faultyApp({ capture: capture as unknown as KeyDO["capture"] }));
+      expect(last(msgs).result._meta).toMatchObject(pendingMeta);
+      expect(last(msgs).result._meta["io.mcpay/refunded"]).toBeUndefined();
+      expect(res.headers.get("X-Charged-Mcents")).toBe(String(FORECAST));
+      // The hold is still open (the KeyDO's alarm settles it), not recorded as released.
+      expect((await getLedger(key)).map((e) => e.kind)).toEqual(["hold", "mint"]);
+    });
+  }
+
+  for (const [what, release] of [
+    ["the release RPC keeps failing", () => Promise.reject(new Error("injected"))],
+    ["the release finds no such hold (state unknown)", () => Promise.resolve({ refunded: false, refundedMcents: 0, balanceMcents: 0, state: "unknown" })],
+  ] as const) {
+    it(`${what} → refund_pending, charged the price`, async () => {
+      const { env } = envFor("http500");
+      const { key } = await seedKey({ balance: 1000 });
+      const { res, ctx } = await send(env, rpcInit(key, toolsCall("forecast")), faultyApp({ release: release as unknown as KeyDO["release"] }));
+      const body = (await res.json()) as Record<string, any>;
+      await waitOnExecutionContext(ctx);
+      expect(res.status).toBe(502);
+      expect(body).toMatchObject({ error: { code: "upstream_failed" }, refunded: false, refund_pending: true, charged_mcents: FORECAST, balance_mcents: 1000 - FORECAST });
+      expect(res.headers.get("X-Charged-Mcents")).toBe(String(FORECAST));
+      expect((await getLedger(key)).map((e) => e.kind)).toEqual(["hold", "mint"]);
+    });
+  }
+
+  it("the hold, the forward and the settlement are under waitUntil from the moment the hold starts", async () => {
+    const { env, tag } = envFor("json");
+    const { key } = await seedKey({ balance: 1000 });
+    let holdStarted!: () => void;
+    const started = new Promise<void>((r) => (holdStarted = r));
+    const slowHold = (async (...a: Parameters<KeyDO["hold"]>) => {
+      holdStarted();
+      await new Promise((r) => setTimeout(r, 200));
+      const [endpoint, callId, opts] = a;
+      return env.KEYS.get(env.KEYS.idFromName(await sha256Hex(key))).hold(endpoint, callId, opts);
+    }) as unknown as KeyDO["hold"];
+    const ctx = createExecutionContext();
+    const pending = faultyApp({ hold: slowHold }).fetch(new Request(BASE + PATH, rpcInit(key, toolsCall("forecast"))), env, ctx);
+    await started;
+    // The caller is gone (its response is never read): what waitUntil holds still settles the call.
+    await waitOnExecutionContext(ctx);
+    expect((await getLedger(key)).map((e) => e.kind)).toEqual(["capture", "hold", "mint"]);
+    expect((await stats(tag)).calls).toEqual({ forecast: 1 });
+    await (await pending).body?.cancel();
   });
 });
 

@@ -12,7 +12,13 @@
 //   reset    every request → the connection is destroyed
 //   cutoff   an event stream that ends before the response
 //   bigjson, bigsse   an answer larger than the gateway reads (5 MiB): JSON, or one event
-// GET /stats/<tag> → { requests, calls: {tool: n}, authorization: n (requests that carried one), tokens: [...] }.
+//   spoof     an event stream of decoys (not JSON, a response with the id 1, a message with the
+//             request's id and both `method` and `result`, a batch), a notification, then the real response
+//   spoofcut  the same decoys and notification, then the stream ends (no real response)
+//   spoofjson a JSON answer with the id 1 (not the request's id)
+//   getreplay GET → an event stream of a notification and responses (as a resumed stream replays them)
+// GET /stats/<tag> → { requests, calls: {tool: n}, authorization: n (requests that carried one), tokens: [...],
+//   bodies: [the JSON-RPC messages POSTed], last_event_ids: [Last-Event-ID headers received] }.
 // Tools: forecast, alerts, echo, fail (JSON-RPC error), tool_error (isError), slow {ms},
 // progress {steps, interval_ms} (progress notifications, then the answer), whoami (the headers it got).
 import http from "node:http";
@@ -38,7 +44,7 @@ const text = (t) => ({ content: [{ type: "text", text: t }] });
 function statsFor(stats, tag) {
   let s = stats.get(tag);
   if (!s) {
-    s = { requests: 0, calls: {}, authorization: 0, tokens: [] };
+    s = { requests: 0, calls: {}, authorization: 0, tokens: [], bodies: [], last_event_ids: [] };
     stats.set(tag, s);
   }
   return s;
@@ -109,6 +115,18 @@ export async function startUpstream(port = 0) {
       s.requests += 1;
       if (req.headers.authorization !== undefined) s.authorization += 1;
       if (req.headers["x-upstream-token"] !== undefined) s.tokens.push(String(req.headers["x-upstream-token"]));
+      if (req.headers["last-event-id"] !== undefined) s.last_event_ids.push(String(req.headers["last-event-id"]));
+      let body;
+      if (req.method === "POST") {
+        const chunks = [];
+        for await (const c of req) chunks.push(c);
+        try {
+          body = JSON.parse(Buffer.concat(chunks).toString("utf8"));
+        } catch {
+          body = undefined;
+        }
+        s.bodies.push(body ?? null);
+      }
       if (mode === "http500") {
         res.writeHead(500, { "Content-Type": "text/plain" }).end("upstream exploded");
         return;
@@ -120,6 +138,35 @@ export async function startUpstream(port = 0) {
       if (mode === "cutoff") {
         res.writeHead(200, { "Content-Type": "text/event-stream", "Cache-Control": "no-cache" });
         res.write(`event: message\ndata: ${JSON.stringify({ jsonrpc: "2.0", method: "notifications/message", params: { level: "info", data: "about to fall over" } })}\n\n`);
+        setTimeout(() => res.end(), 50);
+        return;
+      }
+      if (mode === "spoof" || mode === "spoofcut") {
+        const id = body?.id;
+        const ev = (msg) => `event: message\ndata: ${typeof msg === "string" ? msg : JSON.stringify(msg)}\n\n`;
+        const stolen = { content: [{ type: "text", text: "stolen" }] };
+        res.writeHead(200, { "Content-Type": "text/event-stream", "Cache-Control": "no-cache" });
+        res.write(ev("not json {"));
+        res.write(ev({ jsonrpc: "2.0", id: 1, result: stolen }));
+        res.write(ev({ jsonrpc: "2.0", id, method: "notifications/message", result: stolen }));
+        res.write(ev([{ jsonrpc: "2.0", id, result: stolen }]));
+        res.write(ev({ jsonrpc: "2.0", method: "notifications/message", params: { level: "info", data: "working" } }));
+        if (mode === "spoof") res.write(ev({ jsonrpc: "2.0", id, result: { content: [{ type: "text", text: "real" }] } }));
+        setTimeout(() => res.end(), 50);
+        return;
+      }
+      if (mode === "spoofjson") {
+        res.writeHead(200, { "Content-Type": "application/json" });
+        res.end(JSON.stringify({ jsonrpc: "2.0", id: 1, result: { content: [{ type: "text", text: "stolen" }] } }));
+        return;
+      }
+      if (mode === "getreplay") {
+        const ev = (msg) => `id: e${Math.random()}\nevent: message\ndata: ${JSON.stringify(msg)}\n\n`;
+        res.writeHead(200, { "Content-Type": "text/event-stream", "Cache-Control": "no-cache" });
+        res.write(ev({ jsonrpc: "2.0", id: "mcpay-old", result: { content: [{ type: "text", text: "stolen" }] } }));
+        res.write(ev({ jsonrpc: "2.0", method: "notifications/message", params: { level: "info", data: "hello" } }));
+        res.write(ev({ jsonrpc: "2.0", id: 1, error: { code: -32603, message: "stolen" } }));
+        res.write(ev([{ jsonrpc: "2.0", id: 2, result: {} }]));
         setTimeout(() => res.end(), 50);
         return;
       }
@@ -142,7 +189,7 @@ export async function startUpstream(port = 0) {
           transport = new StreamableHTTPServerTransport({ sessionIdGenerator: () => crypto.randomUUID(), onsessioninitialized: (id) => sessions.set(id, transport) });
           await mcpServer(s).connect(transport);
         }
-        await transport.handleRequest(req, res);
+        await transport.handleRequest(req, res, body);
         return;
       }
       if (mode !== "sse" && mode !== "json") {
@@ -157,7 +204,7 @@ export async function startUpstream(port = 0) {
         void server.close();
       });
       await server.connect(transport);
-      await transport.handleRequest(req, res);
+      await transport.handleRequest(req, res, body);
     } catch (err) {
       if (!res.headersSent) res.writeHead(500).end(String(err));
     }

@@ -174,7 +174,7 @@ async function runHandler<A>(call: PaidCall, face: Face<A>, hctx: HandlerContext
 }
 
 /** Calls a settlement RPC up to SETTLE_ATTEMPTS times; null when every attempt threw. */
-async function settleWithRetry<T>(what: string, callId: string, rpc: () => Promise<T>): Promise<T | null> {
+export async function settleWithRetry<T>(what: string, callId: string, rpc: () => Promise<T>): Promise<T | null> {
   for (let attempt = 0; attempt < SETTLE_ATTEMPTS; attempt++) {
     try {
       return await rpc();

@@ -11,10 +11,10 @@ import { GATEWAY, UPSTREAMS, type UpstreamConfig } from "../generated/manifest";
 import { readBoundedText, readStreamUpTo } from "./body";
 import type { AppEnv } from "./env";
 import { HttpError, answering, errorBody, errorResponse, withHeaders, type ErrorCode } from "./http";
-import type { HoldTerms, KeyDO } from "./key-do";
+import type { CaptureResult, HoldTerms, KeyDO, SettleResult } from "./key-do";
 import { parseBearer, sha256Hex } from "./keys";
 import { MCP_CORS_HEADERS, toRpcError } from "./mcp";
-import { captureHold, holdRefusal, releaseHold, type Charge, type Released } from "./paid-call";
+import { holdRefusal, settleWithRetry, type Charge, type Released } from "./paid-call";
 
 export const UPSTREAM_PATH_PREFIX = "/mcp/";
 /** Largest upstream JSON answer read (a paid call's answer, a tools/list result); more → 502. */
@@ -22,11 +22,16 @@ export const UPSTREAM_MAX_JSON_BYTES = 4 * 1024 * 1024;
 
 const ALLOW = "GET, POST, DELETE, OPTIONS";
 /** Request headers passed to the upstream; nothing else of the caller's (Authorization, Cookie, …) is. */
-const FORWARDED_REQUEST_HEADERS = ["Accept", "Content-Type", "Mcp-Session-Id", "Mcp-Protocol-Version", "Last-Event-ID"];
+// Not Last-Event-ID: a resumed stream would replay answers (a released paid call's result) for free.
+const FORWARDED_REQUEST_HEADERS = ["Accept", "Content-Type", "Mcp-Session-Id", "Mcp-Protocol-Version"];
 /** Upstream answer headers passed back to the caller. */
 const FORWARDED_RESPONSE_HEADERS = ["Content-Type", "Cache-Control", "Mcp-Session-Id", "Mcp-Protocol-Version"];
 /** MCP tool names (1–128 visible ASCII characters): anything else is refused before it is held or forwarded. */
 const TOOL_NAME_RE = /^[\x21-\x7e]{1,128}$/;
+/** The id a paid tools/call is forwarded with is this prefix + its call id; a caller's id may not use it. */
+const UPSTREAM_ID_PREFIX = "mcpay-";
+/** Keys an upstream may match case-insensitively (Go's encoding/json also folds ſ→s and K→k). */
+const RPC_KEYS = new Set(["jsonrpc", "id", "method", "params", "result", "error", "name", "arguments", "_meta"]);
 
 const META_CHARGED = "io.mcpay/charged_mcents";
 const META_BALANCE = "io.mcpay/balance_mcents";
@@ -88,10 +93,25 @@ function sameId(a: unknown, b: unknown): boolean {
   return (typeof a === "string" || typeof a === "number") && a === b;
 }
 
-/** The JSON-RPC response to the request with this id, or null. */
+/** The JSON-RPC response to the request with this id, or null (a message with `method` never is one). */
 function responseTo(msg: unknown, id: unknown): Json | null {
-  if (!isObject(msg) || msg.jsonrpc !== "2.0" || !sameId(msg.id, id)) return null;
+  if (!isObject(msg) || "method" in msg || msg.jsonrpc !== "2.0" || !sameId(msg.id, id)) return null;
   if (isObject(msg.result) || isObject(msg.error)) return msg;
+  return null;
+}
+
+/** A JSON-RPC response (result or error, no `method`), or a batch holding one. */
+function isResponseLike(msg: unknown): boolean {
+  if (Array.isArray(msg)) return msg.some(isResponseLike);
+  return isObject(msg) && !("method" in msg) && ("result" in msg || "error" in msg);
+}
+
+/** A key that is not byte-equal to a JSON-RPC / MCP key but that a case-folding upstream would read as one. */
+function foldedKey(obj: Json): string | null {
+  for (const k of Object.keys(obj)) {
+    const folded = k.replace(/[A-Z]/g, (c) => c.toLowerCase()).replace(/\u017f/g, "s").replace(/\u212a/g, "k");
+    if (folded !== k && RPC_KEYS.has(folded)) return k;
+  }
   return null;
 }
 
@@ -290,6 +310,9 @@ async function proxy(u: UpstreamConfig, request: Request, env: AppEnv, ctx: Exec
     if (parsed === undefined) return rpcError(400, -32700, "Parse error: the body is not JSON.");
     if (Array.isArray(parsed)) return rpcError(400, -32600, "Invalid Request: send one JSON-RPC message per request (no batches). Nothing was forwarded or charged.");
     if (!isObject(parsed)) return rpcError(400, -32600, "Invalid Request: a JSON-RPC message is a JSON object.");
+    const folded = foldedKey(parsed) ?? (isObject(parsed.params) ? foldedKey(parsed.params) : null);
+    if (folded !== null) return rpcError(400, -32600, `Invalid Request: the key ${JSON.stringify(folded)} differs from a JSON-RPC/MCP key only by case. Nothing was forwarded or charged.`);
+    if (typeof parsed.id === "string" && parsed.id.startsWith(UPSTREAM_ID_PREFIX)) return rpcError(400, -32600, `Invalid Request: ids starting with "${UPSTREAM_ID_PREFIX}" are the gateway's. Nothing was forwarded or charged.`);
     msg = parsed;
   }
   const fwd: Forward = { u, target, request, method, body };
@@ -297,12 +320,12 @@ async function proxy(u: UpstreamConfig, request: Request, env: AppEnv, ctx: Exec
   let badName: Response | null = null;
   if (msg !== null && msg.method === "tools/call") {
     const id = msg.id;
-    if (typeof id !== "string" && typeof id !== "number") return rpcError(400, -32600, "Invalid Request: tools/call must be a request with a string or number id.");
+    if (typeof id !== "string" && (typeof id !== "number" || !Number.isInteger(id))) return rpcError(400, -32600, "Invalid Request: tools/call must be a request with a string or integer id.");
     const tool = isObject(msg.params) ? msg.params.name : undefined;
     if (typeof tool === "string" && TOOL_NAME_RE.test(tool)) {
       const price = toolPrice(u, tool);
       // The hold checks the key and the scope itself (HTTP 401 / 403), atomically with the charge.
-      if (price > 0) return paidCall(fwd, stub, id, tool, price, ctx, requestId);
+      if (price > 0) return paidCall({ ...fwd, body: paidBody(msg, `${UPSTREAM_ID_PREFIX}${requestId}`) }, stub, id, tool, price, ctx, requestId);
     } else {
       badName = rpcError(200, -32602, "Invalid params: params.name must be a tool name (1 to 128 visible ASCII characters).", id, { code: "invalid_input", note: "no charge applied" });
     }
@@ -313,6 +336,17 @@ async function proxy(u: UpstreamConfig, request: Request, env: AppEnv, ctx: Exec
   if (stats === null) throw new HttpError(401, "invalid_key");
   if (!stats.scopes.includes(u.scope)) throw new HttpError(403, "scope_denied", { extra: { required_scope: u.scope } });
   return badName ?? freeForward(fwd, msg);
+}
+
+/**
+ * A paid tools/call as forwarded: re-serialized from the parsed message with the gateway's id and
+ * only jsonrpc / id / method / params (params: only name / arguments / _meta), never the raw bytes.
+ */
+function paidBody(msg: Json, upstreamId: string): string {
+  const params = msg.params as Json;
+  const kept: Json = {};
+  for (const k of ["name", "arguments", "_meta"]) if (k in params) kept[k] = params[k];
+  return JSON.stringify({ jsonrpc: msg.jsonrpc, id: upstreamId, method: msg.method, params: kept });
 }
 
 /** Sends the request to the upstream (as URL + init: the body is the text already read). */
@@ -367,6 +401,25 @@ async function freeForward(fwd: Forward, msg: Json | null): Promise<Response> {
     clearTimeout(timer);
   }
   const headers = answerHeaders(res, Date.now() - started);
+  if (fwd.method === "GET" && res.body !== null && mediaType(res) === "text/event-stream") {
+    // A GET stream carries the upstream's requests and notifications; a response on it (a replay of
+    // some call's answer) is dropped, so no paid result reaches the caller outside its settlement.
+    const parser = new SseParser();
+    const pass = (ev: SseEvent, controller: TransformStreamDefaultController<Uint8Array>): void => {
+      if (!isResponseLike(parseJson(ev.data))) controller.enqueue(sseBytes(ev));
+    };
+    const stream = res.body.pipeThrough(
+      new TransformStream<Uint8Array, Uint8Array>({
+        transform(chunk, controller) {
+          for (const ev of parser.push(chunk)) pass(ev, controller);
+        },
+        flush(controller) {
+          for (const ev of parser.end()) pass(ev, controller);
+        },
+      }),
+    );
+    return new Response(stream, { status: res.status, headers });
+  }
   const listId = msg !== null && msg.method === "tools/list" ? msg.id : undefined;
   if (listId === undefined || res.status !== 200) return new Response(res.body, { status: res.status, headers });
 
@@ -442,21 +495,23 @@ async function paidCall(
   callId: string,
 ): Promise<Response> {
   const { u } = fwd;
-  // The hold: key, scope, the upstream's rate limit, balance — one atomic step in the key's object.
-  const hold = await stub.hold(`${u.name}/${tool}`, callId, { terms: holdTerms(u, price) });
-  if (!hold.ok) {
-    if (hold.code === "invalid_key") throw new HttpError(401, "invalid_key");
-    if (hold.code === "scope_denied") throw new HttpError(403, "scope_denied", { extra: { required_scope: u.scope } });
-    if (hold.code === "replay" || hold.code === "unknown_endpoint") throw new Error(`upstream hold refused: ${hold.code}`);
-    // Balance and rate limit: a JSON-RPC error with the request's id (3.11's table), nothing forwarded.
-    const err = toRpcError(holdRefusal(hold, u.scope, u.rateLimitPerMinute));
-    return rpcError(200, err.code, err.message, id, err.data);
-  }
-  const charge: Charge = { chargedMcents: hold.chargedMcents, balanceMcents: hold.balanceMcents };
-  const call: PaidForward = { fwd, stub, id, charge, callId, ctx };
-  // The forward and its settlement run under waitUntil: a caller that disconnects cannot leave a
-  // hold without a capture or a release (the event-stream pump registers itself too).
-  const work = forwardPaid(call);
+  // The hold, the forward and the settlement are one promise under waitUntil: a caller that
+  // disconnects (even during the hold) cannot leave a hold without a capture or a release (the
+  // event-stream pump registers itself too).
+  const work = (async (): Promise<Response> => {
+    // The hold: key, scope, the upstream's rate limit, balance — one atomic step in the key's object.
+    const hold = await stub.hold(`${u.name}/${tool}`, callId, { terms: holdTerms(u, price) });
+    if (!hold.ok) {
+      if (hold.code === "invalid_key") throw new HttpError(401, "invalid_key");
+      if (hold.code === "scope_denied") throw new HttpError(403, "scope_denied", { extra: { required_scope: u.scope } });
+      if (hold.code === "replay" || hold.code === "unknown_endpoint") throw new Error(`upstream hold refused: ${hold.code}`);
+      // Balance and rate limit: a JSON-RPC error with the request's id (3.11's table), nothing forwarded.
+      const err = toRpcError(holdRefusal(hold, u.scope, u.rateLimitPerMinute));
+      return rpcError(200, err.code, err.message, id, err.data);
+    }
+    const charge: Charge = { chargedMcents: hold.chargedMcents, balanceMcents: hold.balanceMcents };
+    return forwardPaid({ fwd, stub, id, upstreamId: `${UPSTREAM_ID_PREFIX}${callId}`, charge, callId, ctx });
+  })();
   ctx.waitUntil(work.then(
     () => undefined,
     () => undefined,
@@ -467,23 +522,37 @@ async function paidCall(
 interface PaidForward {
   readonly fwd: Forward;
   readonly stub: DurableObjectStub<KeyDO>;
+  /** The caller's id (put back in the answer) and the gateway's id the call was forwarded with. */
   readonly id: string | number;
+  readonly upstreamId: string;
   readonly charge: Charge;
   readonly callId: string;
   readonly ctx: ExecutionContext;
 }
 
-/** Captures or releases (reason `upstream`: never counted against the refund cap); the money fields of the answer. */
+/**
+ * Captures or releases (reason `upstream`: never counted against the refund cap); the money fields
+ * of the answer. An outcome the gateway does not know (every RPC attempt failed, or the hold's state
+ * is "unknown") is never answered as refunded: `refund_pending`, charged the held price (the KeyDO's
+ * alarm releases a hold still open past its deadline).
+ */
 async function settle(c: PaidForward, how: Settlement): Promise<Released> {
-  if (how === "release") return releaseHold(c.stub, c.callId, "upstream", c.charge);
-  const captured = await captureHold(c.stub, c.callId);
-  if (captured.kept) return { refunded: false, charged_mcents: c.charge.chargedMcents, balance_mcents: c.charge.balanceMcents };
+  const pending: Released = { refunded: false, refund_pending: true, charged_mcents: c.charge.chargedMcents, balance_mcents: c.charge.balanceMcents };
+  if (how === "release") {
+    const released = await settleWithRetry("release", c.callId, async (): Promise<SettleResult> => await c.stub.release(c.callId, "upstream"));
+    if (released === null || released.state === "unknown") return pending;
+    return { refunded: released.refunded, charged_mcents: released.refunded ? 0 : c.charge.chargedMcents, balance_mcents: released.balanceMcents };
+  }
+  const captured = await settleWithRetry("capture", c.callId, async (): Promise<CaptureResult> => await c.stub.capture(c.callId));
+  if (captured === null || (!captured.ok && captured.state === "unknown")) return pending;
+  if (captured.ok) return { refunded: false, charged_mcents: c.charge.chargedMcents, balance_mcents: c.charge.balanceMcents };
   // Released meanwhile (past its deadline): nothing is charged for this answer.
   return { refunded: true, charged_mcents: 0, balance_mcents: captured.balanceMcents };
 }
 
-const FAILED_MESSAGE = "The upstream MCP server failed; the held price was released.";
-const TIMEOUT_MESSAGE = "The upstream MCP server did not answer in time; the held price was released.";
+function failMessage(status: 502 | 504, money: Released): string {
+  return `The upstream MCP server ${status === 504 ? "did not answer in time" : "failed"}; the held price ${money.refund_pending ? "will be released shortly" : "was released"}.`;
+}
 
 async function forwardPaid(c: PaidForward): Promise<Response> {
   const { u } = c.fwd;
@@ -494,7 +563,7 @@ async function forwardPaid(c: PaidForward): Promise<Response> {
     clearTimeout(timer);
     console.error(JSON.stringify({ msg: "upstream call failed", upstream: u.name, request_id: c.callId, status, why }));
     const money = await settle(c, "release");
-    return gatewayError(status, status === 504 ? "upstream_timeout" : "upstream_failed", c.callId, { ...headers, ...moneyHeaders(money) }, money, status === 504 ? TIMEOUT_MESSAGE : FAILED_MESSAGE);
+    return gatewayError(status, status === 504 ? "upstream_timeout" : "upstream_failed", c.callId, { ...headers, ...moneyHeaders(money) }, money, failMessage(status, money));
   };
 
   let res: Response;
@@ -528,8 +597,9 @@ async function forwardPaid(c: PaidForward): Promise<Response> {
     return failed(ac.signal.aborted ? 504 : 502, String(err), duration);
   }
   if (text === null) return failed(502, "answer larger than 4 MiB", duration);
-  const answer = responseTo(parseJson(text), c.id);
-  if (answer === null) return failed(502, "not a JSON-RPC response to the call", duration);
+  const upstreamAnswer = responseTo(parseJson(text), c.upstreamId);
+  if (upstreamAnswer === null) return failed(502, "not a JSON-RPC response to the call", duration);
+  const answer = { ...upstreamAnswer, id: c.id };
   clearTimeout(timer);
   const money = await settle(c, settlementOf(answer, u));
   const headers = answerHeaders(res, Date.now() - started, moneyHeaders(money));
@@ -563,7 +633,7 @@ function streamPaid(c: PaidForward, res: Response, ac: AbortController, timer: R
   const failure = async (status: 502 | 504, why: string): Promise<void> => {
     console.error(JSON.stringify({ msg: "upstream call failed", upstream: u.name, request_id: c.callId, status, why }));
     const money = await settle(c, "release");
-    const body = errorBody(status === 504 ? "upstream_timeout" : "upstream_failed", c.callId, { message: status === 504 ? TIMEOUT_MESSAGE : FAILED_MESSAGE, extra: money });
+    const body = errorBody(status === 504 ? "upstream_timeout" : "upstream_failed", c.callId, { message: failMessage(status, money), extra: money });
     const result = { content: [{ type: "text", text: JSON.stringify(body) }], structuredContent: body, isError: true, _meta: chargeMeta(money, c.callId) };
     send(encoder.encode(`event: message\ndata: ${JSON.stringify({ jsonrpc: "2.0", id: c.id, result })}\n\n`));
   };
@@ -592,15 +662,22 @@ function streamPaid(c: PaidForward, res: Response, ac: AbortController, timer: R
           break;
         }
         for (const ev of events) {
-          const answer = settled ? null : responseTo(parseJson(ev.data), c.id);
-          if (answer === null) {
+          if (settled) {
             send(sseBytes(ev));
+            continue;
+          }
+          const msg = parseJson(ev.data);
+          const answer = responseTo(msg, c.upstreamId);
+          if (answer === null) {
+            // Until the call is settled only requests and notifications pass: anything else (not
+            // JSON, a batch, another response, a message mixing `method` with a result) is dropped.
+            if (isObject(msg) && "method" in msg && !("result" in msg) && !("error" in msg)) send(sseBytes(ev));
             continue;
           }
           clearTimeout(timer);
           settled = true;
           const money = await settle(c, settlementOf(answer, u));
-          send(sseBytes(ev, JSON.stringify(withChargeMeta(answer, money, c.callId))));
+          send(sseBytes(ev, JSON.stringify(withChargeMeta({ ...answer, id: c.id }, money, c.callId))));
         }
         if (chunk.done) break;
         if (settled && callerGone) {
