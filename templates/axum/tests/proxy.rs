@@ -38,6 +38,11 @@ backend_tests!(
     pricing_lists_the_upstreams,
     a_caller_that_goes_away_is_still_settled,
     a_stdio_upstream_is_metered_and_restarted,
+    paid_calls_are_forwarded_under_the_gateways_id,
+    look_alike_keys_are_refused_before_forwarding,
+    resumption_and_caller_headers_are_not_forwarded,
+    redirects_are_not_followed,
+    only_the_response_to_the_gateways_id_settles,
 );
 
 // ------------------------------------------------------------------------- the upstream server
@@ -127,9 +132,13 @@ impl ServerHandler for Upstream {
                     "authorization": header("authorization"),
                     "x-upstream-token": header("x-upstream-token"),
                     "cookie": header("cookie"),
+                    "last-event-id": header("last-event-id"),
+                    "content-type": header("content-type"),
                 });
                 text_result(seen.to_string(), false)
             }
+            // The JSON-RPC id the upstream received, and the params it parsed.
+            "rpcid" => text_result(json!({ "id": cx.id, "params": params }).to_string(), false),
             _ => Err(ErrorData::invalid_params("unknown tool", None)),
         }
     }
@@ -661,4 +670,205 @@ async fn a_stdio_upstream_is_metered_and_restarted(db: &TestDb) {
     assert_eq!(rows_of(&ledger, "local/pid"), ["hold", "capture", "hold", "capture"]);
     assert_eq!(amount_sum(&ledger), 9_350);
     assert_eq!(db.scalar("SELECT COUNT(*) FROM holds WHERE state = 'held'").await, 0);
+}
+
+/// A paid call reaches the upstream re-serialized under `mcpay-<request id>`; the caller gets its
+/// own id back. An id that is not a string or an integer (`1.0`, null, none) is refused unforwarded.
+async fn paid_calls_are_forwarded_under_the_gateways_id(db: &TestDb) {
+    for sse in [false, true] {
+        let up = Upstream::default();
+        let url = start_upstream(&up, sse).await;
+        let s = gateway(db, vec![weather("weather", &url)]).await;
+        let k = db.seed_key(1_000, &["weather"], None).await;
+        if sse {
+            // A session first (the upstream keeps sessions): initialize through the gateway.
+            let c = client(&s, "/mcp/weather", &k.key).await;
+            let r = call(&c, "rpcid", json!({})).await;
+            let seen: Value = serde_json::from_str(serde_json::to_value(&r.content).unwrap()[0]["text"].as_str().unwrap()).unwrap();
+            assert_eq!(seen["id"], format!("mcpay-{}", meta(&r)["io.mcpay/request_id"].as_str().unwrap()));
+            assert_eq!(meta(&r)["io.mcpay/charged_mcents"], 100);
+        } else {
+            for caller_id in [json!("abc"), json!(7)] {
+                let body = json!({ "jsonrpc": "2.0", "id": caller_id, "method": "tools/call",
+                    "params": { "name": "rpcid", "arguments": { "x": 1 }, "task": "dropped" }, "extra": true });
+                let res = post(&s, "/mcp/weather", Some(&k.key), &body).await;
+                assert_eq!(res.status(), 200);
+                let rid = res.headers()["x-request-id"].to_str().unwrap().to_string();
+                let answer = response_of(res).await;
+                assert_eq!(answer["id"], caller_id, "{answer}");
+                let seen: Value = serde_json::from_str(answer["result"]["content"][0]["text"].as_str().unwrap()).unwrap();
+                assert_eq!(seen["id"], format!("mcpay-{rid}"), "{seen}");
+                assert!(seen["params"].get("task").is_none(), "{seen}");
+                assert_eq!(seen["params"]["arguments"], json!({ "x": 1 }));
+                assert_eq!(answer["result"]["_meta"]["io.mcpay/charged_mcents"], 100);
+            }
+        }
+        let charged = if sse { 100 } else { 200 };
+        // Ids that a lenient compare could confuse, or none: 400 -32600, nothing forwarded.
+        let before = up.total_calls();
+        for id in [json!(1.0), json!(2.5), Value::Null, json!({ "a": 1 }), json!([1])] {
+            let body = json!({ "jsonrpc": "2.0", "id": id, "method": "tools/call", "params": { "name": "forecast", "arguments": {} } });
+            let res = post(&s, "/mcp/weather", Some(&k.key), &body).await;
+            assert_eq!(res.status(), 400, "{id}");
+            assert_eq!(res.json::<Value>().await.unwrap()["error"]["code"], -32600, "{id}");
+        }
+        let res = post(&s, "/mcp/weather", Some(&k.key), &json!({ "jsonrpc": "2.0", "method": "tools/call", "params": { "name": "forecast" } })).await;
+        assert_eq!(res.status(), 400);
+        assert_eq!(up.total_calls(), before, "nothing forwarded");
+        assert_eq!(s.balance(&k.key).await, 1_000 - charged);
+        let ledger = s.ledger(&k.key).await;
+        assert_eq!(rows_of(&ledger, "weather/rpcid").len(), charged as usize / 50);
+        assert!(rows_of(&ledger, "weather/forecast").is_empty());
+        assert_eq!(amount_sum(&ledger), 1_000 - charged);
+    }
+}
+
+/// Keys a case-insensitive upstream decoder would take for JSON-RPC/MCP names: refused.
+async fn look_alike_keys_are_refused_before_forwarding(db: &TestDb) {
+    let up = Upstream::default();
+    let url = start_upstream(&up, false).await;
+    let s = gateway(db, vec![weather("weather", &url), local("local")]).await;
+    let k = db.seed_key(1_000, &["weather"], None).await;
+    let bodies = [
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"alerts"},"ID":2}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"alerts","Name":"forecast"}}"#,
+        "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"alerts\",\"name\u{17f}\":1,\"argument\u{17f}\":{}}}",
+        "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/list\",\"Method\":\"tools/call\",\"params\":{\"name\":\"echo\"}}",
+        "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\",\"param\u{17f}\":{\"name\":\"echo\"}}",
+        "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"alerts\",\"_meta\":{},\"_META\":{}}}",
+    ];
+    for path in ["/mcp/weather", "/mcp/local"] {
+        for body in bodies {
+            let res = s
+                .client
+                .post(s.url(path))
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .header("authorization", format!("Bearer {}", k.key))
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 400, "{path} {body}");
+            assert_eq!(res.json::<Value>().await.unwrap()["error"]["code"], -32600, "{path} {body}");
+        }
+    }
+    assert_eq!(up.total_calls(), 0, "nothing reached the upstream");
+    assert_eq!(s.balance(&k.key).await, 1_000);
+    assert_eq!(s.ledger(&k.key).await.len(), 1);
+}
+
+/// Last-Event-ID and the caller's Content-Type never reach the upstream.
+async fn resumption_and_caller_headers_are_not_forwarded(db: &TestDb) {
+    let up = Upstream::default();
+    let url = start_upstream(&up, false).await;
+    let s = gateway(db, vec![weather("weather", &url)]).await;
+    let k = db.seed_key(1_000, &["weather"], None).await;
+    let res = s
+        .client
+        .post(s.url("/mcp/weather"))
+        .header("content-type", "application/json; charset=utf-8")
+        .header("accept", "application/json, text/event-stream")
+        .header("last-event-id", "0")
+        .header("authorization", format!("Bearer {}", k.key))
+        .body(tools_call(3, "whoami", json!({})).to_string())
+        .send()
+        .await
+        .unwrap();
+    let body = response_of(res).await;
+    assert_eq!(body["id"], 3);
+    let seen: Value = serde_json::from_str(body["result"]["content"][0]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(seen["last-event-id"], Value::Null, "{seen}");
+    assert_eq!(seen["content-type"], "application/json", "{seen}");
+    assert_eq!(s.balance(&k.key).await, 900);
+    assert_eq!(rows_of(&s.ledger(&k.key).await, "weather/whoami"), ["hold", "capture"]);
+}
+
+/// An upstream that answers 307 elsewhere: not followed (the body and the secret header would
+/// go there), the paid call released.
+async fn redirects_are_not_followed(db: &TestDb) {
+    let hits = Arc::new(Mutex::new(Vec::<Option<String>>::new()));
+    let seen = hits.clone();
+    let elsewhere = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let seen = seen.clone();
+        async move {
+            let token = req.headers().get("x-upstream-token").map(|v| v.to_str().unwrap().to_string());
+            seen.lock().unwrap().push(token);
+            "{}"
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = format!("http://{}/mcp", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, elsewhere).await.unwrap() });
+    let redirecting = axum::Router::new().fallback(move || {
+        let target = target.clone();
+        async move { axum::response::Response::builder().status(307).header("location", target).body(Body::empty()).unwrap() }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, redirecting).await.unwrap() });
+    let s = gateway(db, vec![weather("weather", &url)]).await;
+    let k = db.seed_key(1_000, &["weather"], None).await;
+    let res = post(&s, "/mcp/weather", Some(&k.key), &tools_call(1, "forecast", json!({}))).await;
+    assert_eq!(res.status(), 502);
+    // A free message: the 307 is passed back, not followed.
+    let res = post(&s, "/mcp/weather", Some(&k.key), &json!({ "jsonrpc": "2.0", "id": 2, "method": "ping" })).await;
+    assert_eq!(res.status(), 307);
+    assert!(res.headers().get("location").is_none());
+    assert!(hits.lock().unwrap().is_empty(), "the redirect was followed: {:?}", hits.lock().unwrap());
+    assert_eq!(s.balance(&k.key).await, 1_000);
+    assert_eq!(rows_of(&s.ledger(&k.key).await, "weather/forecast"), ["hold", "release"]);
+}
+
+/// An upstream (raw SSE) that sends look-alikes of the response before (or instead of) the real
+/// one: only the response carrying the gateway's id settles; the rest is dropped.
+async fn only_the_response_to_the_gateways_id_settles(db: &TestDb) {
+    let answer_for_real = Arc::new(AtomicU8::new(1));
+    let flag = answer_for_real.clone();
+    let raw = axum::Router::new().fallback(move |body: Bytes| {
+        let real = flag.load(Ordering::SeqCst) == 1;
+        async move {
+            let req: Value = serde_json::from_slice(&body).unwrap();
+            let id = req["id"].clone();
+            let result = |text: &str| json!({ "content": [{ "type": "text", "text": text }] });
+            let mut events = vec![
+                json!({ "jsonrpc": "2.0", "id": 1, "result": result("decoy with the caller's id") }).to_string(),
+                json!({ "jsonrpc": "2.0", "id": 1.0, "result": result("decoy 1.0") }).to_string(),
+                "not json".to_string(),
+                json!({ "jsonrpc": "2.0", "method": "notifications/message", "params": { "level": "info", "data": "hi" } }).to_string(),
+            ];
+            if real {
+                events.push(json!({ "jsonrpc": "2.0", "id": id, "result": result("real") }).to_string());
+            }
+            let text: String = events.iter().map(|e| format!("event: message\ndata: {e}\n\n")).collect();
+            axum::response::Response::builder().status(200).header("content-type", "text/event-stream").body(Body::from(text)).unwrap()
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, raw).await.unwrap() });
+    let s = gateway(db, vec![weather("weather", &url)]).await;
+    let k = db.seed_key(1_000, &["weather"], None).await;
+
+    let res = post(&s, "/mcp/weather", Some(&k.key), &tools_call(1, "forecast", json!({}))).await;
+    let messages = sse_messages(&res.text().await.unwrap());
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert_eq!(messages[0]["method"], "notifications/message");
+    assert_eq!(messages[1]["id"], 1);
+    assert_eq!(messages[1]["result"]["content"][0]["text"], "real");
+    assert_eq!(messages[1]["result"]["_meta"]["io.mcpay/charged_mcents"], 250);
+    assert_eq!(s.balance(&k.key).await, 750);
+
+    // The stream ends without the real response: released, the decoys never reach the caller.
+    answer_for_real.store(0, Ordering::SeqCst);
+    let res = post(&s, "/mcp/weather", Some(&k.key), &tools_call(1, "forecast", json!({}))).await;
+    let messages = sse_messages(&res.text().await.unwrap());
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert_eq!(messages[1]["id"], 1);
+    assert_eq!(messages[1]["result"]["isError"], true);
+    assert_eq!(messages[1]["result"]["_meta"]["io.mcpay/refunded"], true);
+    assert_eq!(s.balance(&k.key).await, 750);
+    let ledger = s.ledger(&k.key).await;
+    assert_eq!(rows_of(&ledger, "weather/forecast"), ["hold", "capture", "hold", "release"]);
+    assert_eq!(amount_sum(&ledger), 750);
 }

@@ -33,15 +33,12 @@ pub(crate) struct Target {
     pub client: reqwest::Client,
 }
 
-/// Request headers forwarded to the upstream (besides the configured ones). Never the caller's
-/// Authorization, Cookie, X-Admin-Key, Payment* or hop-by-hop headers.
-const FORWARD_REQUEST: [HeaderName; 5] = [
-    header::CONTENT_TYPE,
-    header::ACCEPT,
-    HeaderName::from_static("mcp-session-id"),
-    HeaderName::from_static("mcp-protocol-version"),
-    HeaderName::from_static("last-event-id"),
-];
+/// Request headers forwarded to the upstream (besides the configured ones and a body's
+/// `Content-Type: application/json`). Never the caller's Authorization, Cookie, X-Admin-Key,
+/// Payment*, Content-Type, hop-by-hop headers, nor Last-Event-ID (a resumed stream would replay
+/// responses of calls already settled).
+const FORWARD_REQUEST: [HeaderName; 3] =
+    [header::ACCEPT, HeaderName::from_static("mcp-session-id"), HeaderName::from_static("mcp-protocol-version")];
 
 /// Response headers passed back to the caller.
 const FORWARD_RESPONSE: [HeaderName; 3] =
@@ -59,7 +56,7 @@ pub(crate) async fn serve(
     if parts.method != Method::POST {
         // GET (the server's event stream) and DELETE (end of a session): forwarded as they are.
         let builder = upstream_request(&target, parts.method.clone(), &parts.headers, None);
-        return forward_free(u, builder).await;
+        return forward_free(u, builder, parts.method == Method::GET).await;
     }
     let raw = match read_bounded(&parts.headers, body, GATEWAY.max_body_bytes, false).await {
         Ok(raw) => raw,
@@ -71,18 +68,26 @@ pub(crate) async fn serve(
         Err(answer) => return Ok(*answer),
     };
     let kind = super::classify(u, &message);
-    let builder = upstream_request(&target, Method::POST, &parts.headers, Some(raw));
     match kind {
-        Kind::Free => forward_free(u, builder).await,
-        Kind::List { id } => Ok(exchange(u, builder, id, Hook::List { u: *u }).await),
+        Kind::Free => forward_free(u, upstream_request(&target, Method::POST, &parts.headers, Some(raw)), false).await,
+        Kind::List { id } => {
+            let builder = upstream_request(&target, Method::POST, &parts.headers, Some(raw));
+            Ok(exchange(u, builder, id.clone(), id, Hook::List { u: *u }).await)
+        }
         Kind::Paid { tool, price, id } => {
             if let Err(answer) = super::check_tool_name(&tool, &id) {
                 return Ok(*answer);
             }
+            // Forwarded re-serialized under an id of the gateway's own: only the response to it
+            // settles the call, and the caller gets its own id back.
+            let upstream_id = super::upstream_call_id(request_id);
+            let forwarded = serde_json::to_vec(&super::paid_message(&message, &upstream_id)).unwrap_or_default();
+            let builder = upstream_request(&target, Method::POST, &parts.headers, Some(Bytes::from(forwarded)));
+            let match_id = Value::String(upstream_id);
             // The hold and the exchange run in a task of their own: once the hold is taken, a
             // caller that goes away cannot stop it from being settled.
             let (app, u, key, rid) = (app.clone(), *u, checked.key, request_id.to_string());
-            let task = tokio::spawn(async move { paid_call(&app, &u, tool, price, id, &key, &rid, builder).await });
+            let task = tokio::spawn(async move { paid_call(&app, &u, tool, price, id, match_id, &key, &rid, builder).await });
             task.await.map_err(|e| {
                 tracing::error!(request_id, error = %e, "paid upstream call task failed");
                 ApiError::internal()
@@ -100,6 +105,7 @@ async fn paid_call(
     tool: String,
     price: i64,
     id: Value,
+    match_id: Value,
     key: &KeyRow,
     request_id: &str,
     builder: reqwest::RequestBuilder,
@@ -130,7 +136,7 @@ async fn paid_call(
         refund_tool_errors: u.refund_tool_errors,
         endpoint,
     };
-    exchange(u, builder, id, Hook::Paid(paid)).await
+    exchange(u, builder, id, match_id, Hook::Paid(paid)).await
 }
 
 fn upstream_request(target: &Target, method: Method, headers: &HeaderMap, body: Option<Bytes>) -> reqwest::RequestBuilder {
@@ -153,6 +159,9 @@ fn upstream_request(target: &Target, method: Method, headers: &HeaderMap, body: 
             out.insert(n, v);
         }
     }
+    if body.is_some() {
+        out.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
     let mut builder = target.client.request(method, &target.url).headers(out);
     if let Some(body) = body {
         builder = builder.body(body);
@@ -174,8 +183,9 @@ fn copy_response_headers(from: &reqwest::header::HeaderMap, to: &mut HeaderMap) 
 }
 
 /// A free message: the upstream's answer streamed back untouched (status, content type, session
-/// headers). No hold, no ledger row, no rate limit.
-async fn forward_free(u: &UpstreamConfig, builder: reqwest::RequestBuilder) -> Result<Response, ApiError> {
+/// headers). No hold, no ledger row, no rate limit. `drop_responses` (GET streams): the events
+/// that are JSON-RPC responses are dropped (a replayed response must not reach the caller).
+async fn forward_free(u: &UpstreamConfig, builder: reqwest::RequestBuilder, drop_responses: bool) -> Result<Response, ApiError> {
     let started = Instant::now();
     let resp = match tokio::time::timeout(super::time_limit(u), builder.send()).await {
         Err(_) => return Err(ApiError::new(504, "upstream_timeout").message("The upstream MCP server did not answer in time.")),
@@ -188,7 +198,19 @@ async fn forward_free(u: &UpstreamConfig, builder: reqwest::RequestBuilder) -> R
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut headers = HeaderMap::new();
     copy_response_headers(resp.headers(), &mut headers);
-    let mut res = Response::new(Body::from_stream(resp.bytes_stream()));
+    let sse = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.to_ascii_lowercase().starts_with("text/event-stream"));
+    let body = if drop_responses && sse {
+        let events = sse_stream::SseStream::from_bytes_stream(super::cap_events(resp.bytes_stream()));
+        Body::from_stream(events.take_while(|e| std::future::ready(e.is_ok())).filter_map(|e| {
+            std::future::ready(match e {
+                Ok(event) if !is_any_response(&event) => Some(Ok::<_, Infallible>(encode_sse(&event))),
+                _ => None,
+            })
+        }))
+    } else {
+        Body::from_stream(resp.bytes_stream())
+    };
+    let mut res = Response::new(body);
     *res.status_mut() = status;
     *res.headers_mut() = headers;
     duration_header(&mut res, started);
@@ -217,6 +239,9 @@ pub(crate) struct Settled {
     pub charged: i64,
     pub balance: i64,
     pub refunded: bool,
+    /// The settlement failed or its outcome is unknown: the price is counted as charged until
+    /// the sweeper settles the hold.
+    pub refund_pending: bool,
 }
 
 impl Paid {
@@ -229,19 +254,24 @@ impl Paid {
         } else {
             match capture_hold(&self.app, self.key_ref, &self.call_id, None).await {
                 Some(CaptureOutcome::Captured { balance_mcents }) => {
-                    Settled { charged: self.price, balance: balance_mcents, refunded: false }
+                    Settled { charged: self.price, balance: balance_mcents, refunded: false, refund_pending: false }
                 }
                 // The capture kept failing: the answer is still sent and the sweeper releases the hold.
-                None => Settled { charged: self.price, balance: self.balance, refunded: false },
+                None => Settled { charged: self.price, balance: self.balance, refunded: false, refund_pending: true },
                 // Released meanwhile (swept past its deadline): nothing is charged.
-                Some(CaptureOutcome::Released { balance_mcents } | CaptureOutcome::Unknown { balance_mcents }) => {
+                Some(CaptureOutcome::Released { balance_mcents }) => {
                     tracing::warn!(request_id = %self.call_id, endpoint = %self.endpoint, "hold released before its capture");
-                    Settled { charged: 0, balance: balance_mcents, refunded: true }
+                    Settled { charged: 0, balance: balance_mcents, refunded: true, refund_pending: false }
+                }
+                // No such hold: the outcome is not known, never answered as "no charge".
+                Some(CaptureOutcome::Unknown { balance_mcents }) => {
+                    tracing::error!(request_id = %self.call_id, endpoint = %self.endpoint, "hold unknown at its capture");
+                    Settled { charged: self.price, balance: balance_mcents, refunded: false, refund_pending: true }
                 }
             }
         };
         if let Some(result) = message.get_mut("result") {
-            super::add_terms(result, settled.charged, settled.balance, &self.call_id, settled.refunded);
+            super::add_terms(result, settled.charged, settled.balance, &self.call_id, settled.refunded, settled.refund_pending);
         }
         tracing::info!(
             request_id = %self.call_id,
@@ -256,7 +286,7 @@ impl Paid {
     /// Releases the hold for an upstream failure (always, never counted against the refund cap).
     async fn release(&self, text: &FailureText) -> Settled {
         let f = self.release_failed(text).await;
-        Settled { charged: f.charged_mcents, balance: f.balance_mcents, refunded: f.refunded }
+        Settled { charged: f.charged_mcents, balance: f.balance_mcents, refunded: f.refunded, refund_pending: f.refund_pending == Some(true) }
     }
 
     pub(crate) async fn release_failed(&self, text: &FailureText) -> FailedCall {
@@ -280,7 +310,8 @@ fn paid_headers(res: &mut Response, charged: i64, balance: i64) {
 
 /// Sends the request and produces the answer in a task of its own; returns as soon as the
 /// answer's head is known (JSON: once settled; SSE: at once, the events follow).
-async fn exchange(u: &UpstreamConfig, builder: reqwest::RequestBuilder, id: Value, hook: Hook) -> Response {
+/// `id` is the caller's; `match_id` the one the response carries (a paid call's: the gateway's).
+async fn exchange(u: &UpstreamConfig, builder: reqwest::RequestBuilder, id: Value, match_id: Value, hook: Hook) -> Response {
     let (head_tx, head_rx) = oneshot::channel::<Response>();
     let limit = super::time_limit(u);
     let name = u.name;
@@ -290,7 +321,7 @@ async fn exchange(u: &UpstreamConfig, builder: reqwest::RequestBuilder, id: Valu
     };
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + limit;
-        run_exchange(name, builder, id, hook, deadline, head_tx).await;
+        run_exchange(name, builder, id, match_id, hook, deadline, head_tx).await;
     });
     match head_rx.await {
         Ok(res) => res,
@@ -302,6 +333,7 @@ async fn run_exchange(
     name: &'static str,
     builder: reqwest::RequestBuilder,
     id: Value,
+    match_id: Value,
     hook: Hook,
     deadline: tokio::time::Instant,
     head: oneshot::Sender<Response>,
@@ -369,10 +401,11 @@ async fn run_exchange(
             Ok(Err(())) => Err(&UPSTREAM_FAILED),
             Ok(Ok(body)) => Ok(body),
         };
-        let message = body.and_then(|b| serde_json::from_slice::<Value>(&b).ok().filter(|m| is_response_to(m, &id)).ok_or(&UPSTREAM_FAILED));
+        let message = body.and_then(|b| serde_json::from_slice::<Value>(&b).ok().filter(|m| is_response_to(m, &match_id)).ok_or(&UPSTREAM_FAILED));
         let mut res = match message {
             Err(text) => failed(&hook, text, &rid).await,
             Ok(mut message) => {
+                message["id"] = id.clone();
                 let terms = apply(&hook, &mut message).await;
                 let mut res = Response::new(Body::from(serde_json::to_vec(&message).unwrap_or_default()));
                 *res.headers_mut() = head_headers;
@@ -397,7 +430,8 @@ async fn run_exchange(
         paid_headers(&mut res, p.price, p.balance);
     }
     let mut caller_gone = head.send(res).is_err();
-    let mut events = sse_stream::SseStream::from_bytes_stream(resp.bytes_stream());
+    let paid = matches!(hook, Hook::Paid(_));
+    let mut events = sse_stream::SseStream::from_bytes_stream(super::cap_events(resp.bytes_stream()));
     let mut answered = false;
     let mut relayed: usize = 0;
     loop {
@@ -427,14 +461,20 @@ async fn run_exchange(
             None => break,
         };
         let mut event = event;
-        if !answered
-            && let Some(data) = event.data.as_deref()
-            && let Ok(mut message) = serde_json::from_str::<Value>(data)
-            && is_response_to(&message, &id)
-        {
-            answered = true;
-            apply(&hook, &mut message).await;
-            event.data = Some(message.to_string());
+        if !answered {
+            match event.data.as_deref().and_then(|data| serde_json::from_str::<Value>(data).ok()) {
+                Some(mut message) if is_response_to(&message, &match_id) => {
+                    answered = true;
+                    message["id"] = id.clone();
+                    apply(&hook, &mut message).await;
+                    event.data = Some(message.to_string());
+                }
+                Some(message) if message.get("method").is_some() => {}
+                // Until a paid call is settled, nothing else reaches the caller (no look-alike
+                // of its response, no other call's response).
+                _ if paid => continue,
+                _ => {}
+            }
         }
         relayed += 1;
         if !caller_gone {
@@ -491,7 +531,7 @@ pub(crate) fn failure_result(f: &FailedCall, request_id: &str) -> Value {
         "structuredContent": body,
         "isError": true,
     });
-    super::add_terms(&mut result, f.charged_mcents, f.balance_mcents, request_id, f.refunded);
+    super::add_terms(&mut result, f.charged_mcents, f.balance_mcents, request_id, f.refunded, f.refund_pending == Some(true));
     result
 }
 
@@ -500,6 +540,16 @@ pub(crate) fn is_response_to(message: &Value, id: &Value) -> bool {
     message.get("method").is_none()
         && message.get("id") == Some(id)
         && (message.get("result").is_some_and(Value::is_object) || message.get("error").is_some_and(Value::is_object))
+}
+
+/// Whether an event of a GET stream is (or holds, in a batch) a JSON-RPC response.
+fn is_any_response(event: &sse_stream::Sse) -> bool {
+    let is_response = |m: &Value| m.get("method").is_none() && (m.get("result").is_some() || m.get("error").is_some());
+    match event.data.as_deref().and_then(|d| serde_json::from_str::<Value>(d).ok()) {
+        Some(Value::Array(items)) => items.iter().any(is_response),
+        Some(m) => is_response(&m),
+        None => false,
+    }
 }
 
 /// Reads an upstream's body up to MAX_ANSWER_BYTES (more, or a read error: `Err`).
@@ -561,5 +611,16 @@ mod tests {
         assert!(!is_response_to(&json!({ "jsonrpc": "2.0", "id": "3", "result": {} }), &id));
         assert!(!is_response_to(&json!({ "jsonrpc": "2.0", "method": "notifications/progress", "params": {} }), &id));
         assert!(!is_response_to(&json!({ "jsonrpc": "2.0", "id": 3, "method": "sampling/createMessage", "params": {} }), &id));
+    }
+
+    #[test]
+    fn get_streams_drop_responses() {
+        let ev = |data: &str| sse_stream::Sse::default().data(data.to_string());
+        assert!(is_any_response(&ev(r#"{"jsonrpc":"2.0","id":"mcpay-1","result":{}}"#)));
+        assert!(is_any_response(&ev(r#"{"jsonrpc":"2.0","id":1,"error":{"code":1}}"#)));
+        assert!(is_any_response(&ev(r#"[{"jsonrpc":"2.0","method":"x"},{"jsonrpc":"2.0","id":1,"result":{}}]"#)));
+        assert!(!is_any_response(&ev(r#"{"jsonrpc":"2.0","method":"notifications/progress","params":{}}"#)));
+        assert!(!is_any_response(&ev(r#"{"jsonrpc":"2.0","id":4,"method":"sampling/createMessage","params":{}}"#)));
+        assert!(!is_any_response(&sse_stream::Sse::default()));
     }
 }

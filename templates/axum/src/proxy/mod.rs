@@ -44,6 +44,14 @@ pub const META_CHARGED: &str = "io.mcpay/charged_mcents";
 pub const META_BALANCE: &str = "io.mcpay/balance_mcents";
 pub const META_REQUEST_ID: &str = "io.mcpay/request_id";
 pub const META_REFUNDED: &str = "io.mcpay/refunded";
+pub const META_REFUND_PENDING: &str = "io.mcpay/refund_pending";
+
+/// Longest server-sent event read from an upstream (longer: the stream counts as failed).
+pub const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
+
+/// Keys a lenient upstream decoder (Go's encoding/json: case-insensitive, `ſ`≈`s`, `K`≈`k`)
+/// could read as one of these: refused unless byte-equal (contract 3.12).
+const GUARDED_KEYS: [&str; 9] = ["jsonrpc", "id", "method", "params", "result", "error", "name", "arguments", "_meta"];
 
 /// The name of `/mcp/<name>` (any path under /mcp/; unknown names answer 404).
 pub fn upstream_name(path: &str) -> Option<&str> {
@@ -56,7 +64,7 @@ pub fn upstream_name(path: &str) -> Option<&str> {
 pub struct Upstreams {
     list: Vec<UpstreamConfig>,
     vars: Option<HashMap<String, String>>,
-    client: OnceLock<reqwest::Client>,
+    client: OnceLock<Option<reqwest::Client>>,
     children: stdio::Children,
 }
 
@@ -94,18 +102,30 @@ impl Upstreams {
     }
 
     /// The HTTP client of `url` upstreams (HTTPS on rustls with Mozilla's roots when the `tls`
-    /// feature is on, as it is by default).
-    fn client(&self) -> &reqwest::Client {
-        self.client.get_or_init(|| {
-            #[cfg(feature = "tls")]
-            {
-                crate::signup::install_tls_provider();
-                if let Ok(client) = crate::signup::http_client() {
-                    return client;
-                }
-            }
-            reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).build().unwrap_or_default()
-        })
+    /// feature is on, as it is by default). Its own, never following redirects: a 3xx would
+    /// resend the body and the upstream's secret headers elsewhere. None: it could not be built.
+    fn client(&self) -> Option<&reqwest::Client> {
+        self.client
+            .get_or_init(|| {
+                let builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).redirect(reqwest::redirect::Policy::none());
+                #[cfg(feature = "tls")]
+                let builder = {
+                    crate::signup::install_tls_provider();
+                    let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+                    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                        .with_safe_default_protocol_versions()
+                        .map(|b| b.with_root_certificates(roots).with_no_client_auth());
+                    match tls {
+                        Ok(tls) => builder.tls_backend_preconfigured(tls),
+                        Err(e) => {
+                            tracing::error!(error = %e, "upstream TLS configuration failed");
+                            return None;
+                        }
+                    }
+                };
+                builder.build().inspect_err(|e| tracing::error!(error = %e, "upstream HTTP client failed")).ok()
+            })
+            .as_ref()
     }
 
     /// `upstreams` of GET /v1/pricing (contract 3.2), in manifest order.
@@ -221,7 +241,8 @@ pub(crate) async fn serve(app: &Arc<AppState>, name: &str, req: Request, request
                 };
                 headers.push((*header_name, value));
             }
-            let target = http::Target { url, headers, client: upstreams.client().clone() };
+            let Some(client) = upstreams.client() else { return Err(unavailable()) };
+            let target = http::Target { url, headers, client: client.clone() };
             http::serve(app, &u, target, checked, req, request_id).await
         }
         UpstreamTransport::Command(argv) => {
@@ -252,6 +273,7 @@ pub(crate) enum Kind {
 }
 
 pub(crate) fn classify(u: &UpstreamConfig, message: &Value) -> Kind {
+    // A tools/call without a usable id never gets here (check_message).
     let Some(id) = message.get("id").filter(|id| !id.is_null()).cloned() else { return Kind::Free };
     match message.get("method").and_then(Value::as_str) {
         Some("tools/call") => {
@@ -275,7 +297,106 @@ pub(crate) fn check_message(raw: &[u8]) -> Result<Value, Box<Response>> {
         };
         return Err(Box::new(rpc_error_response(StatusCode::BAD_REQUEST, ErrorCode::INVALID_REQUEST, what, Value::Null, None)));
     }
+    let invalid = |what: &str| -> Result<Value, Box<Response>> { Err(Box::new(rpc_error_response(StatusCode::BAD_REQUEST, ErrorCode::INVALID_REQUEST, what, Value::Null, None))) };
+    if has_look_alike_key(&message) || message.get("params").is_some_and(has_look_alike_key) {
+        return invalid("Invalid Request: a member name differs from a JSON-RPC/MCP name only in case or look-alike letters. Nothing was forwarded or charged.");
+    }
+    let usable_id = match message.get("id") {
+        Some(Value::String(_)) => true,
+        Some(Value::Number(n)) => n.is_i64() || n.is_u64(),
+        _ => false,
+    };
+    if message.get("id").and_then(Value::as_str).is_some_and(|id| id.starts_with(GATEWAY_ID_PREFIX)) {
+        return invalid("Invalid Request: ids starting with \"mcpay-\" are the gateway's own. Nothing was forwarded or charged.");
+    }
+    if message.get("method").and_then(Value::as_str) == Some("tools/call") && !usable_id {
+        return invalid("Invalid Request: a tools/call needs an id that is a string or an integer. Nothing was forwarded or charged.");
+    }
     Ok(message)
+}
+
+/// Whether an object has a key that folds (ASCII lowercase, U+017F → s, U+212A → k) to a
+/// guarded JSON-RPC/MCP name without being it.
+fn has_look_alike_key(value: &Value) -> bool {
+    let Some(obj) = value.as_object() else { return false };
+    obj.keys().any(|k| {
+        let folded: String = k
+            .chars()
+            .map(|c| match c {
+                '\u{17F}' => 's',
+                '\u{212A}' => 'k',
+                c => c.to_ascii_lowercase(),
+            })
+            .collect();
+        GUARDED_KEYS.iter().any(|g| *g == folded && *g != k)
+    })
+}
+
+/// The prefix of the ids the gateway gives the calls it forwards; a caller's id cannot start with it.
+const GATEWAY_ID_PREFIX: &str = "mcpay-";
+
+/// The id the gateway gives a paid tools/call it forwards (its response is matched by it only).
+pub(crate) fn upstream_call_id(request_id: &str) -> String {
+    format!("{GATEWAY_ID_PREFIX}{request_id}")
+}
+
+/// A paid tools/call as forwarded: re-serialized with only jsonrpc/id/method/params, params only
+/// name/arguments/_meta, and the gateway's id.
+pub(crate) fn paid_message(message: &Value, upstream_id: &str) -> Value {
+    let mut params = serde_json::Map::new();
+    if let Some(p) = message.get("params").and_then(Value::as_object) {
+        for k in ["name", "arguments", "_meta"] {
+            if let Some(v) = p.get(k) {
+                params.insert(k.to_string(), v.clone());
+            }
+        }
+    }
+    json!({ "jsonrpc": "2.0", "id": upstream_id, "method": "tools/call", "params": params })
+}
+
+/// Whether a tool name can be billed (it becomes the ledger's `<NAME>/<tool>`): 1 to 128 bytes of
+/// printable ASCII without spaces.
+pub(crate) fn valid_tool_name(tool: &str) -> bool {
+    (1..=MAX_TOOL_NAME_BYTES).contains(&tool.len()) && tool.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+/// An upstream's byte stream that fails once one server-sent event passes MAX_EVENT_BYTES.
+pub(crate) fn cap_events<S, E>(stream: S) -> impl futures_util::Stream<Item = Result<axum::body::Bytes, std::io::Error>> + Send
+where
+    S: futures_util::Stream<Item = Result<axum::body::Bytes, E>> + Send,
+    E: std::fmt::Display,
+{
+    use futures_util::StreamExt;
+    // (bytes of the current event, the current line is empty, the last byte was \r, failed)
+    let mut state = (0usize, true, false, false);
+    stream.map(move |chunk| {
+        if state.3 {
+            return Err(std::io::Error::other("event stream already failed"));
+        }
+        let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
+        for &b in chunk.iter() {
+            let (run, line_empty, prev_cr, _) = &mut state;
+            if b == b'\n' && *prev_cr {
+                *prev_cr = false;
+                continue;
+            }
+            *prev_cr = b == b'\r';
+            if b == b'\n' || b == b'\r' {
+                if *line_empty {
+                    *run = 0;
+                }
+                *line_empty = true;
+            } else {
+                *line_empty = false;
+                *run += 1;
+                if *run > MAX_EVENT_BYTES {
+                    state.3 = true;
+                    return Err(std::io::Error::other("upstream event larger than 4 MiB"));
+                }
+            }
+        }
+        Ok(chunk)
+    })
 }
 
 /// A refusal before the hold as the JSON-RPC error of contract 3.11 (HTTP 200, the request's id).
@@ -284,11 +405,11 @@ pub(crate) fn refusal(err: &ApiError, id: Value) -> Response {
     rpc_error_response(StatusCode::OK, data.code, &data.message, id, data.data)
 }
 
-/// A tool name that cannot be billed (too long for the ledger): -32602, nothing forwarded.
+/// A tool name that cannot be billed: -32602, nothing forwarded.
 pub(crate) fn check_tool_name(tool: &str, id: &Value) -> Result<(), Box<Response>> {
-    if tool.is_empty() || tool.len() > MAX_TOOL_NAME_BYTES {
+    if !valid_tool_name(tool) {
         let err = ApiError::new(400, "invalid_input")
-            .message(format!("params.name must be a tool name of 1 to {MAX_TOOL_NAME_BYTES} bytes."))
+            .message(format!("params.name must be a tool name of 1 to {MAX_TOOL_NAME_BYTES} printable ASCII characters (no spaces)."))
             .no_charge();
         return Err(Box::new(refusal(&err, id.clone())));
     }
@@ -311,7 +432,7 @@ pub(crate) fn rewrite_tools(u: &UpstreamConfig, result: &mut Value) {
 }
 
 /// The settlement's terms in a result's `_meta` (contract 3.12).
-pub(crate) fn add_terms(result: &mut Value, charged: i64, balance: i64, call_id: &str, refunded: bool) {
+pub(crate) fn add_terms(result: &mut Value, charged: i64, balance: i64, call_id: &str, refunded: bool, refund_pending: bool) {
     let Some(obj) = result.as_object_mut() else { return };
     let meta = obj.entry("_meta").or_insert_with(|| json!({}));
     if !meta.is_object() {
@@ -322,6 +443,9 @@ pub(crate) fn add_terms(result: &mut Value, charged: i64, balance: i64, call_id:
     meta[META_REQUEST_ID] = json!(call_id);
     if refunded {
         meta[META_REFUNDED] = json!(true);
+    }
+    if refund_pending {
+        meta[META_REFUND_PENDING] = json!(true);
     }
 }
 
@@ -382,5 +506,49 @@ mod tests {
         assert_eq!(check_message(b"12").unwrap_err().status(), StatusCode::BAD_REQUEST);
         assert_eq!(check_message(b"{").unwrap_err().status(), StatusCode::BAD_REQUEST);
         assert!(check_message(br#"{"jsonrpc":"2.0","method":"ping","id":1}"#).is_ok());
+    }
+
+    #[test]
+    fn look_alike_keys_and_unusable_ids_are_refused() {
+        let refused = |body: &str| check_message(body.as_bytes()).is_err();
+        assert!(refused(r#"{"jsonrpc":"2.0","id":1,"method":"ping","ID":2}"#));
+        assert!(refused("{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\",\"param\u{17f}\":{}}"));
+        assert!(refused(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","NAME":"b"}}"#));
+        assert!(refused(r#"{"jsonrpc":"2.0","id":1.0,"method":"tools/call","params":{"name":"a"}}"#));
+        assert!(refused(r#"{"jsonrpc":"2.0","id":null,"method":"tools/call","params":{"name":"a"}}"#));
+        assert!(refused(r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"a"}}"#));
+        assert!(refused(r#"{"jsonrpc":"2.0","id":"mcpay-1","method":"ping"}"#));
+        assert!(refused(r#"{"jsonrpc":"2.0","id":"mcpay-x","result":{}}"#));
+        assert!(!refused(r#"{"jsonrpc":"2.0","id":"x","method":"tools/call","params":{"name":"a","other":1},"more":{"ID":1}}"#));
+        // Not a tools/call: its id is the upstream's business.
+        assert!(!refused(r#"{"jsonrpc":"2.0","id":1.5,"method":"ping"}"#));
+        let forwarded = paid_message(&json!({ "jsonrpc": "2.0", "id": 1, "method": "tools/call", "x": 1,
+            "params": { "name": "a", "arguments": { "k": 1 }, "_meta": { "progressToken": 1 }, "task": {} } }), "mcpay-r");
+        assert_eq!(forwarded, json!({ "jsonrpc": "2.0", "id": "mcpay-r", "method": "tools/call",
+            "params": { "name": "a", "arguments": { "k": 1 }, "_meta": { "progressToken": 1 } } }));
+    }
+
+    #[test]
+    fn tool_names_are_printable_ascii() {
+        assert!(valid_tool_name("forecast"));
+        assert!(valid_tool_name(&"a".repeat(128)));
+        for bad in ["", "a b", "caf\u{e9}", "a\u{7f}", "tab\t"] {
+            assert!(!valid_tool_name(bad), "{bad:?}");
+        }
+        assert!(!valid_tool_name(&"a".repeat(129)));
+    }
+
+    #[tokio::test]
+    async fn events_are_capped_at_4_mib() {
+        use futures_util::StreamExt;
+        let chunk = |s: Vec<u8>| Ok::<_, std::io::Error>(axum::body::Bytes::from(s));
+        // Many small events pass, whatever their total.
+        let small: Vec<_> = (0..10).map(|_| chunk([b"data: ".as_slice(), &vec![b'x'; 1024 * 1024], b"\r\n\r\n"].concat())).collect();
+        let out: Vec<_> = cap_events(futures_util::stream::iter(small)).collect().await;
+        assert!(out.iter().all(Result::is_ok));
+        // One event past 4 MiB, even across lines: fails.
+        let big: Vec<_> = (0..5).map(|_| chunk([b"data: ".as_slice(), &vec![b'x'; 1024 * 1024], b"\n"].concat())).collect();
+        let out: Vec<_> = cap_events(futures_util::stream::iter(big)).collect().await;
+        assert!(out.iter().any(Result::is_err));
     }
 }

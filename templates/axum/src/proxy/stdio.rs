@@ -269,8 +269,9 @@ impl ServerHandler for Forward {
                 Err(()) => Err(ErrorData::internal_error("The upstream MCP server did not answer in time.", Some(json!({ "code": "upstream_timeout" })))),
             };
         }
-        if tool.len() > super::MAX_TOOL_NAME_BYTES {
-            return Err(rpc_error(&ApiError::new(400, "invalid_input").message("Tool name too long.").no_charge()));
+        if !super::valid_tool_name(&tool) {
+            let message = format!("params.name must be a tool name of 1 to {} printable ASCII characters (no spaces).", super::MAX_TOOL_NAME_BYTES);
+            return Err(rpc_error(&ApiError::new(400, "invalid_input").message(message).no_charge()));
         }
         // Hold, forward and settle in a task of its own: a caller that goes away does not stop
         // the settlement.
