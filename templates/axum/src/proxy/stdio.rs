@@ -173,13 +173,18 @@ pub(crate) async fn serve(
     let handler = Forward { app: app.clone(), u: *u, child };
     let service = StreamableHttpService::new(move || Ok(handler.clone()), Arc::new(NeverSessionManager::default()), config);
     let json_body = crate::body::is_json_content_type(&parts.headers);
+    let started = std::time::Instant::now();
     let res = service.handle(Request::from_parts(parts, Body::from(raw))).await.map(Body::new);
+    // Until the answer (JSON) or its stream's start: the stdio upstream has no response headers.
+    let handled_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     // rmcp's plain-text refusals become JSON-RPC errors, as on /mcp.
     let mut res = crate::mcp::finish(res, json_body).await;
     if let Some((charged, balance, ms)) = terms.lock().ok().and_then(|t| *t) {
         set_header(res.headers_mut(), "x-charged-mcents", charged);
         set_header(res.headers_mut(), "x-balance-mcents", balance);
         set_header(res.headers_mut(), "x-upstream-duration-ms", ms);
+    } else {
+        set_header(res.headers_mut(), "x-upstream-duration-ms", handled_ms);
     }
     Ok(res)
 }
