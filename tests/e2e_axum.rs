@@ -107,14 +107,15 @@ fn axum_project_builds_locked_and_passes_its_own_tests() {
     assert_eq!(header(&headers, "x-balance-mcents"), Some("750".into()));
 
     chain.run_signup_checks(port, "mcp_", ADMIN, &server);
-    let mut na: Vec<&str> = SIGNUP_X402_NA.to_vec();
-    na.extend(common::upstream::PROXY_HTTP_NA);
-    audit(port, ADMIN, FAILING_CALL, SLOW_CALL, bare_port, Some(&chain.control_url()), &upstream.audit_args("weather"), &na);
-    // The stdio upstream: the proxy.* scenarios again, against /mcp/local.
+    // The stdio upstream first (its proxy.* scenarios against /mcp/local mint 4 keys; the whole
+    // audit after it ends by exhausting the hourly mint limit on purpose).
     let stdio_args: Vec<String> = ["--only", "proxy.", "--upstream", "local", "--upstream-slow-call", r#"slow={"ms":4000}"#]
         .map(String::from)
         .to_vec();
     audit_with(port, ADMIN, &stdio_args, common::upstream::PROXY_STDIO_NA);
+    let mut na: Vec<&str> = SIGNUP_X402_NA.to_vec();
+    na.extend(common::upstream::PROXY_HTTP_NA);
+    audit(port, ADMIN, FAILING_CALL, SLOW_CALL, bare_port, Some(&chain.control_url()), &upstream.audit_args("weather"), &na);
     drop(server);
     drop(bare);
 
