@@ -160,9 +160,15 @@ pub struct AddUpstreamArgs {
     /// endpoints and upstreams share their names).
     pub name: String,
 
-    /// The URL of a Streamable HTTP MCP server (overridden at run time by UPSTREAM_<NAME>_URL).
+    /// The URL of an MCP server, Streamable HTTP unless --sse (overridden at run time by
+    /// UPSTREAM_<NAME>_URL).
     #[arg(long, value_name = "URL", required_unless_present = "command", conflicts_with = "command")]
     pub url: Option<String>,
+
+    /// The URL is a legacy HTTP+SSE MCP server (protocol 2024-11-05, e.g. https://host/sse): written
+    /// as transport = "sse". --discover finds this out by itself.
+    #[arg(long, conflicts_with = "command")]
+    pub sse: bool,
 
     /// A stdio MCP server the gateway starts and keeps alive, split like a shell would, e.g.
     /// "npx -y @acme/weather-mcp" (axum target only: a Worker cannot start processes).

@@ -75,7 +75,9 @@ pub struct EndpointSpec {
 #[derive(Debug, Clone, Serialize)]
 pub struct UpstreamSpec {
     pub name: String,
-    /// The Streamable HTTP URL (`None` for a stdio upstream).
+    /// `"http"` (Streamable HTTP), `"sse"` (legacy HTTP+SSE) or `"stdio"`.
+    pub transport: &'static str,
+    /// The URL (`None` for a stdio upstream).
     pub url: Option<String>,
     /// The stdio server's argv (`None` for a URL upstream).
     pub command: Option<Vec<String>>,
@@ -223,12 +225,14 @@ impl Spec {
                 .iter()
                 .map(|(name, up)| {
                     let up = up.resolved(name, &m.gateway);
+                    let transport = up.transport.name();
                     let (url, command) = match up.transport {
-                        manifest::UpstreamTransport::Url(u) => (Some(u), None),
+                        manifest::UpstreamTransport::Url(u) | manifest::UpstreamTransport::Sse(u) => (Some(u), None),
                         manifest::UpstreamTransport::Command(argv) => (None, Some(argv)),
                     };
                     UpstreamSpec {
                         name: name.clone(),
+                        transport,
                         url,
                         command,
                         url_env: manifest::upstream_url_env(name),

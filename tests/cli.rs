@@ -1165,6 +1165,43 @@ fn add_upstream_discover_lists_the_tools_of_a_real_mcp_server() {
 }
 
 #[test]
+fn add_upstream_discover_recognises_a_legacy_sse_server() {
+    let up = HttpUpstream::start();
+    let t = tmp();
+    let dir = t.path().join("demo");
+    new_project(&dir, &[]);
+    // Without --sse: Streamable HTTP is refused (404 on POST /sse), the legacy transport answers.
+    let out = bin().current_dir(&dir).args(["add-upstream", "legacy", "--url", &up.sse_url(), "--discover", "--tool-price", "forecast=250"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("speaks the legacy HTTP+SSE transport") && stdout.contains("(legacy HTTP+SSE)"), "{stdout}");
+    let stats = up.stats();
+    assert_eq!(stats["sse_sessions"], 1, "{stats}");
+    assert_eq!(stats["methods"]["initialize"], 1, "{stats}");
+    assert_eq!(stats["methods"]["tools/list"], 1, "{stats}");
+    let toml = read(dir.join("mcpay.toml"));
+    assert!(toml.contains(&format!("[upstreams.legacy]\nurl = \"{}\"\ntransport = \"sse\"\n", up.sse_url())), "{toml}");
+    assert!(toml.contains("forecast = 250\nalerts = 100\necho = 100"), "{toml}");
+    assert!(read(dir.join("src/generated/manifest.ts")).contains(r#"transport: "sse","#));
+    bin().current_dir(&dir).arg("check").assert().success();
+
+    // --sse says so up front (nothing tried over Streamable HTTP); it needs a --url.
+    up.reset_stats();
+    let out = bin().current_dir(&dir).args(["add-upstream", "legacy2", "--url", &up.sse_url(), "--sse", "--discover"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stats = up.stats();
+    assert_eq!((stats["sse_sessions"].as_u64(), stats["mcp_requests"].as_u64()), (Some(1), Some(3)), "initialize, initialized and tools/list over one legacy session, nothing else: {stats}");
+    bin().current_dir(&dir).args(["add-upstream", "x", "--command", "npx y", "--sse"]).assert().failure().stderr(contains("cannot be used with '--sse'"));
+    // A manifest whose transport does not fit: the fix is named.
+    let toml = read(dir.join("mcpay.toml"));
+    let (head, tail) = toml.split_once("[upstreams.legacy2]\n").unwrap();
+    assert!(tail.contains("transport = \"sse\"\n"), "--sse writes the transport: {tail}");
+    let toml = format!("{head}[upstreams.legacy2]\n{}", tail.replacen("transport = \"sse\"", "transport = \"websocket\"", 1));
+    std::fs::write(dir.join("mcpay.toml"), toml).unwrap();
+    bin().current_dir(&dir).arg("sync").assert().failure().stderr(contains("upstreams.legacy2.transport: \"websocket\" is not one of http, sse, stdio"));
+}
+
+#[test]
 fn add_upstream_discover_times_out_with_the_upstreams_timeout() {
     // A server that accepts connections and never answers.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

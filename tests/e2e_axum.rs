@@ -86,6 +86,7 @@ fn axum_project_builds_locked_and_passes_its_own_tests() {
     // and as a stdio process the gateway spawns; add-upstream lists their tools with --discover.
     let upstream = common::upstream::Upstream::start();
     common::upstream::add_test_upstream(&dir, "weather", &upstream.url);
+    common::upstream::add_test_upstream(&dir, "legacy", &upstream.sse_url());
     common::upstream::add_stdio_upstream(&dir, "local");
     cargo(&dir, &["build", "--locked"], &[]);
     let bin = shared_target().join("debug/api");
@@ -113,6 +114,9 @@ fn axum_project_builds_locked_and_passes_its_own_tests() {
         .map(String::from)
         .to_vec();
     audit_with(port, ADMIN, &stdio_args, common::upstream::PROXY_STDIO_NA);
+    // The same server over the legacy HTTP+SSE transport.
+    let legacy_args: Vec<String> = ["--only".to_string(), "proxy.".to_string()].into_iter().chain(upstream.audit_args("legacy")).collect();
+    audit_with(port, ADMIN, &legacy_args, common::upstream::PROXY_HTTP_NA);
     let mut na: Vec<&str> = SIGNUP_X402_NA.to_vec();
     na.extend(common::upstream::PROXY_HTTP_NA);
     audit(port, ADMIN, FAILING_CALL, SLOW_CALL, bare_port, Some(&chain.control_url()), &upstream.audit_args("weather"), &na);

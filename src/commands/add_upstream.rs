@@ -56,6 +56,7 @@ pub fn run(args: &AddUpstreamArgs, ui: &Ui) -> Result<()> {
     let mut upstream = Upstream {
         url: args.url.clone(),
         command,
+        transport: args.sse.then(|| "sse".to_string()),
         price_mcents: args.price,
         scope: args.scope.clone(),
         description: args.description.clone(),
@@ -69,7 +70,11 @@ pub fn run(args: &AddUpstreamArgs, ui: &Ui) -> Result<()> {
 
     if args.discover {
         let served = upstream.resolved(name, &edited.gateway);
-        let tools = discover(name, &served)?;
+        let (tools, legacy) = discover(name, &served)?;
+        if legacy {
+            ui.plain(&format!("{} speaks the legacy HTTP+SSE transport (MCP 2024-11-05): written as transport = \"sse\"", args.url.as_deref().unwrap_or("")));
+            upstream.transport = Some("sse".to_string());
+        }
         let mut prices = IndexMap::new();
         for tool in &tools {
             prices.insert(tool.name.clone(), tool_prices.get(&tool.name).copied().unwrap_or(args.price));
@@ -97,6 +102,7 @@ pub fn run(args: &AddUpstreamArgs, ui: &Ui) -> Result<()> {
             "/mcp/{name} now meters {}: a tools/call costs {} mcents{} (scope {:?})",
             match &served.transport {
                 manifest::UpstreamTransport::Url(url) => url.clone(),
+                manifest::UpstreamTransport::Sse(url) => format!("{url} (legacy HTTP+SSE)"),
                 manifest::UpstreamTransport::Command(argv) => format!("`{}`", shell_words(argv)),
             },
             served.price_mcents,
@@ -200,18 +206,20 @@ pub struct DiscoveredTool {
 }
 
 /// Connects to the upstream with the official MCP client, `initialize`s, lists every tool
-/// (following `tools/list` cursors) and closes; the upstream's timeout bounds all of it.
-pub fn discover(name: &str, up: &manifest::ResolvedUpstream) -> Result<Vec<DiscoveredTool>> {
+/// (following `tools/list` cursors) and closes; the upstream's timeout bounds all of it. A URL
+/// that refuses Streamable HTTP is tried as a legacy HTTP+SSE server (MCP's backwards
+/// compatibility rule); the flag says whether that is what answered.
+pub fn discover(name: &str, up: &manifest::ResolvedUpstream) -> Result<(Vec<DiscoveredTool>, bool)> {
     let what = match &up.transport {
-        manifest::UpstreamTransport::Url(url) => format!("could not reach {url}"),
+        manifest::UpstreamTransport::Url(url) | manifest::UpstreamTransport::Sse(url) => format!("could not reach {url}"),
         manifest::UpstreamTransport::Command(argv) => format!("could not list the tools of `{}`", shell_words(argv)),
     };
     let hint = match &up.transport {
-        manifest::UpstreamTransport::Url(_) => "check the URL or run without --discover",
+        manifest::UpstreamTransport::Url(_) | manifest::UpstreamTransport::Sse(_) => "check the URL or run without --discover",
         manifest::UpstreamTransport::Command(_) => "check the command or run without --discover",
     };
     let mut headers = Vec::new();
-    if let manifest::UpstreamTransport::Url(_) = &up.transport {
+    if !matches!(&up.transport, manifest::UpstreamTransport::Command(_)) {
         for (header, var) in &up.headers {
             match std::env::var(var) {
                 Ok(v) if !v.is_empty() => headers.push((header.clone(), v)),
@@ -226,8 +234,20 @@ pub fn discover(name: &str, up: &manifest::ResolvedUpstream) -> Result<Vec<Disco
         .build()
         .context("cannot start the async runtime for --discover")?;
     let timeout = Duration::from_millis(up.timeout_ms);
-    let tools = runtime
-        .block_on(async { tokio::time::timeout(timeout, list_tools(&up.transport, &headers, timeout)).await })
+    let listed = runtime
+        .block_on(async {
+            tokio::time::timeout(timeout, async {
+                match (&up.transport, list_tools(&up.transport, &headers, timeout).await) {
+                    (manifest::UpstreamTransport::Url(url), Err(e)) => {
+                        // Refused as Streamable HTTP: perhaps a legacy HTTP+SSE server.
+                        let legacy = manifest::UpstreamTransport::Sse(url.clone());
+                        list_tools(&legacy, &headers, timeout).await.map(|t| (t, true)).map_err(|_| e)
+                    }
+                    (_, listed) => listed.map(|t| (t, matches!(up.transport, manifest::UpstreamTransport::Sse(_)))),
+                }
+            })
+            .await
+        })
         .map_err(|_| {
             anyhow!(
                 "{what}: no answer within {} s (upstreams.{name}.timeout_seconds, --timeout-seconds); {hint}",
@@ -235,6 +255,7 @@ pub fn discover(name: &str, up: &manifest::ResolvedUpstream) -> Result<Vec<Disco
             )
         })?
         .map_err(|e| anyhow!("{what}: {e:#}; {hint}"))?;
+    let (tools, legacy) = listed;
     // Dropping the runtime ends what the client left running (and kills a stdio server).
     drop(runtime);
     let mut out: Vec<DiscoveredTool> = Vec::new();
@@ -244,7 +265,7 @@ pub fn discover(name: &str, up: &manifest::ResolvedUpstream) -> Result<Vec<Disco
         }
         out.push(t);
     }
-    Ok(out)
+    Ok((out, legacy))
 }
 
 async fn list_tools(
@@ -253,24 +274,26 @@ async fn list_tools(
     timeout: Duration,
 ) -> Result<Vec<DiscoveredTool>> {
     use rmcp::ServiceExt as _;
+    let header_map = || -> Result<reqwest::header::HeaderMap> {
+        let mut map = reqwest::header::HeaderMap::new();
+        for (h, v) in headers {
+            let name = reqwest::header::HeaderName::from_bytes(h.as_bytes()).with_context(|| format!("{h:?} is not an HTTP header name"))?;
+            let value = reqwest::header::HeaderValue::from_str(v)
+                .with_context(|| format!("the value of header {h} is not a valid HTTP header value"))?;
+            map.insert(name, value);
+        }
+        Ok(map)
+    };
     let tools = match transport {
         manifest::UpstreamTransport::Url(url) => {
             use rmcp::transport::StreamableHttpClientTransport;
             use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
-            let mut custom = HashMap::new();
-            for (h, v) in headers {
-                let name = reqwest::header::HeaderName::from_bytes(h.as_bytes())
-                    .with_context(|| format!("{h:?} is not an HTTP header name"))?;
-                let value = reqwest::header::HeaderValue::from_str(v)
-                    .with_context(|| format!("the value of header {h} is not a valid HTTP header value"))?;
-                custom.insert(name, value);
-            }
+            let custom: HashMap<_, _> = header_map()?.into_iter().filter_map(|(n, v)| Some((n?, v))).collect();
             let config = StreamableHttpClientTransportConfig::with_uri(url.as_str()).custom_headers(custom);
-            let transport = StreamableHttpClientTransport::with_client(http_client(timeout)?, config);
-            let mut client = ().serve(transport).await.map_err(|e| anyhow!(init_error(&e)))?;
-            let listed = client.list_all_tools().await.map_err(|e| anyhow!("tools/list failed: {}", chain(&e)));
-            let _ = client.close().await;
-            listed?
+            list_over(StreamableHttpClientTransport::with_client(http_client(timeout)?, config)).await?
+        }
+        manifest::UpstreamTransport::Sse(url) => {
+            list_over(super::legacy_sse::LegacySse::connect(http_client(timeout)?, url, header_map()?).await?).await?
         }
         manifest::UpstreamTransport::Command(argv) => {
             use rmcp::transport::TokioChildProcess;
@@ -325,6 +348,19 @@ async fn list_tools(
         .collect())
 }
 
+/// `initialize`, every `tools/list` page, close — over an HTTP transport.
+async fn list_over<T, E, A>(transport: T) -> Result<Vec<rmcp::model::Tool>>
+where
+    T: rmcp::transport::IntoTransport<rmcp::RoleClient, E, A>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    use rmcp::ServiceExt as _;
+    let mut client = ().serve(transport).await.map_err(|e| anyhow!(init_error(&e)))?;
+    let listed = client.list_all_tools().await.map_err(|e| anyhow!("tools/list failed: {}", chain(&e)));
+    let _ = client.close().await;
+    listed
+}
+
 /// Why `initialize` failed, without the transport's type names: for HTTP, reqwest's chain of
 /// causes (e.g. "… tcp connect error: Connection refused").
 fn init_error(e: &rmcp::service::ClientInitializeError) -> String {
@@ -342,7 +378,7 @@ fn init_error(e: &rmcp::service::ClientInitializeError) -> String {
 }
 
 /// An error and its causes, "a: b: c" (a cause already in the text before it is left out).
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(super) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

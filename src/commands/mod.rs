@@ -4,6 +4,7 @@ pub mod add_endpoint;
 pub mod add_upstream;
 pub mod audit;
 pub mod check;
+mod legacy_sse;
 pub mod new;
 pub mod sync;
 

@@ -106,6 +106,9 @@ pub fn insert_upstream(doc: &mut DocumentMut, name: &str, up: &Upstream) {
     if let Some(argv) = &up.command {
         t.insert("command", value(argv.iter().map(String::as_str).collect::<toml_edit::Array>()));
     }
+    if let Some(transport) = &up.transport {
+        t.insert("transport", value(transport.as_str()));
+    }
     t.insert("price_mcents", value(up.price_mcents as i64));
     if let Some(scope) = &up.scope {
         t.insert("scope", value(scope.as_str()));

@@ -289,6 +289,9 @@ pub struct Upstream {
     pub url: Option<String>,
     /// A stdio MCP server the gateway spawns and keeps alive (argv; targets that can spawn processes).
     pub command: Option<Vec<String>>,
+    /// How `url` is spoken: `"http"` (Streamable HTTP, the default) or `"sse"` (legacy HTTP+SSE);
+    /// `"stdio"` for a `command` (its default). One of [`UPSTREAM_TRANSPORTS`].
+    pub transport: Option<String>,
     /// Price of one `tools/call` of a tool not listed in `tools`.
     pub price_mcents: u64,
     pub scope: Option<String>,
@@ -308,8 +311,25 @@ pub struct Upstream {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "lowercase", tag = "kind", content = "value")]
 pub enum UpstreamTransport {
+    /// A Streamable HTTP MCP server.
     Url(String),
+    /// A legacy HTTP+SSE MCP server (MCP 2024-11-05): the URL of its event stream.
+    Sse(String),
     Command(Vec<String>),
+}
+
+/// The values of an upstream's `transport`, as `/v1/pricing` lists them: (name, needs a `url`).
+pub const UPSTREAM_TRANSPORTS: &[(&str, bool)] = &[("http", true), ("sse", true), ("stdio", false)];
+
+impl UpstreamTransport {
+    /// The name `/v1/pricing` and the manifest's `transport` use.
+    pub fn name(&self) -> &'static str {
+        match self {
+            UpstreamTransport::Url(_) => "http",
+            UpstreamTransport::Sse(_) => "sse",
+            UpstreamTransport::Command(_) => "stdio",
+        }
+    }
 }
 
 /// An upstream with every default applied.
@@ -348,6 +368,7 @@ impl Upstream {
     pub fn resolved(&self, name: &str, gateway: &Gateway) -> ResolvedUpstream {
         let transport = match (&self.url, &self.command) {
             (_, Some(argv)) => UpstreamTransport::Command(argv.clone()),
+            (url, None) if self.transport.as_deref() == Some("sse") => UpstreamTransport::Sse(url.clone().unwrap_or_default()),
             (url, None) => UpstreamTransport::Url(url.clone().unwrap_or_default()),
         };
         ResolvedUpstream {

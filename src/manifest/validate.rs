@@ -209,7 +209,7 @@ impl Manifest {
                     && url.len() <= 2048
                     && !url.contains(|c: char| c.is_whitespace() || c.is_control() || c == '"' || c == '\\');
                 if !ok {
-                    out.push(format!("{at}.url: {url:?} must be an http(s) URL of a Streamable HTTP MCP server, e.g. \"https://weather.example.com/mcp\""));
+                    out.push(format!("{at}.url: {url:?} must be an http(s) URL of an MCP server, e.g. \"https://weather.example.com/mcp\" (Streamable HTTP) or \"https://weather.example.com/sse\" with transport = \"sse\""));
                 }
             }
             (None, Some(argv)) => {
@@ -230,6 +230,19 @@ impl Manifest {
                         "{at}.headers: a stdio server has no HTTP headers; remove `headers` and pass secrets to the command through its environment"
                     ));
                 }
+            }
+        }
+        if let Some(t) = &up.transport {
+            let names: Vec<&str> = UPSTREAM_TRANSPORTS.iter().map(|(n, _)| *n).collect();
+            match UPSTREAM_TRANSPORTS.iter().find(|(n, _)| n == t) {
+                None => out.push(format!("{at}.transport: {t:?} is not one of {}", names.join(", "))),
+                Some((_, true)) if up.url.is_none() && up.command.is_some() => out.push(format!(
+                    "{at}.transport: {t:?} needs a `url`; a `command` upstream speaks stdio (remove `transport` or set it to \"stdio\")"
+                )),
+                Some((_, false)) if up.url.is_some() && up.command.is_none() => out.push(format!(
+                    "{at}.transport: \"stdio\" needs a `command`; a `url` upstream speaks \"http\" (Streamable HTTP, the default) or \"sse\" (legacy HTTP+SSE)"
+                )),
+                _ => {}
             }
         }
         if !(1..=MAX_PRICE_MCENTS).contains(&up.price_mcents) {
@@ -395,6 +408,25 @@ mod tests {
         assert!(p.contains("upstreams.w.url: \"ftp://x/mcp\" must be an http(s) URL"), "{p}");
         let p = problems("axum", "[upstreams.w]\ncommand = []\nprice_mcents = 1\n");
         assert!(p.contains("upstreams.w.command: the program and its arguments"), "{p}");
+    }
+
+    #[test]
+    fn transport_names_how_a_url_is_spoken_and_must_fit_it() {
+        let sse = "[upstreams.w]\nurl = \"https://x/sse\"\ntransport = \"sse\"\nprice_mcents = 1\n";
+        for target in ["worker", "axum", "mpp"] {
+            assert_eq!(problems(target, sse), "", "{target}");
+        }
+        let m = manifest("worker", sse);
+        assert_eq!(m.upstreams["w"].resolved("w", &m.gateway).transport, UpstreamTransport::Sse("https://x/sse".into()));
+        assert_eq!(UpstreamTransport::Sse(String::new()).name(), "sse");
+        assert_eq!(problems("axum", "[upstreams.w]\nurl = \"https://x/mcp\"\ntransport = \"http\"\nprice_mcents = 1\n"), "");
+        assert_eq!(problems("axum", "[upstreams.w]\ncommand = [\"node\"]\ntransport = \"stdio\"\nprice_mcents = 1\n"), "");
+        let p = problems("axum", "[upstreams.w]\nurl = \"https://x/mcp\"\ntransport = \"ws\"\nprice_mcents = 1\n");
+        assert!(p.contains("upstreams.w.transport: \"ws\" is not one of http, sse, stdio"), "{p}");
+        let p = problems("axum", "[upstreams.w]\nurl = \"https://x/mcp\"\ntransport = \"stdio\"\nprice_mcents = 1\n");
+        assert!(p.contains("\"stdio\" needs a `command`"), "{p}");
+        let p = problems("axum", "[upstreams.w]\ncommand = [\"node\"]\ntransport = \"sse\"\nprice_mcents = 1\n");
+        assert!(p.contains("\"sse\" needs a `url`"), "{p}");
     }
 
     #[test]

@@ -76,6 +76,8 @@ pub fn workers_project_end_to_end(target: &str, signup: bool) {
     // tools with --discover, prices two of them, and the gateway sends it the configured header.
     let upstream = super::upstream::Upstream::start();
     super::upstream::add_test_upstream(&dir, "weather", &upstream.url);
+    // The same server over the legacy HTTP+SSE transport (--discover recognises it).
+    super::upstream::add_test_upstream(&dir, "legacy", &upstream.sse_url());
     npm(&dir, &xdg, &["run", "typecheck"]);
 
     // Serve it for real: one instance with an ADMIN_KEY, one without (for the 503 scenario).
@@ -120,6 +122,10 @@ pub fn workers_project_end_to_end(target: &str, signup: bool) {
         chain.run_signup_checks(port, "mcp_", ADMIN, &server);
     }
     // Every target serves /mcp (contract 3.11): no mcp.* scenario is n/a.
+    // The legacy SSE upstream's proxy.* scenarios first (the whole audit after them ends by
+    // exhausting the hourly mint limit on purpose).
+    let legacy_args: Vec<String> = ["--only".to_string(), "proxy.".to_string()].into_iter().chain(upstream.audit_args("legacy")).collect();
+    audit_with(port, ADMIN, &legacy_args, super::upstream::PROXY_HTTP_NA);
     let mut na: Vec<&str> = if signup { SIGNUP_ON_NA } else { SIGNUP_OFF_NA }.to_vec();
     na.extend(super::upstream::PROXY_HTTP_NA);
     let harness = chain.as_ref().map(|c| c.control_url());

@@ -100,6 +100,11 @@ impl Upstream {
         Upstream { url, port, server, _dir: dir }
     }
 
+    /// `http://127.0.0.1:PORT/sse`: the same server over MCP's legacy HTTP+SSE transport.
+    pub fn sse_url(&self) -> String {
+        format!("http://127.0.0.1:{}/sse", self.port)
+    }
+
     /// `http://127.0.0.1:PORT`: the base of the control endpoints (the audit's `--upstream-control`).
     pub fn base(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
@@ -190,19 +195,26 @@ pub fn add_test_upstream(dir: &Path, name: &str, url: &str) {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "add-upstream --discover: {text}");
     let manifest = std::fs::read_to_string(dir.join("mcpay.toml")).unwrap();
+    if url.ends_with("/sse") {
+        assert!(manifest.contains(&format!("[upstreams.{name}]\nurl = \"{url}\"\ntransport = \"sse\"\n")), "--discover did not recognise the legacy SSE server: {text}\n{manifest}");
+    }
     for tool in ["forecast = 250", "alerts = 0", "echo = 100", "whoami = 100"] {
         assert!(manifest.contains(tool), "add-upstream --discover did not write {tool:?}: {text}\n{manifest}");
     }
-    unlist_echo(dir);
+    unlist_echo(dir, name);
 }
 
 /// Takes `echo` out of the discovered price list (and syncs), so that one tool is left at the
 /// upstream's default price (the audit's proxy.default_price).
-fn unlist_echo(dir: &Path) {
+fn unlist_echo(dir: &Path, name: &str) {
     let path = dir.join("mcpay.toml");
     let manifest = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(manifest.matches("\necho = 100\n").count(), 1, "one discovered echo entry: {manifest}");
-    std::fs::write(&path, manifest.replace("\necho = 100\n", "\n")).unwrap();
+    let table = format!("[upstreams.{name}.tools]\n");
+    let (head, tail) = manifest.split_once(&table).unwrap_or_else(|| panic!("no {table} in {manifest}"));
+    let end = tail.find("\n[").map_or(tail.len(), |i| i + 1);
+    let (tools, rest) = tail.split_at(end);
+    assert_eq!(tools.matches("echo = 100\n").count(), 1, "one discovered echo entry for {name}: {manifest}");
+    std::fs::write(&path, format!("{head}{table}{}{rest}", tools.replacen("echo = 100\n", "", 1))).unwrap();
     let status = cli().current_dir(dir).arg("sync").status().unwrap();
     assert!(status.success(), "sync after unlisting echo");
 }
@@ -219,5 +231,5 @@ pub fn add_stdio_upstream(dir: &Path, name: &str) {
         .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "add-upstream --command --discover: {text}");
-    unlist_echo(dir);
+    unlist_echo(dir, name);
 }

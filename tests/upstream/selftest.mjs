@@ -10,6 +10,7 @@ import assert from "node:assert/strict";
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
 import { StdioClientTransport } from "@modelcontextprotocol/sdk/client/stdio.js";
+import { SSEClientTransport } from "@modelcontextprotocol/sdk/client/sse.js";
 
 const serverPath = fileURLToPath(new URL("./server.mjs", import.meta.url));
 let checks = 0;
@@ -25,7 +26,8 @@ async function startHttp() {
     once(lines, "line"),
     once(child, "exit").then(([code]) => Promise.reject(new Error(`server exited (${code}) before its url line`))),
   ]);
-  return { child, url: JSON.parse(line).url };
+  const { url, sse_url } = JSON.parse(line);
+  return { child, url, sseUrl: sse_url };
 }
 
 const textOf = (r) => r.content?.[0]?.text;
@@ -74,7 +76,7 @@ async function callEach(client, label) {
 }
 
 // --- Streamable HTTP ---
-const { child, url } = await startHttp();
+const { child, url, sseUrl } = await startHttp();
 try {
   const base = url.replace(/\/mcp$/, "");
   const client = new Client({ name: "selftest", version: "1.0.0" });
@@ -129,6 +131,27 @@ try {
   assert.equal(after.mcp_requests, 0);
   ok("control: back to ok, stats reset");
   await client.close();
+
+  // --- legacy HTTP+SSE (2024-11-05) on the same server ---
+  const legacy = new Client({ name: "selftest-sse", version: "1.0.0" });
+  const sseTransport = new SSEClientTransport(new URL(sseUrl), {
+    requestInit: { headers: { "X-Upstream-Token": "tok-sse" } },
+    eventSourceInit: { fetch: (u, init) => fetch(u, { ...init, headers: { ...init?.headers, "X-Upstream-Token": "tok-sse" } }) },
+  });
+  await legacy.connect(sseTransport);
+  ok("sse: initialize over the legacy transport");
+  const whoSse = await callEach(legacy, "sse");
+  assert.equal(whoSse.headers["x-upstream-token"], "tok-sse");
+  const sseStats = await (await fetch(`${base}/control/stats`)).json();
+  assert.equal(sseStats.sse_sessions, 1);
+  assert.equal(sseStats.methods.initialize, 1);
+  assert.equal(sseStats.tools_call.forecast, 1);
+  ok("sse: stats count its session and calls");
+  await fetch(`${base}/control/mode`, { method: "POST", body: '{"mode":"http500"}' });
+  await assert.rejects(legacy.callTool({ name: "echo", arguments: { text: "x" } }));
+  await fetch(`${base}/control/mode`, { method: "POST", body: '{"mode":"ok"}' });
+  ok("sse: http500 mode applies to POST /messages");
+  await legacy.close();
 } finally {
   child.kill("SIGTERM");
 }

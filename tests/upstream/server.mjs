@@ -16,6 +16,12 @@
 //                                GET  /control/stats → {"mode", "mcp_requests", "methods": {m: n},
 //                                     "tools_call": {tool: n}, "last_headers": {...}}
 //                                POST /control/reset-stats
+//                              The same server also speaks MCP's legacy HTTP+SSE transport
+//                              (2024-11-05, the SDK's SSEServerTransport): GET /sse opens a session
+//                              whose `endpoint` event names POST /messages?sessionId=…; the url line
+//                              also carries {"sse_url": "http://127.0.0.1:PORT/sse"}. Modes apply
+//                              to POST /messages too; stats count its messages with the others and
+//                              "sse_sessions" counts the sessions opened.
 //   node server.mjs --stdio    the same tools over stdio (for axum's `command` upstreams), plus
 //                              `crash` (exits the process with code 1 mid-call) and `stats`.
 //
@@ -29,6 +35,7 @@ import { randomUUID } from "node:crypto";
 import { Server } from "@modelcontextprotocol/sdk/server/index.js";
 import { StreamableHTTPServerTransport } from "@modelcontextprotocol/sdk/server/streamableHttp.js";
 import { StdioServerTransport } from "@modelcontextprotocol/sdk/server/stdio.js";
+import { SSEServerTransport } from "@modelcontextprotocol/sdk/server/sse.js";
 import {
   CallToolRequestSchema,
   ErrorCode,
@@ -44,7 +51,7 @@ const port = portArg >= 0 ? Number(args[portArg + 1]) : 0;
 
 const stats = newStats();
 function newStats() {
-  return { mcp_requests: 0, methods: {}, tools_call: {}, last_headers: {} };
+  return { mcp_requests: 0, methods: {}, tools_call: {}, last_headers: {}, sse_sessions: 0 };
 }
 let mode = "ok";
 
@@ -206,6 +213,8 @@ function count(message) {
 async function serveHttp() {
   /** Sessions started by an `initialize`, by Mcp-Session-Id. */
   const sessions = new Map();
+  /** Legacy HTTP+SSE sessions, by sessionId. */
+  const legacy = new Map();
 
   const httpServer = http.createServer(async (req, res) => {
     try {
@@ -222,6 +231,35 @@ async function serveHttp() {
       if (path === "/control/reset-stats" && req.method === "POST") {
         Object.assign(stats, newStats());
         return json(res, 200, { ok: true });
+      }
+      if (path === "/sse" && req.method === "GET") {
+        stats.sse_sessions += 1;
+        stats.last_headers = { ...req.headers };
+        const transport = new SSEServerTransport("/messages", res);
+        legacy.set(transport.sessionId, transport);
+        transport.onclose = () => legacy.delete(transport.sessionId);
+        await newServer().connect(transport);
+        return;
+      }
+      if (path === "/messages" && req.method === "POST") {
+        stats.mcp_requests += 1;
+        stats.last_headers = { ...req.headers };
+        const transport = legacy.get(new URL(req.url, "http://x").searchParams.get("sessionId") ?? "");
+        const raw = await readBody(req);
+        let message;
+        try {
+          message = JSON.parse(raw);
+          count(message);
+        } catch {
+          return json(res, 400, { error: "not JSON" });
+        }
+        if (mode === "http500") return json(res, 500, { error: "simulated upstream outage" });
+        if (mode === "reset") {
+          req.socket.destroy();
+          return;
+        }
+        if (!transport) return json(res, 404, { error: "no such session" });
+        return await transport.handlePostMessage(req, res, message);
       }
       if (path !== "/mcp") return json(res, 404, { error: "not found" });
 
@@ -290,7 +328,7 @@ async function serveHttp() {
   httpServer.keepAliveTimeout = 5_000;
   await new Promise((resolve) => httpServer.listen(port, "127.0.0.1", resolve));
   const { port: actual } = httpServer.address();
-  process.stdout.write(`${JSON.stringify({ url: `http://127.0.0.1:${actual}/mcp` })}\n`);
+  process.stdout.write(`${JSON.stringify({ url: `http://127.0.0.1:${actual}/mcp`, sse_url: `http://127.0.0.1:${actual}/sse` })}\n`);
   const stop = () => {
     httpServer.close();
     httpServer.closeAllConnections?.();

@@ -45,7 +45,7 @@ pub fn scenarios() -> Vec<Scenario> {
         scenario!("proxy.sse_progress", "a tools/call answered over SSE (progress, steps 3, a progressToken) → the progress notifications reach the caller as they happen, ≥ 300 ms before the response; charged once", |c, o| sse_progress(c, o)),
         scenario!("proxy.json_answer", "an upstream answering application/json (--upstream-control) → one JSON answer with _meta charged_mcents, final X-Charged-Mcents / X-Balance-Mcents; hold + capture", |c, o| json_answer(c, o)),
         scenario!("proxy.response_headers", "every answer carries X-Request-Id (uuid) and X-Upstream-Duration-Ms; a paid call's X-Charged-Mcents and X-Balance-Mcents", |c, o| response_headers(c, o)),
-        scenario!("proxy.session", "Mcp-Session-Id from the upstream's initialize passes back; sent with later requests it (and Mcp-Protocol-Version) reaches the upstream; DELETE ends the session upstream", |c, o| session(c, o)),
+        scenario!("proxy.session", "Mcp-Session-Id from the upstream's initialize passes back; sent with later requests it (and Mcp-Protocol-Version) reaches the upstream; DELETE ends the session upstream; a legacy SSE upstream: none issued or forwarded, one upstream session and handshake per call, GET/DELETE 405", |c, o| session(c, o)),
         scenario!("proxy.bad_messages", "a JSON-RPC batch → 400 -32600; a body that is not JSON → 400 -32700; nothing forwarded or charged", |c, o| bad_messages(c, o)),
         scenario!("proxy.body_too_large", "a 2 MiB tools/call → 413 body_too_large; nothing forwarded or charged", |c, o| too_large(c, o)),
         scenario!("proxy.cors", "OPTIONS /mcp/<upstream> → 204 with Access-Control-Allow-Methods GET, POST, DELETE, OPTIONS; PUT → 405", |c, o| cors(c, o)),
@@ -66,6 +66,9 @@ struct Up {
     /// A stdio upstream (`"transport": "stdio"`): the gateway's own MCP server fronts it, so its
     /// failures after the hold are isError results (contract 3.12), never 502/504.
     stdio: bool,
+    /// A legacy HTTP+SSE upstream (`"transport": "sse"`): one upstream session per request, the
+    /// handshake made by the gateway, no sessions for the caller (contract 3.12).
+    sse: bool,
 }
 
 impl Up {
@@ -108,12 +111,13 @@ fn upstream(c: &Client, o: &Options) -> Result<std::result::Result<Up, Outcome>>
     ensure!(e["enabled"] == true, "upstream {name} is listed with enabled {} (the audit needs it served)", e["enabled"]);
     let rate_limit = e["rate_limit_per_minute"].as_u64().ok_or_else(|| anyhow!("upstream {name}: rate_limit_per_minute {} is not an integer", e["rate_limit_per_minute"]))?;
     let refund_tool_errors = e["refund_tool_errors"].as_bool().ok_or_else(|| anyhow!("upstream {name}: refund_tool_errors is not a boolean: {e}"))?;
-    let stdio = match e["transport"].as_str() {
-        Some("http") => false,
-        Some("stdio") => true,
-        _ => bail!("upstream {name}: transport {} is not \"http\" or \"stdio\" (contract 3.2)", e["transport"]),
+    let (stdio, sse) = match e["transport"].as_str() {
+        Some("http") => (false, false),
+        Some("sse") => (false, true),
+        Some("stdio") => (true, false),
+        _ => bail!("upstream {name}: transport {} is not \"http\", \"sse\" or \"stdio\" (contract 3.2)", e["transport"]),
     };
-    Ok(Ok(Up { name: name.to_string(), path, price, tools, scope, rate_limit, refund_tool_errors, stdio }))
+    Ok(Ok(Up { name: name.to_string(), path, price, tools, scope, rate_limit, refund_tool_errors, stdio, sse }))
 }
 
 macro_rules! up {
@@ -340,6 +344,7 @@ fn free_discovery(c: &mut Client, o: &Options) -> Result<Outcome> {
     }
     let n = send(c, &up, Some(&key), &h, &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
     ensure!((200..300).contains(&n.status), "notifications/initialized → {}", n.brief());
+    ensure!(!up.sse || (n.status == 202 && session.is_none()), "a legacy SSE upstream: initialize issues no Mcp-Session-Id ({session:?}) and a notification is answered 202 ({})", n.brief());
     let ping = result(&send(c, &up, Some(&key), &h, &json!({"jsonrpc": "2.0", "id": fresh_id(), "method": "ping", "params": {}}))).context("ping")?;
     ensure!(ping.is_object(), "ping result {ping}");
     let tools = result(&send(c, &up, Some(&key), &h, &json!({"jsonrpc": "2.0", "id": fresh_id(), "method": "tools/list", "params": {}}))).context("tools/list")?;
@@ -349,11 +354,15 @@ fn free_discovery(c: &mut Client, o: &Options) -> Result<Outcome> {
     let mut fwd = String::new();
     if let (Some(b), Some(ctl)) = (&before, o.upstream_control.as_deref()) {
         let a = stats(c, ctl.trim_end_matches('/'))?;
-        for m in ["initialize", "notifications/initialized", "ping", "tools/list"] {
+        // A legacy SSE upstream: the caller's notification is not forwarded (its session is
+        // gone), and ping and tools/list each come after the gateway's own handshake.
+        let expected: [(&str, u64); 4] =
+            if up.sse { [("initialize", 3), ("notifications/initialized", 2), ("ping", 1), ("tools/list", 1)] } else { [("initialize", 1), ("notifications/initialized", 1), ("ping", 1), ("tools/list", 1)] };
+        for (m, times) in expected {
             let (x, y) = (b["methods"][m].as_u64().unwrap_or(0), a["methods"][m].as_u64().unwrap_or(0));
-            ensure!(y == x + 1, "{m} reached the upstream {} times (expected once)", y - x);
+            ensure!(y == x + times, "{m} reached the upstream {} times (expected {times})", y - x);
         }
-        fwd = ", each forwarded once".into();
+        fwd = if up.sse { ", forwarded once each after the gateway's handshake".into() } else { ", each forwarded once".into() };
     }
     pass(format!("server {}, notification {}, {count} tools; balance {bal} and ledger unchanged{fwd}", res["serverInfo"]["name"], n.status))
 }
@@ -748,6 +757,9 @@ fn session(c: &mut Client, o: &Options) -> Result<Outcome> {
     let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": {"name": "create-mcpay-audit", "version": env!("CARGO_PKG_VERSION")}}});
     let r = send(c, &up, Some(&key), &[], &init);
     result(&r).context("initialize")?;
+    if up.sse {
+        return sse_sessionless(c, o, &up, &key, &r);
+    }
     let Some(sid) = r.header("mcp-session-id") else {
         return Ok(Outcome::NotApplicable("the upstream's initialize started no session (no Mcp-Session-Id passed back)".into()));
     };
@@ -764,6 +776,36 @@ fn session(c: &mut Client, o: &Options) -> Result<Outcome> {
     let after = send(c, &up, Some(&key), &h, &json!({"jsonrpc": "2.0", "id": fresh_id(), "method": "tools/list", "params": {}}));
     ensure!(after.status == 404 && after.code().is_empty(), "tools/list in the deleted session: {} (expected the upstream's 404)", after.brief());
     pass(format!("session {sid}: passed back, forwarded with Mcp-Protocol-Version, DELETE {} ended it (then the upstream's 404)", d.status))
+}
+
+/// A legacy SSE upstream (3.12): no Mcp-Session-Id issued, none forwarded; GET and DELETE → 405;
+/// each request is its own upstream session, opened with the gateway's handshake.
+fn sse_sessionless(c: &mut Client, o: &Options, up: &Up, key: &Key, init: &Reply) -> Result<Outcome> {
+    ensure!(init.header("mcp-session-id").is_none(), "initialize passed back Mcp-Session-Id {:?} (a legacy SSE upstream has no sessions across requests)", init.header("mcp-session-id"));
+    let before = maybe_stats(c, o)?;
+    let h = [("Mcp-Session-Id", "caller-made-session")];
+    let w = send(c, up, Some(key), &h, &json!({"jsonrpc": "2.0", "id": fresh_id(), "method": "tools/call", "params": {"name": "whoami", "arguments": {}}}));
+    let res = result(&w).context("whoami without a handshake")?;
+    let who: Value = serde_json::from_str(res["content"][0]["text"].as_str().unwrap_or("")).unwrap_or_default();
+    ensure!(who["headers"].get("mcp-session-id").is_none(), "the upstream received the caller's Mcp-Session-Id {}", who["headers"]["mcp-session-id"]);
+    let mut seen = String::new();
+    if let (Some(b), Some(ctl)) = (&before, o.upstream_control.as_deref()) {
+        let a = stats(c, ctl.trim_end_matches('/'))?;
+        let grew = |k: &str| a["methods"][k].as_u64().unwrap_or(0) - b["methods"][k].as_u64().unwrap_or(0);
+        let sessions = a["sse_sessions"].as_u64().unwrap_or(0) - b["sse_sessions"].as_u64().unwrap_or(0);
+        ensure!(
+            (sessions, grew("initialize"), grew("notifications/initialized")) == (1, 1, 1),
+            "one session with one handshake expected for the call; the upstream saw {sessions} session(s), {} initialize, {} initialized",
+            grew("initialize"),
+            grew("notifications/initialized")
+        );
+        seen = ", one upstream session with the gateway's handshake".into();
+    }
+    for method in ["GET", "DELETE"] {
+        let r = c.request(method, &up.path, &[("Authorization", &key.bearer()), ("Accept", "text/event-stream")], None);
+        ensure!(r.status == 405, "{method} {}: {} (expected 405: a legacy SSE upstream has no sessions through the gateway)", up.path, r.brief());
+    }
+    pass(format!("no Mcp-Session-Id issued or forwarded; whoami answered without a handshake{seen}; GET and DELETE 405"))
 }
 
 fn bad_messages(c: &mut Client, o: &Options) -> Result<Outcome> {
