@@ -469,6 +469,32 @@ fn is_postgres_url(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
+/// How often the background task checkpoints a SQLite WAL (PASSIVE: it never blocks the writer).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// The WAL size (pages) at which the writer checkpoints by itself: only when the background
+/// task falls far behind (SQLite's default is 1000, reached every ~40 paid calls).
+const WRITER_AUTOCHECKPOINT_PAGES: u32 = 20_000;
+
+/// Checkpoints the WAL every [`CHECKPOINT_EVERY`] on a connection of `pool` until it is closed.
+fn spawn_checkpointer(pool: SqlitePool) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if pool.is_closed() {
+                break;
+            }
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+                if pool.is_closed() {
+                    break;
+                }
+                tracing::warn!(error = %e, "WAL checkpoint failed (retried)");
+            }
+        }
+    });
+}
+
 impl Store {
     /// Connects to `url` (`sqlite:PATH` / `sqlite://PATH`, or `postgres://…`) and applies the
     /// embedded migrations. A SQLite file is created on first run.
@@ -491,10 +517,13 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
+        // The writer does not checkpoint the WAL on commit (a checkpoint copies and syncs pages: a
+        // paid call that triggered one waited ~10 ms); a task does it in the background instead,
+        // and the writer's own checkpoint only bounds the WAL should that task fall behind.
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(30))
-            .connect_with(opts.clone())
+            .connect_with(opts.clone().pragma("wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES.to_string()))
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&write).await?;
         let read = SqlitePoolOptions::new()
@@ -502,6 +531,7 @@ impl Store {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(opts)
             .await?;
+        spawn_checkpointer(read.clone());
         Ok(Store::Sqlite { read, write })
     }
 

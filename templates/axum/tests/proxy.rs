@@ -1,12 +1,13 @@
 //! `/mcp/<name>` (contract 3.12) against real upstream MCP servers started by the test: a
 //! Streamable HTTP server built with the official SDK (rmcp) on axum, in-process on a free port,
-//! once with sessions and SSE answers and once stateless with JSON answers. Every case counts the
-//! money (ledger rows, balances) and what reached the upstream (its own call counts).
+//! once with sessions and SSE answers and once stateless with JSON answers; and the same rmcp
+//! server behind a legacy HTTP+SSE front (`transport = "sse"`). Every case counts the money
+//! (ledger rows, balances) and what reached the upstream (its own call counts).
 
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,9 @@ backend_tests!(
     resumption_and_caller_headers_are_not_forwarded,
     redirects_are_not_followed,
     only_the_response_to_the_gateways_id_settles,
+    a_legacy_sse_upstream_is_metered_through_a_session_per_call,
+    legacy_sse_failures_are_released,
+    legacy_sse_progress_is_relayed_before_the_answer,
 );
 
 // ------------------------------------------------------------------------- the upstream server
@@ -871,4 +875,400 @@ async fn only_the_response_to_the_gateways_id_settles(db: &TestDb) {
     let ledger = s.ledger(&k.key).await;
     assert_eq!(rows_of(&ledger, "weather/forecast"), ["hold", "capture", "hold", "release"]);
     assert_eq!(amount_sum(&ledger), 750);
+}
+
+// ------------------------------------------------------------- a legacy HTTP+SSE upstream
+
+const LEGACY_OK: u8 = 0;
+/// A posted tools/call is accepted, then the session's stream ends without its response.
+const LEGACY_HANG_UP: u8 = 1;
+/// The endpoint event names another origin (this server under the name `localhost`).
+const LEGACY_FOREIGN: u8 = 2;
+/// A posted tools/call is refused with 500.
+const LEGACY_POST_500: u8 = 3;
+/// GET /sse is refused with 401.
+const LEGACY_GET_401: u8 = 4;
+
+/// A legacy HTTP+SSE MCP server (MCP 2024-11-05): `GET /sse` opens a session (an `endpoint`
+/// event, then the server's messages as `message` events), `POST /messages?sessionId=ID` feeds it
+/// (202). Each session runs the same rmcp server as the Streamable HTTP upstream ([`Upstream`]),
+/// over an in-memory pipe. It records every message posted and every request's headers.
+#[derive(Clone, Default)]
+struct Legacy {
+    up: Upstream,
+    sessions: Arc<Mutex<HashMap<String, LegacySession>>>,
+    /// (session, method, or "response") of every message posted, in order.
+    posted: Arc<Mutex<Vec<(String, String)>>>,
+    /// Every request's headers (GET and POST).
+    headers: Arc<Mutex<Vec<axum::http::HeaderMap>>>,
+    opened: Arc<AtomicUsize>,
+    /// Sessions whose stream the client closed.
+    closed: Arc<AtomicUsize>,
+    mode: Arc<AtomicU8>,
+}
+
+#[derive(Clone)]
+struct LegacySession {
+    /// The stream's events; None ends it.
+    events: tokio::sync::mpsc::UnboundedSender<Option<String>>,
+    to_server: Arc<tokio::sync::Mutex<tokio::io::WriteHalf<tokio::io::DuplexStream>>>,
+}
+
+impl Legacy {
+    fn posted(&self) -> Vec<(String, String)> {
+        self.posted.lock().unwrap().clone()
+    }
+
+    fn set_mode(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+    }
+
+    fn open(&self, headers: axum::http::HeaderMap) -> axum::response::Response {
+        use tokio::io::AsyncBufReadExt;
+        let host = headers.get("host").unwrap().to_str().unwrap().to_string();
+        self.headers.lock().unwrap().push(headers);
+        let mode = self.mode.load(Ordering::SeqCst);
+        if mode == LEGACY_GET_401 {
+            return axum::response::Response::builder().status(401).body(Body::from("who are you")).unwrap();
+        }
+        let id = format!("s{}", self.opened.fetch_add(1, Ordering::SeqCst));
+        let (server_side, ours) = tokio::io::duplex(1 << 20);
+        let handler = self.up.clone();
+        tokio::spawn(async move {
+            if let Ok(running) = handler.serve(server_side).await {
+                let _ = running.waiting().await;
+            }
+        });
+        let (from_server, to_server) = tokio::io::split(ours);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Option<String>>();
+        let endpoint = if mode == LEGACY_FOREIGN {
+            format!("http://{}/messages?sessionId={id}", host.replace("127.0.0.1", "localhost"))
+        } else {
+            format!("/messages?sessionId={id}")
+        };
+        tx.send(Some(format!("event: endpoint\ndata: {endpoint}\n\n"))).unwrap();
+        let session = LegacySession { events: tx.clone(), to_server: Arc::new(tokio::sync::Mutex::new(to_server)) };
+        self.sessions.lock().unwrap().insert(id.clone(), session);
+        // The server's messages become the stream's events.
+        let events = tx.clone();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(from_server).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if events.send(Some(format!("event: message\ndata: {line}\n\n"))).is_err() {
+                    break;
+                }
+            }
+        });
+        // A comment every 100 ms tells when the client closed the stream: the session ends.
+        let (sessions, closed) = (self.sessions.clone(), self.closed.clone());
+        tokio::spawn(async move {
+            while tx.send(Some(": keep-alive\n\n".into())).is_ok() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            closed.fetch_add(1, Ordering::SeqCst);
+            sessions.lock().unwrap().remove(&id);
+        });
+        let body = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.flatten().map(|e| (Ok::<_, std::convert::Infallible>(Bytes::from(e)), rx))
+        });
+        axum::response::Response::builder().header("content-type", "text/event-stream").body(Body::from_stream(body)).unwrap()
+    }
+
+    async fn post(&self, uri: axum::http::Uri, headers: axum::http::HeaderMap, body: Bytes) -> axum::response::Response {
+        use tokio::io::AsyncWriteExt;
+        self.headers.lock().unwrap().push(headers);
+        let id = uri.query().and_then(|q| q.strip_prefix("sessionId=")).unwrap_or("").to_string();
+        let Some(session) = self.sessions.lock().unwrap().get(&id).cloned() else {
+            return axum::response::Response::builder().status(404).body(Body::from("no such session")).unwrap();
+        };
+        let message: Value = serde_json::from_slice(&body).unwrap();
+        let method = message["method"].as_str().unwrap_or("response").to_string();
+        self.posted.lock().unwrap().push((id, method.clone()));
+        match self.mode.load(Ordering::SeqCst) {
+            LEGACY_HANG_UP if method == "tools/call" => {
+                let _ = session.events.send(None);
+            }
+            LEGACY_POST_500 if method == "tools/call" => {
+                return axum::response::Response::builder().status(500).body(Body::from("upstream broke")).unwrap();
+            }
+            _ => {
+                let mut w = session.to_server.lock().await;
+                w.write_all(&[body.as_ref(), b"\n"].concat()).await.unwrap();
+            }
+        }
+        axum::response::Response::builder().status(202).body(Body::from("Accepted")).unwrap()
+    }
+}
+
+/// Starts the legacy server on 127.0.0.1:0; returns its /sse URL.
+async fn start_legacy(l: &Legacy) -> String {
+    let (on_get, on_post) = (l.clone(), l.clone());
+    let router = axum::Router::new()
+        .route("/sse", axum::routing::get(move |headers: axum::http::HeaderMap| std::future::ready(on_get.open(headers))))
+        .route(
+            "/messages",
+            axum::routing::post(move |uri: axum::http::Uri, headers: axum::http::HeaderMap, body: Bytes| {
+                let l = on_post.clone();
+                async move { l.post(uri, headers, body).await }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    format!("http://{addr}/sse")
+}
+
+fn legacy(name: &str, url: &str) -> UpstreamConfig {
+    UpstreamConfig { transport: UpstreamTransport::Sse(leak(url.to_string())), ..weather(name, url) }
+}
+
+/// The methods posted in each session, in order of the sessions.
+fn sessions_of(posted: &[(String, String)]) -> Vec<Vec<String>> {
+    let mut order: Vec<&String> = Vec::new();
+    for (s, _) in posted {
+        if !order.contains(&s) {
+            order.push(s);
+        }
+    }
+    order.iter().map(|s| posted.iter().filter(|(p, _)| p == *s).map(|(_, m)| m.clone()).collect()).collect()
+}
+
+async fn a_legacy_sse_upstream_is_metered_through_a_session_per_call(db: &TestDb) {
+    let l = Legacy::default();
+    let url = start_legacy(&l).await;
+    let s = gateway(db, vec![legacy("weather", &url)]).await;
+    let k = db.seed_key(10_000, &["weather"], None).await;
+
+    // The official client, through the gateway: its initialize goes to a session of its own (no
+    // handshake of the gateway's), tools/list to another one, rewritten with the terms.
+    let c = client(&s, "/mcp/weather", &k.key).await;
+    let tools = c.list_all_tools().await.unwrap();
+    assert_eq!(tools.len(), 8);
+    for t in &tools {
+        let m = serde_json::to_value(t.meta.as_ref().unwrap()).unwrap();
+        let price = match t.name.as_ref() {
+            "forecast" => 250,
+            "alerts" => 0,
+            _ => 100,
+        };
+        assert_eq!(m["io.mcpay/price_mcents"], price, "{}", t.name);
+        assert_eq!(m["io.mcpay/scope"], "weather");
+    }
+    // A paid call: charged once, through a session initialized by the gateway.
+    let r = call(&c, "forecast", json!({})).await;
+    assert_ne!(r.is_error, Some(true));
+    assert_eq!(meta(&r)["io.mcpay/charged_mcents"], 250);
+    assert_eq!(meta(&r)["io.mcpay/balance_mcents"], 9_750);
+    // A free tool: forwarded, not charged.
+    let r = call(&c, "alerts", json!({})).await;
+    assert!(meta(&r).get("io.mcpay/charged_mcents").is_none());
+    assert_eq!(s.balance(&k.key).await, 9_750);
+    let sessions = sessions_of(&l.posted());
+    assert_eq!(sessions.len(), 4, "one session per request: {sessions:?}");
+    assert_eq!(sessions[0], ["initialize"], "the caller's initialize goes alone");
+    for (i, method) in [(1, "tools/list"), (2, "tools/call"), (3, "tools/call")] {
+        assert_eq!(sessions[i], ["initialize", "notifications/initialized", method], "handshake first: {sessions:?}");
+    }
+    assert_eq!((l.up.calls("forecast"), l.up.calls("alerts")), (1, 1));
+
+    // Raw: a JSON answer with the final terms, the caller's id, no session id, the gateway's
+    // `mcpay-` id upstream.
+    let res = post(&s, "/mcp/weather", Some(&k.key), &tools_call(41, "rpcid", json!({ "x": 1 }))).await;
+    assert_eq!(res.status(), 200);
+    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("application/json"));
+    assert!(res.headers().get("mcp-session-id").is_none());
+    assert_eq!(res.headers()["x-charged-mcents"], "100");
+    assert_eq!(res.headers()["x-balance-mcents"], "9650");
+    assert!(res.headers().contains_key("x-upstream-duration-ms"));
+    let rid = res.headers()["x-request-id"].to_str().unwrap().to_string();
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["id"], 41);
+    let seen: Value = serde_json::from_str(body["result"]["content"][0]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(seen["id"], format!("mcpay-{rid}"), "{seen}");
+    assert_eq!(body["result"]["_meta"]["io.mcpay/request_id"], rid);
+    assert_eq!(db.hold_state(&rid).await.as_deref(), Some("captured"));
+
+    // Notifications and responses of the caller: 202, nothing forwarded, no session opened.
+    let opened = l.opened.load(Ordering::SeqCst);
+    for message in [
+        json!({ "jsonrpc": "2.0", "method": "notifications/initialized" }),
+        json!({ "jsonrpc": "2.0", "id": "x", "result": {} }),
+    ] {
+        let res = post(&s, "/mcp/weather", Some(&k.key), &message).await;
+        assert_eq!(res.status(), 202);
+        assert!(res.text().await.unwrap().is_empty());
+    }
+    assert_eq!(l.opened.load(Ordering::SeqCst), opened);
+    // GET and DELETE: 405 (no session to stream or end); OPTIONS as for every upstream.
+    for method in [reqwest::Method::GET, reqwest::Method::DELETE] {
+        let res = s.client.request(method.clone(), s.url("/mcp/weather")).header("authorization", format!("Bearer {}", k.key)).send().await.unwrap();
+        assert_eq!(res.status(), 405, "{method}");
+        assert_eq!(res.headers()["allow"], "POST, OPTIONS");
+        // The key comes first, as for every method.
+        let res = s.client.request(method.clone(), s.url("/mcp/weather")).send().await.unwrap();
+        assert_eq!(res.status(), 401, "{method} without a key");
+    }
+    let res = s.client.request(reqwest::Method::OPTIONS, s.url("/mcp/weather")).send().await.unwrap();
+    assert_eq!(res.status(), 204);
+    assert_eq!(l.opened.load(Ordering::SeqCst), opened);
+
+    // The configured header reached every request of every session; the caller's key, cookie
+    // and session id none.
+    let res = s
+        .client
+        .post(s.url("/mcp/weather"))
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {}", k.key))
+        .header("cookie", "session=caller-cookie")
+        .header("mcp-session-id", "caller-session")
+        .body(tools_call(42, "alerts", json!({})).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let headers = l.headers.lock().unwrap().clone();
+    assert_eq!(headers.len(), l.posted().len() + l.opened.load(Ordering::SeqCst));
+    for h in &headers {
+        assert_eq!(h["x-upstream-token"], TOKEN);
+        for name in ["authorization", "cookie", "mcp-session-id"] {
+            assert!(h.get(name).is_none(), "{name} reached the upstream: {h:?}");
+        }
+    }
+    assert_eq!(headers.iter().filter(|h| h.get("accept").is_some_and(|v| v == "text/event-stream")).count(), l.opened.load(Ordering::SeqCst));
+    // Every session's stream was closed by the gateway once its answer arrived.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while l.closed.load(Ordering::SeqCst) < l.opened.load(Ordering::SeqCst) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(l.closed.load(Ordering::SeqCst), l.opened.load(Ordering::SeqCst), "sessions left open");
+
+    let ledger = s.ledger(&k.key).await;
+    assert_eq!(rows_of(&ledger, "weather/forecast"), ["hold", "capture"]);
+    assert_eq!(rows_of(&ledger, "weather/rpcid"), ["hold", "capture"]);
+    assert!(rows_of(&ledger, "weather/alerts").is_empty());
+    assert_eq!(ledger.len(), 5, "mint + 2 × (hold, capture): {ledger:?}");
+    assert_eq!(amount_sum(&ledger), 9_650);
+    assert_eq!(s.balance(&k.key).await, 9_650);
+
+    // /v1/pricing names the transport.
+    let pricing: Value = s.get("/v1/pricing").await.json().await.unwrap();
+    assert_eq!(pricing["upstreams"][0]["transport"], "sse");
+}
+
+async fn legacy_sse_failures_are_released(db: &TestDb) {
+    let l = Legacy::default();
+    let url = start_legacy(&l).await;
+    let s = gateway(db, vec![legacy("weather", &url)]).await;
+    let k = db.seed_key(10_000, &["weather"], None).await;
+    // A JSON-RPC error: the upstream's answer, released.
+    let res = post(&s, "/mcp/weather", Some(&k.key), &tools_call(1, "fail", json!({}))).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-charged-mcents"], "0");
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["id"], 1);
+    assert!(body["error"].is_object(), "{body}");
+    // Slow past the timeout (1 s, counted from the GET) → 504, released.
+    let started = Instant::now();
+    let res = post(&s, "/mcp/weather", Some(&k.key), &tools_call(2, "slow", json!({ "ms": 3000 }))).await;
+    assert!(started.elapsed() < Duration::from_millis(2_500));
+    let body = expect_error(res, 504, "upstream_timeout", false).await;
+    assert_eq!((body["refunded"].clone(), body["charged_mcents"].clone()), (json!(true), json!(0)));
+    // The session's stream ends before the response → 502, released.
+    l.set_mode(LEGACY_HANG_UP);
+    let body = expect_error(post(&s, "/mcp/weather", Some(&k.key), &tools_call(3, "forecast", json!({}))).await, 502, "upstream_failed", false).await;
+    assert_eq!(body["refunded"], true);
+    // The endpoint on another origin → 502, released, nothing posted there (nor here).
+    l.set_mode(LEGACY_FOREIGN);
+    let posted = l.posted().len();
+    let body = expect_error(post(&s, "/mcp/weather", Some(&k.key), &tools_call(4, "forecast", json!({}))).await, 502, "upstream_failed", false).await;
+    assert_eq!(body["refunded"], true);
+    assert_eq!(l.posted().len(), posted, "nothing posted to another origin");
+    // The POST of the call refused with 500 → 502, released.
+    l.set_mode(LEGACY_POST_500);
+    let body = expect_error(post(&s, "/mcp/weather", Some(&k.key), &tools_call(5, "forecast", json!({}))).await, 502, "upstream_failed", false).await;
+    assert_eq!(body["refunded"], true);
+    // The GET refused with 401 → the upstream's status and body, released.
+    l.set_mode(LEGACY_GET_401);
+    let res = post(&s, "/mcp/weather", Some(&k.key), &tools_call(6, "forecast", json!({}))).await;
+    assert_eq!(res.status(), 401);
+    assert_eq!(res.headers()["x-charged-mcents"], "0");
+    assert_eq!(res.text().await.unwrap(), "who are you");
+    // Nothing listens → 502, released.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/sse", listener.local_addr().unwrap())
+    };
+    let s2 = gateway(db, vec![legacy("gone", &closed)]).await;
+    expect_error(post(&s2, "/mcp/gone", Some(&k.key), &tools_call(7, "forecast", json!({}))).await, 502, "upstream_failed", false).await;
+    // A free message whose session fails: 502 without settlement fields.
+    l.set_mode(LEGACY_FOREIGN);
+    let body = expect_error(post(&s, "/mcp/weather", Some(&k.key), &json!({ "jsonrpc": "2.0", "id": 8, "method": "tools/list" })).await, 502, "upstream_failed", false).await;
+    assert!(body.get("refunded").is_none(), "{body}");
+    l.set_mode(LEGACY_OK);
+
+    assert_eq!(s.balance(&k.key).await, 10_000);
+    let ledger = s.ledger(&k.key).await;
+    assert_eq!(rows_of(&ledger, "weather/fail"), ["hold", "release"]);
+    assert_eq!(rows_of(&ledger, "weather/slow"), ["hold", "release"]);
+    assert_eq!(rows_of(&ledger, "weather/forecast"), ["hold", "release", "hold", "release", "hold", "release", "hold", "release"]);
+    assert_eq!(rows_of(&ledger, "gone/forecast"), ["hold", "release"]);
+    assert_eq!(count_kind(&ledger, "capture"), 0);
+    assert_eq!(amount_sum(&ledger), 10_000);
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM holds WHERE state = 'held'").await, 0);
+    // The upstream ran fail and slow only (the hung-up and refused calls never reached it).
+    assert_eq!((l.up.calls("fail"), l.up.calls("slow"), l.up.calls("forecast")), (1, 1, 0));
+}
+
+async fn legacy_sse_progress_is_relayed_before_the_answer(db: &TestDb) {
+    let l = Legacy::default();
+    let url = start_legacy(&l).await;
+    let mut u = legacy("weather", &url);
+    u.timeout_ms = 5_000;
+    let s = gateway(db, vec![u]).await;
+    let k = db.seed_key(1_000, &["weather"], None).await;
+    let body = json!({ "jsonrpc": "2.0", "id": 9, "method": "tools/call",
+        "params": { "name": "progress", "arguments": { "n": 4 }, "_meta": { "progressToken": "p-1" } } });
+    let started = Instant::now();
+    let mut res = post(&s, "/mcp/weather", Some(&k.key), &body).await;
+    assert_eq!(res.status(), 200);
+    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert_eq!(res.headers()["x-charged-mcents"], "100");
+    assert_eq!(res.headers()["x-balance-mcents"], "900");
+    let mut text = String::new();
+    let mut first_progress = None;
+    let mut response_at = None;
+    while let Some(chunk) = res.chunk().await.unwrap() {
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+        if first_progress.is_none() && text.contains("notifications/progress") {
+            first_progress = Some(started.elapsed());
+        }
+        if response_at.is_none() && text.contains("\"result\"") {
+            response_at = Some(started.elapsed());
+        }
+    }
+    let (first, last) = (first_progress.expect("progress events"), response_at.expect("the response"));
+    assert!(last >= first + Duration::from_millis(500), "first progress {first:?}, response {last:?}");
+    let messages = sse_messages(&text);
+    assert_eq!(messages.iter().filter(|m| m["method"] == "notifications/progress").count(), 4, "{text}");
+    assert!(messages.iter().filter(|m| m["method"] == "notifications/progress").all(|m| m["params"]["progressToken"] == "p-1"));
+    // Nothing of the gateway's handshake reaches the caller; the stream ends with the response.
+    assert!(!text.contains("mcpay-init-"), "{text}");
+    assert_eq!(messages.last().unwrap()["id"], 9);
+    assert_eq!(messages.last().unwrap()["result"]["_meta"]["io.mcpay/charged_mcents"], 100);
+    // Without Accept: text/event-stream, the same call answers JSON (no progress relayed).
+    let res = s
+        .client
+        .post(s.url("/mcp/weather"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json")
+        .header("authorization", format!("Bearer {}", k.key))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("application/json"));
+    let answer: Value = res.json().await.unwrap();
+    assert_eq!(answer["result"]["_meta"]["io.mcpay/charged_mcents"], 100);
+    assert_eq!(s.balance(&k.key).await, 800);
+    assert_eq!(rows_of(&s.ledger(&k.key).await, "weather/progress"), ["hold", "capture", "hold", "capture"]);
 }

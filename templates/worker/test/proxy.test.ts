@@ -2,7 +2,8 @@
 // official SDK on node:http, started by test/upstream-global-setup.mjs; its URL reaches the worker
 // through the env var UPSTREAM_TESTUP_URL). The gateway is built with a test upstream table (the
 // project's mcpay.toml may have no upstream), and every case counts the money: balances, ledger rows,
-// and the calls the upstream really received.
+// and the calls the upstream really received. The same server also speaks the legacy HTTP+SSE
+// transport (the SDK's SSEServerTransport), bridged by the gateway for transport = "sse".
 import { createExecutionContext, waitOnExecutionContext } from "cloudflare:test";
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
@@ -26,6 +27,7 @@ const vars = testEnv as unknown as Record<string, string>;
 function upstream(over: Partial<UpstreamConfig> = {}): UpstreamConfig {
   return {
     name: NAME,
+    transport: "http",
     url: "",
     urlEnv: "UPSTREAM_TESTUP_URL",
     priceMcents: DEFAULT_PRICE,
@@ -49,9 +51,12 @@ function upstreamBase(): string {
   return `${u.protocol}//${u.host}`;
 }
 
-/** An environment whose UPSTREAM_TESTUP_URL points at the test server in `mode`, counted under its own tag. */
-function envFor(mode: string, tag: string = crypto.randomUUID()): { env: AppEnv; tag: string } {
-  return { env: { ...testEnv, UPSTREAM_TESTUP_URL: `${upstreamBase()}/t/${tag}/${mode}/mcp` } as AppEnv, tag };
+/**
+ * An environment whose UPSTREAM_TESTUP_URL points at the test server in `mode`, counted under its
+ * own tag: its Streamable HTTP endpoint (`mcp`), or the event stream of its legacy HTTP+SSE one (`sse`).
+ */
+function envFor(mode: string, tag: string = crypto.randomUUID(), kind: "mcp" | "sse" = "mcp"): { env: AppEnv; tag: string } {
+  return { env: { ...testEnv, UPSTREAM_TESTUP_URL: `${upstreamBase()}/t/${tag}/${mode}/${kind}` } as AppEnv, tag };
 }
 
 interface Stats {
@@ -61,6 +66,9 @@ interface Stats {
   tokens: string[];
   bodies: any[];
   last_event_ids: string[];
+  /** Per legacy HTTP+SSE session: the method of each message posted to it. */
+  sessions: string[][];
+  open_sessions: number;
 }
 
 async function stats(tag: string): Promise<Stats> {
@@ -115,6 +123,23 @@ async function rpc(env: AppEnv, key: string | null, body: unknown, a: App = app)
 
 function last(msgs: Msg[]): Msg {
   return msgs[msgs.length - 1]!;
+}
+
+/** An event stream's messages with the time (ms since `started`) each one arrived; then the settlement is awaited. */
+async function timedMessages(res: Response, ctx: ExecutionContext, started: number): Promise<{ at: number; msg: Msg }[]> {
+  const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
+  const seen: { at: number; msg: Msg }[] = [];
+  let buf = "";
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    buf += value;
+    const parts = buf.split("\n\n");
+    buf = parts.pop()!;
+    for (const p of parts) for (const d of sseData(`${p}\n\n`)) seen.push({ at: Date.now() - started, msg: JSON.parse(d) as Msg });
+  }
+  await waitOnExecutionContext(ctx);
+  return seen;
 }
 
 beforeAll(() => {
@@ -335,18 +360,7 @@ describe("/mcp/<upstream>: streaming and discovery", () => {
     const started = Date.now();
     const { res, ctx } = await send(env, rpcInit(key, toolsCall("progress", { steps: 3, interval_ms: 300 }, { progressToken: "p1" })));
     expect(res.headers.get("Content-Type")).toMatch(/^text\/event-stream/);
-    const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
-    const seen: { at: number; msg: Msg }[] = [];
-    let buf = "";
-    for (;;) {
-      const { done, value } = await reader.read();
-      if (done) break;
-      buf += value;
-      const parts = buf.split("\n\n");
-      buf = parts.pop()!;
-      for (const p of parts) for (const d of sseData(`${p}\n\n`)) seen.push({ at: Date.now() - started, msg: JSON.parse(d) as Msg });
-    }
-    await waitOnExecutionContext(ctx);
+    const seen = await timedMessages(res, ctx, started);
     const progress = seen.filter((s) => s.msg.method === "notifications/progress");
     const answer = seen.find((s) => s.msg.id === 1)!;
     expect(progress.map((s) => s.msg.params.progress)).toEqual([1, 2, 3]);
@@ -656,13 +670,247 @@ describe("/mcp/<upstream>: settlement the gateway cannot confirm, and a caller g
   });
 });
 
+describe("/mcp/<upstream>: a legacy HTTP+SSE upstream (transport \"sse\"), one session per request", () => {
+  const legacyApp = createApp(HANDLERS, { upstreams: [upstream({ transport: "sse" })] });
+  const legacyEnv = (mode = "ok") => envFor(mode, crypto.randomUUID(), "sse");
+  const HANDSHAKE = ["initialize", "notifications/initialized"];
+  const call = (env: AppEnv, key: string, body: unknown, headers: Record<string, string> = {}, a: App = legacyApp) => send(env, rpcInit(key, body, headers), a);
+  const rowsOf = async (key: string, rid: string) => (await getLedger(key)).filter((e) => e.request_id === rid).map((e) => [e.kind, e.endpoint, e.amount_mcents]);
+  async function failedBody(res: Response, ctx: ExecutionContext): Promise<Record<string, any>> {
+    const body = (await res.json()) as Record<string, any>;
+    await waitOnExecutionContext(ctx);
+    return body;
+  }
+
+  it("a priced tool: the gateway's handshake, then the call under mcpay-<request id>; charged exactly once", async () => {
+    const { env, tag } = legacyEnv();
+    const { key } = await seedKey({ balance: 1000 });
+    const { res, ctx } = await call(env, key, toolsCall("forecast", { city: "Oslo" }, undefined, "c-1"));
+    const [answer] = await messages(res, ctx);
+    const rid = res.headers.get("X-Request-Id")!;
+    expect(res.status).toBe(200);
+    expect(res.headers.get("Content-Type")).toMatch(/^application\/json/);
+    expect(res.headers.get("Mcp-Session-Id")).toBeNull();
+    expect([res.headers.get("X-Charged-Mcents"), res.headers.get("X-Balance-Mcents")]).toEqual([String(FORECAST), String(1000 - FORECAST)]);
+    expect(Number(res.headers.get("X-Upstream-Duration-Ms"))).toBeGreaterThanOrEqual(0);
+    expect(answer!.id).toBe("c-1");
+    expect(answer!.result.structuredContent).toEqual({ city: "Oslo", sky: "sunny" });
+    expect(answer!.result._meta).toEqual({ "io.mcpay/charged_mcents": FORECAST, "io.mcpay/balance_mcents": 1000 - FORECAST, "io.mcpay/request_id": rid });
+    expect((await getMe(key)).balance_mcents).toBe(1000 - FORECAST);
+    expect(await rowsOf(key, rid)).toEqual([["capture", `${NAME}/forecast`, 0], ["hold", `${NAME}/forecast`, -FORECAST]]);
+    expect((await getLedger(key)).map((e) => e.kind)).toEqual(["capture", "hold", "mint"]);
+    const s = await stats(tag);
+    expect(s.sessions).toEqual([[...HANDSHAKE, "tools/call"]]);
+    expect(s.calls).toEqual({ forecast: 1 });
+    // The session is closed once the response has arrived (the gateway ends its GET).
+    await vi.waitFor(async () => expect((await stats(tag)).open_sessions).toBe(0), { timeout: 2000 });
+    expect(s.bodies).toEqual([
+      { jsonrpc: "2.0", id: `mcpay-init-${rid}`, method: "initialize", params: { protocolVersion: "2024-11-05", capabilities: {}, clientInfo: { name: "mcpay-gateway", version: expect.any(String) } } },
+      { jsonrpc: "2.0", method: "notifications/initialized" },
+      { jsonrpc: "2.0", id: `mcpay-${rid}`, method: "tools/call", params: { name: "forecast", arguments: { city: "Oslo" } } },
+    ]);
+  });
+
+  it("a free tool and tools/list: forwarded in a session of their own, no hold, no ledger row; tools/list carries the terms", async () => {
+    const { env, tag } = legacyEnv();
+    const { key } = await seedKey({ balance: 1000 });
+    const free = await call(env, key, toolsCall("alerts"));
+    expect(last(await messages(free.res, free.ctx)).result.content[0].text).toBe("no alerts");
+    expect(free.res.headers.get("X-Charged-Mcents")).toBeNull();
+    const list = await call(env, key, { jsonrpc: "2.0", id: 3, method: "tools/list" });
+    const listed = last(await messages(list.res, list.ctx));
+    expect(listed.id).toBe(3);
+    const meta = Object.fromEntries((listed.result.tools as { name: string; _meta: unknown }[]).map((t) => [t.name, t._meta]));
+    expect(meta.forecast).toEqual({ "acme.example/tier": "gold", "io.mcpay/price_mcents": FORECAST, "io.mcpay/scope": SCOPE });
+    expect(meta.echo).toEqual({ "io.mcpay/price_mcents": DEFAULT_PRICE, "io.mcpay/scope": SCOPE });
+    expect((await getMe(key)).balance_mcents).toBe(1000);
+    expect((await getLedger(key)).map((e) => e.kind)).toEqual(["mint"]);
+    const s = await stats(tag);
+    expect(s.sessions).toEqual([[...HANDSHAKE, "tools/call"], [...HANDSHAKE, "tools/list"]]);
+    expect(s.calls).toEqual({ alerts: 1 });
+  });
+
+  it("a JSON-RPC error → the upstream's answer, released", async () => {
+    const { env, tag } = legacyEnv();
+    const { key } = await seedKey({ balance: 1000 });
+    const { res, ctx } = await call(env, key, toolsCall("fail"));
+    const [answer] = await messages(res, ctx);
+    expect(res.status).toBe(200);
+    expect(answer!.error).toMatchObject({ code: -32603, message: expect.stringContaining("the tool failed") });
+    expect(res.headers.get("X-Charged-Mcents")).toBe("0");
+    expect(await rowsOf(key, res.headers.get("X-Request-Id")!)).toEqual([["release", `${NAME}/fail`, DEFAULT_PRICE], ["hold", `${NAME}/fail`, -DEFAULT_PRICE]]);
+    expect((await getMe(key)).balance_mcents).toBe(1000);
+    expect((await stats(tag)).calls).toEqual({ fail: 1 });
+  });
+
+  for (const [mode, what, posted] of [
+    ["http500", "the call's POST answered 500", [...HANDSHAKE, "tools/call"]],
+    ["reset", "the connection reset (at the handshake)", ["initialize"]],
+    ["cutoff", "the session's stream ended before the response", [...HANDSHAKE, "tools/call"]],
+    ["noendpoint", "no endpoint event", null],
+    ["foreign", "an endpoint on another origin (nothing posted there)", null],
+  ] as const) {
+    it(`${what} → 502 upstream_failed, released`, async () => {
+      const { env, tag } = legacyEnv(mode);
+      const { key } = await seedKey({ balance: 1000 });
+      const { res, ctx } = await call(env, key, toolsCall("forecast"));
+      const body = await failedBody(res, ctx);
+      expect(res.status).toBe(502);
+      expect(body).toMatchObject({ error: { code: "upstream_failed" }, refunded: true, charged_mcents: 0, balance_mcents: 1000 });
+      expect(res.headers.get("X-Charged-Mcents")).toBe("0");
+      expect(await rowsOf(key, body.request_id)).toEqual([["release", `${NAME}/forecast`, FORECAST], ["hold", `${NAME}/forecast`, -FORECAST]]);
+      expect((await getMe(key)).balance_mcents).toBe(1000);
+      const s = await stats(tag);
+      expect(s.sessions).toEqual(posted === null ? [] : [posted]);
+      if (posted === null) expect(s.requests).toBe(1);
+      expect(s.calls).toEqual({});
+    });
+  }
+
+  it("slow past timeout_ms, counted from the GET → 504 upstream_timeout, released (JSON; and the final event of a stream)", async () => {
+    const quick = createApp(HANDLERS, { upstreams: [upstream({ transport: "sse", timeoutMs: 400 })] });
+    const { env } = legacyEnv();
+    const { key } = await seedKey({ balance: 1000 });
+    const started = Date.now();
+    const json = await call(env, key, toolsCall("slow", { ms: 3000 }), {}, quick);
+    const body = await failedBody(json.res, json.ctx);
+    expect(Date.now() - started).toBeLessThan(2500);
+    expect(json.res.status).toBe(504);
+    expect(body).toMatchObject({ error: { code: "upstream_timeout" }, refunded: true, charged_mcents: 0, balance_mcents: 1000 });
+    expect(await rowsOf(key, body.request_id)).toEqual([["release", `${NAME}/slow`, DEFAULT_PRICE], ["hold", `${NAME}/slow`, -DEFAULT_PRICE]]);
+
+    const streamed = await call(env, key, toolsCall("slow", { ms: 3000 }, { progressToken: "p" }, 9), {}, quick);
+    expect(streamed.res.headers.get("Content-Type")).toMatch(/^text\/event-stream/);
+    const answer = last(await messages(streamed.res, streamed.ctx));
+    expect(answer.id).toBe(9);
+    expect(answer.result).toMatchObject({ isError: true, structuredContent: { error: { code: "upstream_timeout" }, refunded: true }, _meta: { "io.mcpay/refunded": true } });
+    expect((await getMe(key)).balance_mcents).toBe(1000);
+    expect((await getLedger(key)).map((e) => e.kind)).toEqual(["release", "hold", "release", "hold", "mint"]);
+  });
+
+  it("a free call past timeout_ms → 504 upstream_timeout (its answer is read within the session's deadline), nothing charged", async () => {
+    const quickFree = createApp(HANDLERS, { upstreams: [upstream({ transport: "sse", timeoutMs: 400, tools: [["slow", 0]] })] });
+    const { env } = legacyEnv();
+    const { key } = await seedKey({ balance: 1000 });
+    const { res, ctx } = await call(env, key, toolsCall("slow", { ms: 3000 }), {}, quickFree);
+    const body = await failedBody(res, ctx);
+    expect([res.status, body.error.code]).toEqual([504, "upstream_timeout"]);
+    expect((await getLedger(key)).map((e) => e.kind)).toEqual(["mint"]);
+  });
+
+  it("progress: with a progressToken and Accept: text/event-stream, the session's notifications arrive before the answer; the stream ends with it", async () => {
+    const { env, tag } = legacyEnv();
+    const { key } = await seedKey({ balance: 1000 });
+    const started = Date.now();
+    const { res, ctx } = await call(env, key, toolsCall("progress", { steps: 3, interval_ms: 300 }, { progressToken: "p1" }));
+    expect(res.headers.get("Content-Type")).toMatch(/^text\/event-stream/);
+    expect(res.headers.get("X-Charged-Mcents")).toBe(String(DEFAULT_PRICE));
+    const seen = await timedMessages(res, ctx, started);
+    expect(seen.map((s) => s.msg.method ?? s.msg.id)).toEqual(["notifications/progress", "notifications/progress", "notifications/progress", 1]);
+    expect(seen.slice(0, 3).map((s) => s.msg.params)).toEqual([1, 2, 3].map((progress) => ({ progressToken: "p1", progress, total: 3 })));
+    expect(seen[3]!.at - seen[0]!.at).toBeGreaterThanOrEqual(400);
+    expect(last(seen.map((s) => s.msg)).result._meta["io.mcpay/charged_mcents"]).toBe(DEFAULT_PRICE);
+    expect((await getMe(key)).balance_mcents).toBe(1000 - DEFAULT_PRICE);
+    await vi.waitFor(async () => expect((await stats(tag)).open_sessions).toBe(0), { timeout: 2000 });
+    // Without text/event-stream in Accept: one JSON answer (the notifications are not relayed).
+    // X-Upstream-Duration-Ms is the time until the call was accepted, not until its answer (~600 ms).
+    const json = await call(env, key, toolsCall("progress", { steps: 2, interval_ms: 300 }, { progressToken: "p2" }), { Accept: "application/json" });
+    expect(json.res.headers.get("Content-Type")).toMatch(/^application\/json/);
+    expect(Number(json.res.headers.get("X-Upstream-Duration-Ms"))).toBeLessThan(450);
+    expect((await messages(json.res, json.ctx)).map((m) => m.result.content[0].text)).toEqual(["done"]);
+    expect((await getMe(key)).balance_mcents).toBe(1000 - 2 * DEFAULT_PRICE);
+    expect((await stats(tag)).calls).toEqual({ progress: 2 });
+  });
+
+  it("the configured header reaches the upstream on the GET and every POST; the caller's Authorization, Cookie, X-Admin-Key never", async () => {
+    const { env, tag } = legacyEnv();
+    const { key } = await seedKey({ balance: 1000 });
+    const { res, ctx } = await call(env, key, toolsCall("whoami"), { Cookie: "session=secret", "X-Admin-Key": "admin-secret", "Mcp-Session-Id": "caller-session" });
+    const [answer] = await messages(res, ctx);
+    expect(answer!.result.structuredContent).toEqual({ authorization: null, cookie: null, x_upstream_token: TOKEN, x_admin_key: null });
+    const paid = await call(env, key, toolsCall("forecast"));
+    expect(last(await messages(paid.res, paid.ctx)).result._meta["io.mcpay/charged_mcents"]).toBe(FORECAST);
+    const s = await stats(tag);
+    expect(s.requests).toBe(8);
+    expect(s.authorization).toBe(0);
+    expect(s.tokens).toEqual(Array(8).fill(TOKEN));
+  });
+
+  it("the caller's initialize is forwarded as it is (no handshake of the gateway's); notifications and responses → 202, nothing forwarded", async () => {
+    const { env, tag } = legacyEnv();
+    const { key } = await seedKey({ balance: 1000 });
+    const init = { jsonrpc: "2.0", id: 0, method: "initialize", params: { protocolVersion: "2024-11-05", capabilities: {}, clientInfo: { name: "t", version: "0" } } };
+    const { res, ctx } = await call(env, key, init);
+    const [answer] = await messages(res, ctx);
+    expect([answer!.id, answer!.result.serverInfo.name]).toEqual([0, "test-upstream"]);
+    expect(res.headers.get("Mcp-Session-Id")).toBeNull();
+    for (const body of [{ jsonrpc: "2.0", method: "notifications/initialized" }, { jsonrpc: "2.0", id: 5, result: {} }]) {
+      const note = await call(env, key, body);
+      expect([note.res.status, await note.res.text()]).toEqual([202, ""]);
+    }
+    const s = await stats(tag);
+    expect(s.sessions).toEqual([["initialize"]]);
+    expect(s.bodies).toEqual([init]);
+  });
+
+  it("GET and DELETE → 405 (Allow: POST, OPTIONS), nothing forwarded; OPTIONS → 204", async () => {
+    const { env, tag } = legacyEnv();
+    const { key } = await seedKey({ balance: 1000 });
+    for (const method of ["GET", "DELETE"]) {
+      const { res, ctx } = await send(env, { method, headers: { Authorization: `Bearer ${key}`, Accept: "text/event-stream" } }, legacyApp);
+      const body = await failedBody(res, ctx);
+      expect([res.status, body.error.code, res.headers.get("Allow")]).toEqual([405, "method_not_allowed", "POST, OPTIONS"]);
+      // The key comes first, as for every method.
+      const bare = await send(env, { method, headers: { Accept: "text/event-stream" } }, legacyApp);
+      expect([bare.res.status, (await failedBody(bare.res, bare.ctx)).error.code]).toEqual([401, "missing_key"]);
+    }
+    expect((await send(env, { method: "OPTIONS" }, legacyApp)).res.status).toBe(204);
+    expect((await stats(tag)).requests).toBe(0);
+  });
+
+  it("GET /v1/pricing says transport \"sse\"", async () => {
+    const { res, ctx } = await send(testEnv, { method: "GET" }, legacyApp, "/v1/pricing");
+    const body = (await res.json()) as { upstreams: { name: string; transport: string }[] };
+    await waitOnExecutionContext(ctx);
+    expect(body.upstreams.map((u) => [u.name, u.transport])).toEqual([[NAME, "sse"]]);
+  });
+
+  it("the official MCP client (Streamable HTTP) through the gateway: initialize, tools/list with terms, a paid call charged", async () => {
+    const { env, tag } = legacyEnv();
+    const { key } = await seedKey({ balance: 1000 });
+    const transport = new StreamableHTTPClientTransport(new URL(BASE + PATH), {
+      requestInit: { headers: { Authorization: `Bearer ${key}` } },
+      fetch: async (url, init) => {
+        const ctx = createExecutionContext();
+        const res = await legacyApp.fetch(new Request(url, init), env, ctx);
+        void waitOnExecutionContext(ctx);
+        return res;
+      },
+    });
+    const client = new Client({ name: "proxy-test", version: "0" });
+    await client.connect(transport);
+    expect(transport.sessionId).toBeUndefined();
+    const { tools } = await client.listTools();
+    expect(tools.find((t) => t.name === "forecast")?._meta?.["io.mcpay/price_mcents"]).toBe(FORECAST);
+    const result = await client.callTool({ name: "forecast", arguments: { city: "Lima" } });
+    expect(result.structuredContent).toEqual({ city: "Lima", sky: "sunny" });
+    expect(result._meta?.["io.mcpay/charged_mcents"]).toBe(FORECAST);
+    await client.close();
+    expect((await getMe(key)).balance_mcents).toBe(1000 - FORECAST);
+    const s = await stats(tag);
+    expect(s.sessions).toEqual([["initialize"], [...HANDSHAKE, "tools/list"], [...HANDSHAKE, "tools/call"]]);
+    expect(s.calls).toEqual({ forecast: 1 });
+  });
+});
+
 // The upstreams of mcpay.toml (the generated table; none by default), each pointed at the test server.
 for (const u of UPSTREAMS) {
   it(`mcpay.toml's upstream ${u.name}: /mcp/${u.name} lists and bills the tools at the prices of mcpay.toml`, async () => {
     const manifestApp = createApp(HANDLERS);
     const tag = crypto.randomUUID();
     const secrets = Object.fromEntries(u.headers.map(([, name]) => [name, "test-secret"]));
-    const env = { ...testEnv, ...secrets, [u.urlEnv]: `${upstreamBase()}/t/${tag}/json/mcp` } as unknown as AppEnv;
+    const url = u.transport === "sse" ? `${upstreamBase()}/t/${tag}/ok/sse` : `${upstreamBase()}/t/${tag}/json/mcp`;
+    const env = { ...testEnv, ...secrets, [u.urlEnv]: url } as unknown as AppEnv;
     const { key } = await seedKey({ balance: 1_000_000, scopes: [u.scope] });
     if (!u.enabled) {
       const { res } = await send(env, rpcInit(key, toolsCall("echo")), manifestApp, `/mcp/${u.name}`);

@@ -1,5 +1,6 @@
 // A real MCP server for the /mcp/<upstream> tests (contract 3.12), built with the official SDK
-// (@modelcontextprotocol/sdk: low-level Server + StreamableHTTPServerTransport on node:http). It
+// (@modelcontextprotocol/sdk: low-level Server + StreamableHTTPServerTransport on node:http, and the
+// deprecated SSEServerTransport for legacy HTTP+SSE upstreams, contract 3.12 transport "sse"). It
 // runs in Node, started by test/upstream-global-setup.mjs; the gateway under test (in workerd)
 // reaches it over the network, as it would reach a publisher's server. Used only by the tests.
 //
@@ -17,12 +18,24 @@
 //   spoofcut  the same decoys and notification, then the stream ends (no real response)
 //   spoofjson a JSON answer with the id 1 (not the request's id)
 //   getreplay GET → an event stream of a notification and responses (as a resumed stream replays them)
+// Legacy HTTP+SSE (MCP 2024-11-05): GET /t/<tag>/<mode>/sse opens a session (the SDK's
+// SSEServerTransport: an `endpoint` event naming /t/<tag>/<mode>/messages?sessionId=…, then the
+// session's messages), POST /t/<tag>/<mode>/messages?sessionId=… sends it one message (202). <mode>:
+//   ok        the SDK's server, as it is
+//   http500   a POST of a tools/call → 500 (the GET and the handshake work)
+//   reset     every POST → the connection is destroyed
+//   cutoff    the session's stream ends as soon as a tools/call is accepted (no response)
+//   foreign   the endpoint event names another origin (http://localhost:<port>/…)
+//   noendpoint  the stream sends a message event but no endpoint event, then ends
 // GET /stats/<tag> → { requests, calls: {tool: n}, authorization: n (requests that carried one), tokens: [...],
-//   bodies: [the JSON-RPC messages POSTed], last_event_ids: [Last-Event-ID headers received] }.
+//   bodies: [the JSON-RPC messages POSTed], last_event_ids: [Last-Event-ID headers received],
+//   sessions: [per legacy session, in order: the `method` of each message POSTed to it ("response" for a response)],
+//   open_sessions: n (legacy sessions whose event stream is still open) }.
 // Tools: forecast, alerts, echo, fail (JSON-RPC error), tool_error (isError), slow {ms},
 // progress {steps, interval_ms} (progress notifications, then the answer), whoami (the headers it got).
 import http from "node:http";
 import { Server } from "@modelcontextprotocol/sdk/server/index.js";
+import { SSEServerTransport } from "@modelcontextprotocol/sdk/server/sse.js";
 import { StreamableHTTPServerTransport } from "@modelcontextprotocol/sdk/server/streamableHttp.js";
 import { CallToolRequestSchema, ListToolsRequestSchema, McpError, ErrorCode } from "@modelcontextprotocol/sdk/types.js";
 
@@ -44,7 +57,7 @@ const text = (t) => ({ content: [{ type: "text", text: t }] });
 function statsFor(stats, tag) {
   let s = stats.get(tag);
   if (!s) {
-    s = { requests: 0, calls: {}, authorization: 0, tokens: [], bodies: [], last_event_ids: [] };
+    s = { requests: 0, calls: {}, authorization: 0, tokens: [], bodies: [], last_event_ids: [], sessions: [], open_sessions: 0 };
     stats.set(tag, s);
   }
   return s;
@@ -96,6 +109,8 @@ function mcpServer(tagStats) {
 export async function startUpstream(port = 0) {
   const stats = new Map();
   const sessions = new Map();
+  /** Legacy HTTP+SSE sessions: sessionId → { transport, res (the GET), methods (the stats' list) }. */
+  const legacy = new Map();
   const httpServer = http.createServer(async (req, res) => {
     try {
       const url = new URL(req.url ?? "/", "http://localhost");
@@ -105,12 +120,12 @@ export async function startUpstream(port = 0) {
         res.end(JSON.stringify(statsFor(stats, statsMatch[1])));
         return;
       }
-      const m = /^\/t\/([^/]+)\/([a-z0-9]+)\/mcp$/.exec(url.pathname);
+      const m = /^\/t\/([^/]+)\/([a-z0-9]+)\/(mcp|sse|messages)$/.exec(url.pathname);
       if (!m) {
         res.writeHead(404).end();
         return;
       }
-      const [, tag, mode] = m;
+      const [, tag, mode, kind] = m;
       const s = statsFor(stats, tag);
       s.requests += 1;
       if (req.headers.authorization !== undefined) s.authorization += 1;
@@ -126,6 +141,10 @@ export async function startUpstream(port = 0) {
           body = undefined;
         }
         s.bodies.push(body ?? null);
+      }
+      if (kind !== "mcp") {
+        await legacyRequest(req, res, { tag, mode, kind, s, body, sessionId: url.searchParams.get("sessionId") });
+        return;
       }
       if (mode === "http500") {
         res.writeHead(500, { "Content-Type": "text/plain" }).end("upstream exploded");
@@ -209,6 +228,63 @@ export async function startUpstream(port = 0) {
       if (!res.headersSent) res.writeHead(500).end(String(err));
     }
   });
+
+  /** The legacy HTTP+SSE transport: GET …/sse opens a session, POST …/messages?sessionId=… feeds it. */
+  async function legacyRequest(req, res, { tag, mode, kind, s, body, sessionId }) {
+    const messages = `/t/${tag}/${mode}/messages`;
+    if (kind === "sse" && req.method === "GET") {
+      res.on("error", () => {});
+      if (mode === "foreign") {
+        res.writeHead(200, { "Content-Type": "text/event-stream", "Cache-Control": "no-cache" });
+        res.write(`event: endpoint\ndata: http://localhost:${httpServer.address().port}${messages}?sessionId=elsewhere\n\n`);
+        return;
+      }
+      if (mode === "noendpoint") {
+        res.writeHead(200, { "Content-Type": "text/event-stream", "Cache-Control": "no-cache" });
+        res.write(`event: message\ndata: ${JSON.stringify({ jsonrpc: "2.0", method: "notifications/message", params: { level: "info", data: "hello" } })}\n\n`);
+        setTimeout(() => res.end(), 50);
+        return;
+      }
+      const transport = new SSEServerTransport(messages, res);
+      const methods = [];
+      s.sessions.push(methods);
+      const server = mcpServer(s);
+      legacy.set(transport.sessionId, { transport, res, methods });
+      s.open_sessions += 1;
+      res.on("close", () => {
+        s.open_sessions -= 1;
+        legacy.delete(transport.sessionId);
+        void server.close();
+      });
+      await server.connect(transport);
+      return;
+    }
+    if (kind !== "messages" || req.method !== "POST") {
+      res.writeHead(405).end();
+      return;
+    }
+    const session = legacy.get(sessionId ?? "");
+    if (session === undefined) {
+      res.writeHead(404, { "Content-Type": "text/plain" }).end("Session not found");
+      return;
+    }
+    session.methods.push(typeof body?.method === "string" ? body.method : "response");
+    if (mode === "http500" && body?.method === "tools/call") {
+      res.writeHead(500, { "Content-Type": "text/plain" }).end("upstream exploded");
+      return;
+    }
+    if (mode === "reset") {
+      req.socket.destroy();
+      return;
+    }
+    if (mode === "cutoff" && body?.method === "tools/call") {
+      res.writeHead(202).end("Accepted");
+      setTimeout(() => session.res.end(), 50);
+      return;
+    }
+    await session.transport.handlePostMessage(req, res, body);
+  }
+
   await new Promise((resolve) => httpServer.listen(port, "127.0.0.1", resolve));
   const address = httpServer.address();
   return {

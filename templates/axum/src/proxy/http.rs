@@ -4,9 +4,13 @@
 //! that the response can be rewritten and, for a paid call, settled before it is written.
 //! The exchange with the upstream runs in a task of its own that feeds the caller's body through
 //! a channel: a caller that goes away does not stop the upstream's answer from being read (within
-//! `timeout_ms`) and the hold from being settled.
+//! `timeout_ms`) and the hold from being settled. The exchange reads an [`Answer`] from a
+//! [`Source`]: a request sent here, or a legacy HTTP+SSE session ([`super::sse`]), so both
+//! transports share every settlement, timeout and relay rule.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,15 +19,41 @@ use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::Response;
 use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Checked, Kind, MAX_ANSWER_BYTES, UPSTREAM_FAILED, UPSTREAM_TIMEOUT};
 use crate::app::{AppState, FailedCall, FailureText, HoldSpec, HoldStep, capture_hold, release_hold, take_hold};
-use crate::body::read_bounded;
-use crate::generated::{GATEWAY, UpstreamConfig};
+use crate::generated::UpstreamConfig;
 use crate::http::{ApiError, base_headers, set_header};
 use crate::store::{CaptureOutcome, KeyRow, ReleaseReason};
+
+/// The head and body of an upstream's answer to one forwarded message.
+pub(crate) struct Answer {
+    pub status: StatusCode,
+    /// The upstream's response headers (only FORWARD_RESPONSE reach the caller).
+    pub headers: HeaderMap,
+    pub body: BoxStream<'static, Result<Bytes, std::io::Error>>,
+}
+
+impl From<reqwest::Response> for Answer {
+    fn from(resp: reqwest::Response) -> Self {
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        Answer { status, headers, body: resp.bytes_stream().map(|c| c.map_err(std::io::Error::other)).boxed() }
+    }
+}
+
+/// Where an exchange gets its answer from: resolves once the upstream's answer head is known
+/// (`Err`: the upstream could not be reached or broke the protocol, logged). Run within the
+/// call's deadline, and dropped (the upstream request aborted) when it passes.
+pub(crate) type Source = Pin<Box<dyn Future<Output = Result<Answer, String>> + Send>>;
+
+/// A request to a Streamable HTTP upstream as a [`Source`].
+fn sent(builder: reqwest::RequestBuilder) -> Source {
+    Box::pin(async move { builder.send().await.map(Answer::from).map_err(|e| e.to_string()) })
+}
 
 /// Where a `url` upstream is reached: its URL (after the env override), the configured headers
 /// with their values, and the shared client.
@@ -58,13 +88,8 @@ pub(crate) async fn serve(
         let builder = upstream_request(&target, parts.method.clone(), &parts.headers, None);
         return forward_free(u, builder, parts.method == Method::GET).await;
     }
-    let raw = match read_bounded(&parts.headers, body, GATEWAY.max_body_bytes, false).await {
-        Ok(raw) => raw,
-        Err(e) if e.code == "invalid_json" => return Ok(crate::mcp::parse_error()),
-        Err(e) => return Err(e),
-    };
-    let message = match super::check_message(&raw) {
-        Ok(m) => m,
+    let (raw, message) = match super::read_message(&parts.headers, body).await? {
+        Ok(read) => read,
         Err(answer) => return Ok(*answer),
     };
     let kind = super::classify(u, &message);
@@ -72,28 +97,46 @@ pub(crate) async fn serve(
         Kind::Free => forward_free(u, upstream_request(&target, Method::POST, &parts.headers, Some(raw)), false).await,
         Kind::List { id } => {
             let builder = upstream_request(&target, Method::POST, &parts.headers, Some(raw));
-            Ok(exchange(u, builder, id.clone(), id, Hook::List { u: *u }).await)
+            Ok(exchange(u, request_id, sent(builder), id.clone(), id, Hook::List { u: *u }).await)
         }
         Kind::Paid { tool, price, id } => {
-            if let Err(answer) = super::check_tool_name(&tool, &id) {
-                return Ok(*answer);
-            }
-            // Forwarded re-serialized under an id of the gateway's own: only the response to it
-            // settles the call, and the caller gets its own id back.
-            let upstream_id = super::upstream_call_id(request_id);
-            let forwarded = serde_json::to_vec(&super::paid_message(&message, &upstream_id)).unwrap_or_default();
-            let builder = upstream_request(&target, Method::POST, &parts.headers, Some(Bytes::from(forwarded)));
-            let match_id = Value::String(upstream_id);
-            // The hold and the exchange run in a task of their own: once the hold is taken, a
-            // caller that goes away cannot stop it from being settled.
-            let (app, u, key, rid) = (app.clone(), *u, checked.key, request_id.to_string());
-            let task = tokio::spawn(async move { paid_call(&app, &u, tool, price, id, match_id, &key, &rid, builder).await });
-            task.await.map_err(|e| {
-                tracing::error!(request_id, error = %e, "paid upstream call task failed");
-                ApiError::internal()
-            })
+            let send = |forwarded: Bytes, _: &Value| sent(upstream_request(&target, Method::POST, &parts.headers, Some(forwarded)));
+            forward_paid(app, u, checked, request_id, &message, tool, price, id, send).await
         }
     }
+}
+
+/// A paid `tools/call` (`tool` of `message`, priced `price`, the caller's `id`): forwarded
+/// re-serialized under an id of the gateway's own by `send` (given the body and that id), so
+/// that only the response to it settles the call, and the caller gets its own id back.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn forward_paid(
+    app: &Arc<AppState>,
+    u: &UpstreamConfig,
+    checked: Checked,
+    request_id: &str,
+    message: &Value,
+    tool: String,
+    price: i64,
+    id: Value,
+    send: impl FnOnce(Bytes, &Value) -> Source,
+) -> Result<Response, ApiError> {
+    if let Err(answer) = super::check_tool_name(&tool, &id) {
+        return Ok(*answer);
+    }
+    let upstream_id = super::upstream_call_id(request_id);
+    let forwarded = serde_json::to_vec(&super::paid_message(message, &upstream_id)).unwrap_or_default();
+    let match_id = Value::String(upstream_id);
+    // Lazy: nothing reaches the upstream before the hold is taken.
+    let source = send(Bytes::from(forwarded), &match_id);
+    // The hold and the exchange run in a task of their own: once the hold is taken, a caller
+    // that goes away cannot stop it from being settled.
+    let (app, u, key, rid) = (app.clone(), *u, checked.key, request_id.to_string());
+    let task = tokio::spawn(async move { paid_call(&app, &u, tool, price, id, match_id, &key, &rid, source).await });
+    task.await.map_err(|e| {
+        tracing::error!(request_id, error = %e, "paid upstream call task failed");
+        ApiError::internal()
+    })
 }
 
 /// A paid `tools/call`: the hold of the tool's price under `<NAME>/<tool>` (refusals are
@@ -108,7 +151,7 @@ async fn paid_call(
     match_id: Value,
     key: &KeyRow,
     request_id: &str,
-    builder: reqwest::RequestBuilder,
+    source: Source,
 ) -> Response {
     let endpoint = format!("{}/{}", u.name, tool);
     let rate_bucket = format!("upstream:{}", u.name);
@@ -136,10 +179,10 @@ async fn paid_call(
         refund_tool_errors: u.refund_tool_errors,
         endpoint,
     };
-    exchange(u, builder, id, match_id, Hook::Paid(paid)).await
+    exchange(u, request_id, source, id, match_id, Hook::Paid(paid)).await
 }
 
-fn upstream_request(target: &Target, method: Method, headers: &HeaderMap, body: Option<Bytes>) -> reqwest::RequestBuilder {
+pub(crate) fn upstream_request(target: &Target, method: Method, headers: &HeaderMap, body: Option<Bytes>) -> reqwest::RequestBuilder {
     let mut out = HeaderMap::new();
     for name in FORWARD_REQUEST {
         for v in headers.get_all(&name) {
@@ -228,10 +271,12 @@ pub(crate) struct Paid {
     pub endpoint: String,
 }
 
-/// What the answer to the forwarded request needs: the `tools/list` rewrite, or the settlement.
+/// What the answer to the forwarded request needs: the `tools/list` rewrite, the settlement, or
+/// nothing (a free message of a legacy HTTP+SSE upstream).
 pub(crate) enum Hook {
     List { u: UpstreamConfig },
     Paid(Paid),
+    Free,
 }
 
 /// How a paid call settled, for its answer.
@@ -299,7 +344,7 @@ impl Paid {
 async fn failed(hook: &Hook, text: &FailureText, request_id: &str) -> Response {
     match hook {
         Hook::Paid(paid) => paid.release_failed(text).await.http_response(request_id),
-        Hook::List { .. } => ApiError::new(text.status, text.code).message(text.kept).into_response(request_id),
+        Hook::List { .. } | Hook::Free => ApiError::new(text.status, text.code).message(text.kept).into_response(request_id),
     }
 }
 
@@ -308,42 +353,25 @@ fn paid_headers(res: &mut Response, charged: i64, balance: i64) {
     set_header(res.headers_mut(), "x-balance-mcents", balance);
 }
 
-/// Sends the request and produces the answer in a task of its own; returns as soon as the
-/// answer's head is known (JSON: once settled; SSE: at once, the events follow).
-/// `id` is the caller's; `match_id` the one the response carries (a paid call's: the gateway's).
-async fn exchange(u: &UpstreamConfig, builder: reqwest::RequestBuilder, id: Value, match_id: Value, hook: Hook) -> Response {
+/// Runs `source` and produces the answer in a task of its own; returns as soon as the answer's
+/// head is known (JSON: once settled; SSE: at once, the events follow). The deadline
+/// (`timeout_ms`) counts from here. `id` is the caller's; `match_id` the one the response
+/// carries (a paid call's: the gateway's).
+pub(crate) async fn exchange(u: &UpstreamConfig, request_id: &str, source: Source, id: Value, match_id: Value, hook: Hook) -> Response {
     let (head_tx, head_rx) = oneshot::channel::<Response>();
-    let limit = super::time_limit(u);
-    let name = u.name;
-    let call_id = match &hook {
-        Hook::Paid(p) => p.call_id.clone(),
-        Hook::List { .. } => String::new(),
-    };
-    tokio::spawn(async move {
-        let deadline = tokio::time::Instant::now() + limit;
-        run_exchange(name, builder, id, match_id, hook, deadline, head_tx).await;
-    });
+    let (u, rid) = (*u, request_id.to_string());
+    tokio::spawn(async move { run_exchange(u, rid, source, id, match_id, hook, head_tx).await });
     match head_rx.await {
         Ok(res) => res,
-        Err(_) => ApiError::internal().into_response(&call_id),
+        Err(_) => ApiError::internal().into_response(request_id),
     }
 }
 
-async fn run_exchange(
-    name: &'static str,
-    builder: reqwest::RequestBuilder,
-    id: Value,
-    match_id: Value,
-    hook: Hook,
-    deadline: tokio::time::Instant,
-    head: oneshot::Sender<Response>,
-) {
-    let rid = match &hook {
-        Hook::Paid(p) => p.call_id.clone(),
-        Hook::List { .. } => String::new(),
-    };
+async fn run_exchange(u: UpstreamConfig, rid: String, source: Source, id: Value, match_id: Value, hook: Hook, head: oneshot::Sender<Response>) {
+    let deadline = tokio::time::Instant::now() + super::time_limit(&u);
+    let name = u.name;
     let started = Instant::now();
-    let resp = match tokio::time::timeout_at(deadline, builder.send()).await {
+    let resp = match tokio::time::timeout_at(deadline, source).await {
         Err(_) => {
             tracing::warn!(upstream = name, request_id = %rid, "upstream timed out");
             let mut res = failed(&hook, &UPSTREAM_TIMEOUT, &rid).await;
@@ -361,16 +389,16 @@ async fn run_exchange(
         Ok(Ok(resp)) => resp,
     };
     let headers_after = started.elapsed();
-    let status = resp.status();
+    let status = resp.status;
     let mut head_headers = HeaderMap::new();
-    copy_response_headers(resp.headers(), &mut head_headers);
+    copy_response_headers(&resp.headers, &mut head_headers);
     set_header(&mut head_headers, "x-upstream-duration-ms", headers_after.as_millis() as u64);
-    let content_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    let content_type = resp.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let sse = content_type.starts_with("text/event-stream");
 
     if !status.is_success() || !(sse || content_type.starts_with("application/json")) {
         // Refused or not JSON-RPC: released; a 4xx answers with the upstream's status and body.
-        let body = tokio::time::timeout_at(deadline, read_capped(resp)).await.ok().and_then(Result::ok);
+        let body = tokio::time::timeout_at(deadline, read_capped(resp.body)).await.ok().and_then(Result::ok);
         tracing::warn!(upstream = name, request_id = %rid, status = status.as_u16(), "upstream refused the call");
         let mut res = match (&hook, body) {
             (Hook::Paid(paid), Some(body)) if status.is_client_error() => {
@@ -381,7 +409,7 @@ async fn run_exchange(
                 paid_headers(&mut res, f.charged_mcents, f.balance_mcents);
                 res
             }
-            (Hook::List { .. }, Some(body)) if status.is_client_error() => {
+            (Hook::List { .. } | Hook::Free, Some(body)) if status.is_client_error() => {
                 let mut res = Response::new(Body::from(body));
                 *res.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
                 *res.headers_mut() = head_headers.clone();
@@ -396,7 +424,7 @@ async fn run_exchange(
 
     if !sse {
         // application/json: read whole (bounded), settled, then sent.
-        let body = match tokio::time::timeout_at(deadline, read_capped(resp)).await {
+        let body = match tokio::time::timeout_at(deadline, read_capped(resp.body)).await {
             Err(_) => Err(&UPSTREAM_TIMEOUT),
             Ok(Err(())) => Err(&UPSTREAM_FAILED),
             Ok(Ok(body)) => Ok(body),
@@ -431,7 +459,7 @@ async fn run_exchange(
     }
     let mut caller_gone = head.send(res).is_err();
     let paid = matches!(hook, Hook::Paid(_));
-    let mut events = sse_stream::SseStream::from_bytes_stream(super::cap_events(resp.bytes_stream()));
+    let mut events = sse_stream::SseStream::from_bytes_stream(super::cap_events(resp.body));
     let mut answered = false;
     let mut relayed: usize = 0;
     loop {
@@ -505,6 +533,7 @@ async fn apply(hook: &Hook, message: &mut Value) -> Option<Settled> {
             None
         }
         Hook::Paid(paid) => Some(paid.settle_response(message).await),
+        Hook::Free => None,
     }
 }
 
@@ -517,7 +546,7 @@ async fn failure_event(hook: &Hook, text: &FailureText, id: &Value, request_id: 
             let f = paid.release_failed(text).await;
             json!({ "jsonrpc": "2.0", "id": id, "result": failure_result(&f, request_id) })
         }
-        Hook::List { .. } => super::failure_message(id, text.code, text.kept),
+        Hook::List { .. } | Hook::Free => super::failure_message(id, text.code, text.kept),
     };
     encode_sse(&sse_stream::Sse::default().event("message").data(message.to_string()))
 }
@@ -553,8 +582,7 @@ fn is_any_response(event: &sse_stream::Sse) -> bool {
 }
 
 /// Reads an upstream's body up to MAX_ANSWER_BYTES (more, or a read error: `Err`).
-async fn read_capped(resp: reqwest::Response) -> Result<Vec<u8>, ()> {
-    let mut stream = resp.bytes_stream();
+async fn read_capped(mut stream: BoxStream<'static, Result<Bytes, std::io::Error>>) -> Result<Vec<u8>, ()> {
     let mut buf = Vec::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|_| ())?;

@@ -5,25 +5,28 @@
 //! captured or released through the gateway's one billing core ([`crate::app::take_hold`],
 //! [`crate::app::capture_hold`], [`crate::app::release_hold`]), in the same ledger as `/v1`.
 //!
-//! `url` upstreams (Streamable HTTP) are forwarded with reqwest ([`http`]); `command` upstreams
-//! (a stdio MCP server the gateway spawns and keeps alive) are served by rmcp ([`stdio`]).
+//! `url` upstreams (Streamable HTTP) are forwarded with reqwest ([`http`]), legacy HTTP+SSE ones
+//! (`transport = "sse"`) bridged through a session of their own per request ([`sse`]); `command`
+//! upstreams (a stdio MCP server the gateway spawns and keeps alive) are served by rmcp ([`stdio`]).
 
 pub mod http;
+pub mod sse;
 pub mod stdio;
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::Request;
-use axum::http::{Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::Response;
 use rmcp::model::ErrorCode;
 use serde_json::{Value, json};
 
 use crate::app::{AppState, FailureText, bearer, key_row};
-use crate::generated::{UPSTREAMS, UpstreamConfig, UpstreamTransport};
+use crate::body::read_bounded;
+use crate::generated::{GATEWAY, UPSTREAMS, UpstreamConfig, UpstreamTransport};
 use crate::http::{ApiError, set_header};
 use crate::store::KeyRow;
 use crate::mcp::{rpc_error, rpc_error_response};
@@ -144,8 +147,9 @@ impl Upstreams {
                     "enabled": u.enabled,
                     "refund_tool_errors": u.refund_tool_errors,
                     "transport": match u.transport {
-                        crate::generated::UpstreamTransport::Url(_) => "http",
-                        crate::generated::UpstreamTransport::Command(_) => "stdio",
+                        UpstreamTransport::Url(_) => "http",
+                        UpstreamTransport::Sse(_) => "sse",
+                        UpstreamTransport::Command(_) => "stdio",
                     },
                     "tools": tools,
                 })
@@ -239,9 +243,14 @@ async fn checked_serve(app: &Arc<AppState>, name: &str, req: Request, request_id
     if !key.scope_list().iter().any(|s| s == u.scope) {
         return Err(ApiError::new(403, "scope_denied").extra("required_scope", u.scope));
     }
+    // A legacy HTTP+SSE upstream is bridged per POST: there is no session to stream or end (after
+    // the key check: every method needs a key, contract 3.12).
+    if matches!(u.transport, UpstreamTransport::Sse(_)) && method != Method::POST {
+        return Err(ApiError::new(405, "method_not_allowed").header(header::ALLOW, "POST, OPTIONS"));
+    }
     let checked = Checked { key };
     match u.transport {
-        UpstreamTransport::Url(default_url) => {
+        UpstreamTransport::Url(default_url) | UpstreamTransport::Sse(default_url) => {
             let url = upstreams.var(u.url_env).unwrap_or_else(|| default_url.to_string());
             if url.is_empty() {
                 tracing::error!(upstream = u.name, missing = u.url_env, "upstream URL is not set");
@@ -257,7 +266,11 @@ async fn checked_serve(app: &Arc<AppState>, name: &str, req: Request, request_id
             }
             let Some(client) = upstreams.client() else { return Err(unavailable()) };
             let target = http::Target { url, headers, client: client.clone() };
-            http::serve(app, &u, target, checked, req, request_id).await
+            if let UpstreamTransport::Sse(_) = u.transport {
+                sse::serve(app, &u, target, checked, req, request_id).await
+            } else {
+                http::serve(app, &u, target, checked, req, request_id).await
+            }
         }
         UpstreamTransport::Command(argv) => {
             let child = match upstreams.children.get(u.name, argv).await {
@@ -298,6 +311,17 @@ pub(crate) fn classify(u: &UpstreamConfig, message: &Value) -> Kind {
         Some("tools/list") => Kind::List { id },
         _ => Kind::Free,
     }
+}
+
+/// A POST body read (bounded) and checked: the raw body and its message. `Ok(Err(answer))`:
+/// refused before anything is forwarded.
+pub(crate) async fn read_message(headers: &HeaderMap, body: Body) -> Result<Result<(Bytes, Value), Box<Response>>, ApiError> {
+    let raw = match read_bounded(headers, body, GATEWAY.max_body_bytes, false).await {
+        Ok(raw) => raw,
+        Err(e) if e.code == "invalid_json" => return Ok(Err(Box::new(crate::mcp::parse_error()))),
+        Err(e) => return Err(e),
+    };
+    Ok(check_message(&raw).map(|message| (raw, message)))
 }
 
 /// The checks of a POST body (contract 3.12): a JSON object, not a batch. `Err` is the answer.

@@ -6,8 +6,11 @@
 // whole (bounded) and settled before they are sent; event streams are passed on event by event,
 // the event carrying the call's response being settled (and its `_meta` completed) before it is
 // written. Settlement runs under ctx.waitUntil, so a caller that goes away cannot leave a hold open.
+// A legacy HTTP+SSE upstream (transport "sse") is bridged: each POST opens a session of its own
+// whose answer is made into a Response like a Streamable HTTP server's (JSON, or an event stream),
+// consumed by the same code.
 import { keyStubFor, type AppOptions } from "../app";
-import { GATEWAY, UPSTREAMS, type UpstreamConfig } from "../generated/manifest";
+import { GATEWAY, PROJECT, UPSTREAMS, type UpstreamConfig } from "../generated/manifest";
 import { readBoundedText, readStreamUpTo } from "./body";
 import type { AppEnv } from "./env";
 import { HttpError, answering, errorBody, errorResponse, withHeaders, type ErrorCode } from "./http";
@@ -63,8 +66,8 @@ export function upstreamsPricing(table: readonly UpstreamConfig[] = UPSTREAMS): 
     rate_limit_per_minute: u.rateLimitPerMinute,
     enabled: u.enabled,
     refund_tool_errors: u.refundToolErrors,
-    // Workers serve Streamable HTTP upstreams only (a `command` upstream is refused by the CLI).
-    transport: "http",
+    // "http" or "sse" (a `command` upstream, "stdio", is refused by the CLI for Workers).
+    transport: u.transport,
     tools: Object.fromEntries(u.tools.map(([name, price]) => [name, price])),
   }));
 }
@@ -281,6 +284,8 @@ interface Forward {
   readonly request: Request;
   readonly method: string;
   readonly body: string | null;
+  /** The gateway's id of this request (X-Request-Id). */
+  readonly callId: string;
 }
 
 async function proxy(u: UpstreamConfig, request: Request, env: AppEnv, ctx: ExecutionContext, requestId: string, options: AppOptions): Promise<Response> {
@@ -315,7 +320,7 @@ async function proxy(u: UpstreamConfig, request: Request, env: AppEnv, ctx: Exec
     if (typeof parsed.id === "string" && parsed.id.startsWith(UPSTREAM_ID_PREFIX)) return rpcError(400, -32600, `Invalid Request: ids starting with "${UPSTREAM_ID_PREFIX}" are the gateway's. Nothing was forwarded or charged.`);
     msg = parsed;
   }
-  const fwd: Forward = { u, target, request, method, body };
+  const fwd: Forward = { u, target, request, method, body, callId: requestId };
 
   let badName: Response | null = null;
   if (msg !== null && msg.method === "tools/call") {
@@ -335,6 +340,9 @@ async function proxy(u: UpstreamConfig, request: Request, env: AppEnv, ctx: Exec
   const stats = await stub.stats();
   if (stats === null) throw new HttpError(401, "invalid_key");
   if (!stats.scopes.includes(u.scope)) throw new HttpError(403, "scope_denied", { extra: { required_scope: u.scope } });
+  // A legacy HTTP+SSE upstream is served without sessions: no event stream to open, none to end
+  // (after the key check: every method needs a key, contract 3.12).
+  if (u.transport === "sse" && method !== "POST") throw new HttpError(405, "method_not_allowed", { headers: { Allow: "POST, OPTIONS" } });
   return badName ?? freeForward(fwd, msg);
 }
 
@@ -347,6 +355,11 @@ function paidBody(msg: Json, upstreamId: string): string {
   const kept: Json = {};
   for (const k of ["name", "arguments", "_meta"]) if (k in params) kept[k] = params[k];
   return JSON.stringify({ jsonrpc: msg.jsonrpc, id: upstreamId, method: msg.method, params: kept });
+}
+
+/** The upstream's answer to the request: a Streamable HTTP server's, or a legacy session's made into one. */
+function exchange(fwd: Forward, signal: AbortSignal): Promise<Response> {
+  return fwd.u.transport === "sse" ? legacyExchange(fwd, signal) : fetchUpstream(fwd, signal);
 }
 
 /** Sends the request to the upstream (as URL + init: the body is the text already read). */
@@ -365,6 +378,153 @@ function fetchUpstream(fwd: Forward, signal: AbortSignal): Promise<Response> {
   }
   for (const [h, v] of fwd.target.headers) headers.set(h, v);
   return fetch(fwd.target.url, { method: fwd.method, headers, body: fwd.body, signal, redirect: "manual" });
+}
+
+// ---------------------------------------------------------------- a legacy HTTP+SSE upstream
+
+/** The protocol version of the HTTP+SSE transport, offered in the gateway's own initialize. */
+const LEGACY_PROTOCOL_VERSION = "2024-11-05";
+
+/** An event's type: its last `event` field, "message" without one (the WHATWG rules). */
+function eventType(ev: SseEvent): string {
+  let type = "message";
+  for (const l of ev.lines) {
+    if (l === "event") type = "message";
+    else if (l.startsWith("event:")) type = l.slice(l.startsWith("event: ") ? 7 : 6) || "message";
+  }
+  return type;
+}
+
+/** The events of a stream, as they arrive (an event larger than 4 MiB is an error). */
+async function* sseEvents(reader: ReadableStreamDefaultReader<Uint8Array>): AsyncGenerator<SseEvent, void> {
+  const parser = new SseParser();
+  for (;;) {
+    const chunk = await reader.read();
+    if (chunk.done) {
+      yield* parser.end();
+      return;
+    }
+    yield* parser.push(chunk.value);
+  }
+}
+
+/**
+ * Reads a session's stream up to the response to `id` (its event; null when the stream ends first).
+ * Messages with a `method` met on the way (notifications, server requests) go to `relay`; anything
+ * else (other responses, not JSON, other event types) is dropped.
+ */
+async function sessionResponse(events: AsyncGenerator<SseEvent, void>, id: string | number, relay: (ev: SseEvent) => void): Promise<SseEvent | null> {
+  for (let next = await events.next(); !next.done; next = await events.next()) {
+    const ev = next.value;
+    if (eventType(ev) !== "message") continue;
+    const msg = parseJson(ev.data);
+    if (responseTo(msg, id) !== null) return ev;
+    if (isObject(msg) && typeof msg.method === "string" && !("result" in msg) && !("error" in msg)) relay(ev);
+  }
+  return null;
+}
+
+/**
+ * A legacy HTTP+SSE upstream (contract 3.12, transport "sse"): one session per request. GET the
+ * event stream, POST to the URL of its first `endpoint` event (same origin only) the gateway's own
+ * initialize and notifications/initialized (unless the message is an initialize), then the message;
+ * its answer is the session's message carrying its id. Returned as a Streamable HTTP server would
+ * answer, once the message was accepted (so X-Upstream-Duration-Ms is the time until then): an
+ * application/json Response whose body is that response, or — when the request asks for progress
+ * and the caller accepts event streams — a text/event-stream of the session's messages with a
+ * `method`, then the response, ending right after it (the session is closed then). A status >= 400
+ * of the GET or of a POST is returned as the answer; the stream ending first errors the body.
+ * `signal` is the deadline of the whole session. Notifications and responses → 202, nothing sent.
+ */
+async function legacyExchange(fwd: Forward, signal: AbortSignal): Promise<Response> {
+  const msg = parseJson(fwd.body) as Json;
+  const id = msg.id;
+  if (typeof msg.method !== "string" || (typeof id !== "string" && typeof id !== "number")) return new Response(null, { status: 202 });
+  const stream = new URL(fwd.target.url);
+  const headers = (h: Record<string, string>): Headers => {
+    const out = new Headers(h);
+    for (const [k, v] of fwd.target.headers) out.set(k, v);
+    return out;
+  };
+  // The upstream's own failure (status, content type and body only: no session header passes back).
+  const failure = (res: Response): Response => {
+    const type = res.headers.get("Content-Type");
+    return new Response(res.body, { status: res.status, headers: type === null ? {} : { "Content-Type": type } });
+  };
+
+  const get = await fetch(stream, { method: "GET", headers: headers({ Accept: "text/event-stream" }), signal, redirect: "manual" });
+  if (get.status >= 400) return failure(get);
+  if (get.status !== 200 || mediaType(get) !== "text/event-stream" || get.body === null) {
+    await get.body?.cancel().catch(() => {});
+    throw new Error(`the upstream's event stream answered ${get.status} ${mediaType(get) || "without a content type"}`);
+  }
+  const reader = get.body.getReader();
+  const close = (): void => void reader.cancel().catch(() => {});
+  const events = sseEvents(reader);
+  let handedOver = false;
+  try {
+    let endpoint: URL | null = null;
+    while (endpoint === null) {
+      const next = await events.next();
+      if (next.done) break;
+      if (eventType(next.value) === "endpoint") endpoint = new URL(next.value.data ?? "", stream);
+    }
+    if (endpoint === null) throw new Error("the upstream's event stream ended without an endpoint event");
+    if (endpoint.origin !== stream.origin) throw new Error(`the upstream's endpoint event names another origin (${endpoint.origin})`);
+    const target = endpoint;
+    /** POSTs one message: null once accepted, else the upstream's failure (a status >= 400). */
+    const post = async (body: string): Promise<Response | null> => {
+      const res = await fetch(target, { method: "POST", headers: headers({ "Content-Type": "application/json" }), body, signal, redirect: "manual" });
+      if (res.status >= 400) return failure(res);
+      await res.body?.cancel().catch(() => {});
+      if (res.status < 200 || res.status > 299) throw new Error(`the upstream answered a message with ${res.status}`);
+      return null;
+    };
+
+    if (msg.method !== "initialize") {
+      const initId = `${UPSTREAM_ID_PREFIX}init-${fwd.callId}`;
+      const params = { protocolVersion: LEGACY_PROTOCOL_VERSION, capabilities: {}, clientInfo: { name: "mcpay-gateway", version: PROJECT.version } };
+      const refused = await post(JSON.stringify({ jsonrpc: "2.0", id: initId, method: "initialize", params }));
+      if (refused !== null) return refused;
+      const init = await sessionResponse(events, initId, () => {});
+      const initialized = init === null ? null : responseTo(parseJson(init.data), initId);
+      if (initialized === null || !isObject(initialized.result)) throw new Error("the upstream did not initialize the session");
+      const refusedNote = await post(JSON.stringify({ jsonrpc: "2.0", method: "notifications/initialized" }));
+      if (refusedNote !== null) return refusedNote;
+    }
+    const refused = await post(fwd.body!);
+    if (refused !== null) return refused;
+
+    const meta = isObject(msg.params) && isObject(msg.params._meta) ? msg.params._meta : {};
+    const streamed = "progressToken" in meta && (fwd.request.headers.get("Accept") ?? "").includes("text/event-stream");
+    const body = new ReadableStream<Uint8Array>({
+      start(controller) {
+        void (async () => {
+          try {
+            const answer = await sessionResponse(events, id, (ev) => {
+              if (streamed) controller.enqueue(sseBytes(ev));
+            });
+            if (answer === null) throw new Error("the upstream's event stream ended before the response");
+            controller.enqueue(streamed ? sseBytes(answer) : encoder.encode(answer.data!));
+            controller.close();
+          } catch (err) {
+            try {
+              controller.error(err);
+            } catch {
+              // The reader went away: nothing to tell.
+            }
+          } finally {
+            close();
+          }
+        })();
+      },
+      cancel: close,
+    });
+    handedOver = true;
+    return new Response(body, { status: 200, headers: { "Content-Type": streamed ? "text/event-stream" : "application/json" } });
+  } finally {
+    if (!handedOver) close();
+  }
 }
 
 function answerHeaders(upstream: Response, durationMs: number, extra: Record<string, string> = {}): Headers {
@@ -391,15 +551,16 @@ async function freeForward(fwd: Forward, msg: Json | null): Promise<Response> {
   const started = Date.now();
   let res: Response;
   try {
-    res = await fetchUpstream(fwd, ac.signal);
+    res = await exchange(fwd, ac.signal);
   } catch (err) {
+    clearTimeout(timer);
     const timedOut = ac.signal.aborted;
     console.error(JSON.stringify({ msg: timedOut ? "upstream timed out" : "upstream unreachable", upstream: fwd.u.name, error: String(err) }));
     throw new HttpError(timedOut ? 504 : 502, timedOut ? "upstream_timeout" : "upstream_failed", { headers: { "X-Upstream-Duration-Ms": String(Date.now() - started) } });
-  } finally {
-    // A stream (GET, an SSE answer) lives as long as the caller keeps it: only the headers are timed.
-    clearTimeout(timer);
   }
+  // A stream (GET, an SSE answer) lives as long as the caller keeps it: only the headers are timed.
+  // A legacy session is timed to its end (timeout_ms from its GET): its answer is still to come.
+  if (fwd.u.transport !== "sse") clearTimeout(timer);
   const headers = answerHeaders(res, Date.now() - started);
   if (fwd.method === "GET" && res.body !== null && mediaType(res) === "text/event-stream") {
     // A GET stream carries the upstream's requests and notifications; a response on it (a replay of
@@ -421,13 +582,22 @@ async function freeForward(fwd: Forward, msg: Json | null): Promise<Response> {
     return new Response(stream, { status: res.status, headers });
   }
   const listId = msg !== null && msg.method === "tools/list" ? msg.id : undefined;
-  if (listId === undefined || res.status !== 200) return new Response(res.body, { status: res.status, headers });
-
   const type = mediaType(res);
-  if (type === "application/json") {
-    const text = await readUpTo(res.body, UPSTREAM_MAX_JSON_BYTES);
-    if (text === null) throw new HttpError(502, "upstream_failed", { message: "The upstream's tools/list answer is larger than 4 MiB." });
-    const answer = responseTo(parseJson(text), listId);
+  // A tools/list answer is read whole to be rewritten; a legacy session's JSON answer too, within
+  // its deadline (a timeout is then a 504, not a cut body).
+  const whole = type === "application/json" && (listId !== undefined || fwd.u.transport === "sse");
+  if (res.status !== 200 || (listId === undefined && !whole)) return new Response(res.body, { status: res.status, headers });
+
+  if (whole) {
+    const text = await readUpTo(res.body, UPSTREAM_MAX_JSON_BYTES)
+      .catch((err: unknown) => {
+        const timedOut = ac.signal.aborted;
+        console.error(JSON.stringify({ msg: timedOut ? "upstream timed out" : "upstream answer failed", upstream: fwd.u.name, error: String(err) }));
+        throw new HttpError(timedOut ? 504 : 502, timedOut ? "upstream_timeout" : "upstream_failed");
+      })
+      .finally(() => clearTimeout(timer));
+    if (text === null) throw new HttpError(502, "upstream_failed", { message: "The upstream's answer is larger than 4 MiB." });
+    const answer = listId === undefined ? null : responseTo(parseJson(text), listId);
     headers.set("Cache-Control", "no-store");
     return new Response(answer === null ? text : JSON.stringify(withToolTerms(answer, fwd.u)), { status: 200, headers });
   }
@@ -568,7 +738,7 @@ async function forwardPaid(c: PaidForward): Promise<Response> {
 
   let res: Response;
   try {
-    res = await fetchUpstream(c.fwd, ac.signal);
+    res = await exchange(c.fwd, ac.signal);
   } catch (err) {
     return failed(ac.signal.aborted ? 504 : 502, String(err), { "X-Upstream-Duration-Ms": String(Date.now() - started) });
   }
