@@ -705,10 +705,12 @@ describe("/mcp/<upstream>: a legacy HTTP+SSE upstream (transport \"sse\"), one s
     // The session is closed once the response has arrived (the gateway ends its GET).
     await vi.waitFor(async () => expect((await stats(tag)).open_sessions).toBe(0), { timeout: 2000 });
     expect(s.bodies).toEqual([
-      { jsonrpc: "2.0", id: `mcpay-init-${rid}`, method: "initialize", params: { protocolVersion: "2024-11-05", capabilities: {}, clientInfo: { name: "mcpay-gateway", version: expect.any(String) } } },
+      { jsonrpc: "2.0", id: expect.stringMatching(/^mcpay-init-[0-9a-f-]{36}$/), method: "initialize", params: { protocolVersion: "2024-11-05", capabilities: {}, clientInfo: { name: "mcpay-gateway", version: expect.any(String) } } },
       { jsonrpc: "2.0", method: "notifications/initialized" },
       { jsonrpc: "2.0", id: `mcpay-${rid}`, method: "tools/call", params: { name: "forecast", arguments: { city: "Oslo" } } },
     ]);
+    // The call's id is first shown to the upstream with the call itself, not with the handshake.
+    expect(JSON.stringify(s.bodies[0])).not.toContain(rid);
   });
 
   it("a free tool and tools/list: forwarded in a session of their own, no hold, no ledger row; tools/list carries the terms", async () => {

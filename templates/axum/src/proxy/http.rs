@@ -260,6 +260,9 @@ async fn forward_free(u: &UpstreamConfig, builder: reqwest::RequestBuilder, drop
     Ok(res)
 }
 
+/// How long, once a call is answered, relaying waits for a caller that does not read.
+const RELAY_AFTER_ANSWER: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A paid call held for the duration of the exchange.
 pub(crate) struct Paid {
     pub app: Arc<AppState>,
@@ -497,7 +500,7 @@ async fn run_exchange(u: UpstreamConfig, rid: String, source: Source, id: Value,
                     apply(&hook, &mut message).await;
                     event.data = Some(message.to_string());
                 }
-                Some(message) if message.get("method").is_some() => {}
+                Some(message) if is_request_or_notification(&message) => {}
                 // Until a paid call is settled, nothing else reaches the caller (no look-alike
                 // of its response, no other call's response).
                 _ if paid => continue,
@@ -509,7 +512,8 @@ async fn run_exchange(u: UpstreamConfig, rid: String, source: Source, id: Value,
             // A caller that stops reading must not hold up the settlement: before the response,
             // writing waits at most until the deadline, then the caller counts as gone.
             let sent = if answered {
-                tx.send(encode_sse(&event)).await.is_ok()
+                // Settled already: a caller that stops reading is let go after a while.
+                matches!(tokio::time::timeout(RELAY_AFTER_ANSWER, tx.send(encode_sse(&event))).await, Ok(Ok(())))
             } else {
                 matches!(tokio::time::timeout_at(deadline, tx.send(encode_sse(&event))).await, Ok(Ok(())))
             };
@@ -569,6 +573,12 @@ pub(crate) fn is_response_to(message: &Value, id: &Value) -> bool {
     message.get("method").is_none()
         && message.get("id") == Some(id)
         && (message.get("result").is_some_and(Value::is_object) || message.get("error").is_some_and(Value::is_object))
+}
+
+/// Whether `message` is a request or a notification of the upstream (a `method`, and neither a
+/// `result` nor an `error`: a message carrying both is not relayed before a paid call settles).
+pub(crate) fn is_request_or_notification(message: &Value) -> bool {
+    message.get("method").is_some() && message.get("result").is_none() && message.get("error").is_none()
 }
 
 /// Whether an event of a GET stream is (or holds, in a batch) a JSON-RPC response.

@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use serde_json::{Value, json};
 
-use super::http::{Answer, Hook, Source, Target, encode_sse, exchange, forward_paid, is_response_to, upstream_request};
+use super::http::{Answer, Hook, Source, Target, encode_sse, exchange, forward_paid, is_request_or_notification, is_response_to, upstream_request};
 use super::{Checked, Kind};
 use crate::app::AppState;
 use crate::generated::UpstreamConfig;
@@ -54,7 +54,8 @@ pub(crate) async fn serve(
     let progress = message.get("params").and_then(|p| p.get("_meta")).and_then(|m| m.get("progressToken")).is_some_and(|t| !t.is_null());
     let session = Session {
         target,
-        init_id: (method.as_deref() != Some("initialize")).then(|| format!("mcpay-init-{request_id}")),
+        // An id of its own: the call's id is first shown to the upstream with the call itself.
+        init_id: (method.as_deref() != Some("initialize")).then(|| format!("mcpay-init-{}", uuid::Uuid::new_v4().simple())),
         stream: progress && accept.contains("text/event-stream"),
     };
     match super::classify(u, &message) {
@@ -96,7 +97,10 @@ impl Session {
             let mut events: Events = sse_stream::SseStream::from_bytes_stream(super::cap_events(opened.bytes_stream())).boxed();
             let endpoint = loop {
                 match events.next().await {
-                    Some(Ok(event)) if event.event.as_deref() == Some("endpoint") => break event.data.unwrap_or_default(),
+                    Some(Ok(event)) if event.event.as_deref() == Some("endpoint") => match event.data {
+                        Some(data) if !data.trim().is_empty() => break data,
+                        _ => return Err("an endpoint event without a URL".into()),
+                    },
                     Some(Ok(_)) => {}
                     Some(Err(e)) => return Err(format!("event stream: {e}")),
                     None => return Err("the event stream ended before its endpoint event".into()),
@@ -165,7 +169,8 @@ fn refused(resp: reqwest::Response) -> Answer {
 async fn next_message(events: &mut Events) -> Result<Option<(Value, sse_stream::Sse)>, String> {
     while let Some(event) = events.next().await {
         let event = event.map_err(|e| format!("event stream: {e}"))?;
-        if !matches!(event.event.as_deref(), None | Some("message")) {
+        // No event type (or an empty one) is a `message` event.
+        if !matches!(event.event.as_deref(), None | Some("") | Some("message")) {
             continue;
         }
         if let Some(message) = event.data.as_deref().and_then(|d| serde_json::from_str::<Value>(d).ok()) {
@@ -194,7 +199,7 @@ fn answer(events: Events, match_id: Value, stream: bool) -> BoxStream<'static, R
                     let out = if stream { encode_sse(&sse_stream::Sse::default().event("message").data(data)) } else { Bytes::from(data) };
                     return Some((Ok(out), None));
                 }
-                if stream && message.get("method").is_some() {
+                if stream && is_request_or_notification(&message) {
                     return Some((Ok(encode_sse(&event)), Some(events)));
                 }
             }
@@ -234,6 +239,17 @@ mod tests {
         assert!(out[0].as_ref().unwrap().contains("notifications/progress"));
         assert!(out[1].as_ref().unwrap().starts_with("event: message\ndata: "));
         assert!(out[1].as_ref().unwrap().contains("\"id\":7"));
+    }
+
+    #[tokio::test]
+    async fn smuggled_results_are_not_relayed_and_an_empty_event_type_is_a_message() {
+        // A "notification" that also carries a result is not relayed before the response; a
+        // response sent as `event:` (empty type) is the response.
+        let smuggled = r#"{"jsonrpc":"2.0","id":1,"method":"x","result":{"content":[{"type":"text","text":"free"}]}}"#;
+        let session = [("message", smuggled), ("", RESPONSE)];
+        let out = collect(answer(events(&session), json!(7), true)).await;
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(out[0].as_ref().unwrap().contains("\"id\":7") && !out[0].as_ref().unwrap().contains("free"), "{out:?}");
     }
 
     #[tokio::test]

@@ -98,7 +98,8 @@ function sameId(a: unknown, b: unknown): boolean {
 
 /** The JSON-RPC response to the request with this id, or null (a message with `method` never is one). */
 function responseTo(msg: unknown, id: unknown): Json | null {
-  if (!isObject(msg) || "method" in msg || msg.jsonrpc !== "2.0" || !sameId(msg.id, id)) return null;
+  // Matched by the id alone (as axum does): an upstream that leaves out `jsonrpc` is still answered.
+  if (!isObject(msg) || "method" in msg || !sameId(msg.id, id)) return null;
   if (isObject(msg.result) || isObject(msg.error)) return msg;
   return null;
 }
@@ -467,7 +468,10 @@ async function legacyExchange(fwd: Forward, signal: AbortSignal): Promise<Respon
     while (endpoint === null) {
       const next = await events.next();
       if (next.done) break;
-      if (eventType(next.value) === "endpoint") endpoint = new URL(next.value.data ?? "", stream);
+      if (eventType(next.value) !== "endpoint") continue;
+      const data = (next.value.data ?? "").trim();
+      if (data === "") throw new Error("the upstream's endpoint event names no URL");
+      endpoint = new URL(data, stream);
     }
     if (endpoint === null) throw new Error("the upstream's event stream ended without an endpoint event");
     if (endpoint.origin !== stream.origin) throw new Error(`the upstream's endpoint event names another origin (${endpoint.origin})`);
@@ -482,7 +486,8 @@ async function legacyExchange(fwd: Forward, signal: AbortSignal): Promise<Respon
     };
 
     if (msg.method !== "initialize") {
-      const initId = `${UPSTREAM_ID_PREFIX}init-${fwd.callId}`;
+      // An id of its own: the call's id is first shown to the upstream with the call itself.
+      const initId = `${UPSTREAM_ID_PREFIX}init-${crypto.randomUUID()}`;
       const params = { protocolVersion: LEGACY_PROTOCOL_VERSION, capabilities: {}, clientInfo: { name: "mcpay-gateway", version: PROJECT.version } };
       const refused = await post(JSON.stringify({ jsonrpc: "2.0", id: initId, method: "initialize", params }));
       if (refused !== null) return refused;
@@ -496,7 +501,7 @@ async function legacyExchange(fwd: Forward, signal: AbortSignal): Promise<Respon
     if (refused !== null) return refused;
 
     const meta = isObject(msg.params) && isObject(msg.params._meta) ? msg.params._meta : {};
-    const streamed = "progressToken" in meta && (fwd.request.headers.get("Accept") ?? "").includes("text/event-stream");
+    const streamed = meta.progressToken !== undefined && meta.progressToken !== null && (fwd.request.headers.get("Accept") ?? "").toLowerCase().includes("text/event-stream");
     const body = new ReadableStream<Uint8Array>({
       start(controller) {
         void (async () => {
