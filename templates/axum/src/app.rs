@@ -183,6 +183,7 @@ async fn entry(State(app): State<Arc<AppState>>, req: Request) -> Response {
     let mcp = path == crate::mcp::PATH;
     let upstream = crate::proxy::upstream_name(&path).map(str::to_string);
     let timeout = app.body_read_timeout();
+    let (req, body_read) = crate::body::watch_body(req);
     let answer = async {
         if mcp {
             crate::mcp::serve(&app, req, &request_id).await
@@ -198,6 +199,9 @@ async fn entry(State(app): State<Arc<AppState>>, req: Request) -> Response {
     };
     let h = res.headers_mut();
     set_header(h, "x-request-id", &request_id);
+    if !body_read.load(std::sync::atomic::Ordering::Relaxed) {
+        set_header(h, "connection", "close");
+    }
     if admin {
         strip_cors(h);
     } else if path.starts_with("/v1/") {

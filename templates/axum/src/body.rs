@@ -2,6 +2,8 @@
 //! counted while reading, so chunked bodies without Content-Length are bounded too.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -18,6 +20,30 @@ tokio::task_local! {
     /// When the body of the request being served must have arrived (BODY_READ_TIMEOUT_MS after
     /// its headers). A task-local so that every route reading a body honours it.
     static BODY_DEADLINE: Instant;
+}
+
+/// The request with its body watched: the flag is true once the body has been read to its end
+/// (at once for a request without one). A request answered before its body was read gets
+/// `Connection: close`: hyper drops such a connection after the answer, and a client that does
+/// not know would send its next request into it.
+pub fn watch_body(req: axum::extract::Request) -> (axum::extract::Request, Arc<AtomicBool>) {
+    use axum::body::HttpBody as _;
+    use futures_util::StreamExt as _;
+    let read = Arc::new(AtomicBool::new(req.body().is_end_stream()));
+    if read.load(Ordering::Relaxed) {
+        return (req, read);
+    }
+    let (parts, body) = req.into_parts();
+    let watched = futures_util::stream::unfold((body.into_data_stream(), read.clone()), |(mut data, read)| async move {
+        match data.next().await {
+            Some(chunk) => Some((chunk, (data, read))),
+            None => {
+                read.store(true, Ordering::Relaxed);
+                None
+            }
+        }
+    });
+    (axum::extract::Request::from_parts(parts, Body::from_stream(watched)), read)
 }
 
 /// Runs `f` (one request) with its body deadline `timeout` from now.

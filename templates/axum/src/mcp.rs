@@ -122,7 +122,13 @@ pub(crate) async fn serve(app: &Arc<AppState>, req: Request, request_id: &str) -
 }
 
 fn mcp_service(app: &AppState) -> StreamableHttpService<Gateway, NeverSessionManager> {
-    let config = StreamableHttpServerConfig::default()
+    StreamableHttpService::new(|| Ok(Gateway), Arc::new(NeverSessionManager::default()), server_config(app))
+}
+
+/// The transport settings of every MCP server the gateway runs (`/mcp`, and the one fronting a
+/// stdio upstream): stateless, JSON answers unless a tool streams, the body bound, allowed hosts.
+pub(crate) fn server_config(app: &AppState) -> StreamableHttpServerConfig {
+    StreamableHttpServerConfig::default()
         .with_legacy_session_mode(false)
         .with_json_response(true)
         .with_sse_keep_alive(None)
@@ -130,8 +136,7 @@ fn mcp_service(app: &AppState) -> StreamableHttpService<Gateway, NeverSessionMan
         // rmcp's default accepts only loopback Host headers (DNS-rebinding protection for local
         // servers); a gateway is reached by its public name and every tool that reads or spends
         // money needs a bearer key, so any host is accepted unless MCP_ALLOWED_HOSTS lists them.
-        .with_allowed_hosts(app.mcp_allowed_hosts());
-    StreamableHttpService::new(|| Ok(Gateway), Arc::new(NeverSessionManager::default()), config)
+        .with_allowed_hosts(app.mcp_allowed_hosts())
 }
 
 /// rmcp's answer with the gateway's headers; its plain-text refusals (406, 415, 403 Host, ...)

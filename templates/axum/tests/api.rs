@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 backend_tests!(
     health_and_pricing,
     routing_and_request_ids,
+    unread_bodies_close_the_connection,
     cors_on_public_routes_only,
     admin_disabled_without_admin_key,
     admin_rejects_wrong_admin_key,
@@ -105,6 +106,21 @@ async fn routing_and_request_ids(db: &TestDb) {
     let (a, b) = (a.headers()["x-request-id"].to_str().unwrap().to_string(), b.headers()["x-request-id"].to_str().unwrap().to_string());
     assert!(is_uuid_v4(&a) && is_uuid_v4(&b));
     assert_ne!(a, b);
+}
+
+async fn unread_bodies_close_the_connection(db: &TestDb) {
+    let s = db.server().await;
+    let rpc = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}"#;
+    // Refused before its body was read (no key): the client is told the connection ends.
+    let refused = s.call(ep().name(), None, &sample(ep())).await;
+    assert_eq!(refused.status(), 401);
+    assert_eq!(refused.headers().get("connection").map(|v| v.to_str().unwrap()), Some("close"));
+    // The body read (or none at all): the connection is kept.
+    let k = db.seed_key(1000, &[ep().scope()], None).await;
+    let read = s.client.post(s.url("/mcp")).header("authorization", format!("Bearer {}", k.key)).header("content-type", "application/json").header("accept", "application/json, text/event-stream").body(rpc).send().await.unwrap();
+    assert_eq!(read.status(), 200);
+    assert!(read.headers().get("connection").is_none(), "{:?}", read.headers());
+    assert!(s.get("/v1/health").await.headers().get("connection").is_none());
 }
 
 async fn cors_on_public_routes_only(db: &TestDb) {

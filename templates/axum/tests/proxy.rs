@@ -440,20 +440,20 @@ async fn tool_errors_are_charged_unless_refunded(db: &TestDb) {
     assert_eq!(amount_sum(&ledger), 900);
 }
 
-async fn progress_events_arrive_before_the_upstream_finishes(db: &TestDb) {
-    let up = Upstream::default();
-    let url = start_upstream(&up, false).await;
-    let mut u = weather("weather", &url);
-    u.timeout_ms = 5_000;
-    let s = gateway(db, vec![u]).await;
-    let k = db.seed_key(1_000, &["weather"], None).await;
-    let body = json!({ "jsonrpc": "2.0", "id": 9, "method": "tools/call",
-        "params": { "name": "progress", "arguments": { "n": 4 }, "_meta": { "progressToken": "p-1" } } });
+fn progress_body() -> Value {
+    json!({ "jsonrpc": "2.0", "id": 9, "method": "tools/call",
+        "params": { "name": "progress", "arguments": { "n": 4 }, "_meta": { "progressToken": "p-1" } } })
+}
+
+/// A paid `progress` call (4 notifications 200 ms apart, progressToken "p-1") at /mcp/weather:
+/// an event stream whose headers carry the hold's terms (100 of 1000). Returns its text and when
+/// the first progress and the response reached the caller.
+async fn progress_call(s: &TestServer, key: &str) -> (String, Duration, Duration) {
+    let body = progress_body();
     let started = Instant::now();
-    let mut res = post(&s, "/mcp/weather", Some(&k.key), &body).await;
+    let mut res = post(s, "/mcp/weather", Some(key), &body).await;
     assert_eq!(res.status(), 200);
     assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
-    // An event stream's headers carry the hold's terms.
     assert_eq!(res.headers()["x-charged-mcents"], "100");
     assert_eq!(res.headers()["x-balance-mcents"], "900");
     let mut text = String::new();
@@ -468,7 +468,17 @@ async fn progress_events_arrive_before_the_upstream_finishes(db: &TestDb) {
             response_at = Some(started.elapsed());
         }
     }
-    let (first, last) = (first_progress.expect("progress events"), response_at.expect("the response"));
+    (text, first_progress.expect("progress events"), response_at.expect("the response"))
+}
+
+async fn progress_events_arrive_before_the_upstream_finishes(db: &TestDb) {
+    let up = Upstream::default();
+    let url = start_upstream(&up, false).await;
+    let mut u = weather("weather", &url);
+    u.timeout_ms = 5_000;
+    let s = gateway(db, vec![u]).await;
+    let k = db.seed_key(1_000, &["weather"], None).await;
+    let (text, first, last) = progress_call(&s, &k.key).await;
     // 4 notifications 200 ms apart: the first reached the caller well before the answer.
     assert!(last >= first + Duration::from_millis(500), "first progress {first:?}, response {last:?}");
     let messages = sse_messages(&text);
@@ -1226,27 +1236,7 @@ async fn legacy_sse_progress_is_relayed_before_the_answer(db: &TestDb) {
     u.timeout_ms = 5_000;
     let s = gateway(db, vec![u]).await;
     let k = db.seed_key(1_000, &["weather"], None).await;
-    let body = json!({ "jsonrpc": "2.0", "id": 9, "method": "tools/call",
-        "params": { "name": "progress", "arguments": { "n": 4 }, "_meta": { "progressToken": "p-1" } } });
-    let started = Instant::now();
-    let mut res = post(&s, "/mcp/weather", Some(&k.key), &body).await;
-    assert_eq!(res.status(), 200);
-    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
-    assert_eq!(res.headers()["x-charged-mcents"], "100");
-    assert_eq!(res.headers()["x-balance-mcents"], "900");
-    let mut text = String::new();
-    let mut first_progress = None;
-    let mut response_at = None;
-    while let Some(chunk) = res.chunk().await.unwrap() {
-        text.push_str(std::str::from_utf8(&chunk).unwrap());
-        if first_progress.is_none() && text.contains("notifications/progress") {
-            first_progress = Some(started.elapsed());
-        }
-        if response_at.is_none() && text.contains("\"result\"") {
-            response_at = Some(started.elapsed());
-        }
-    }
-    let (first, last) = (first_progress.expect("progress events"), response_at.expect("the response"));
+    let (text, first, last) = progress_call(&s, &k.key).await;
     assert!(last >= first + Duration::from_millis(500), "first progress {first:?}, response {last:?}");
     let messages = sse_messages(&text);
     assert_eq!(messages.iter().filter(|m| m["method"] == "notifications/progress").count(), 4, "{text}");
@@ -1262,7 +1252,7 @@ async fn legacy_sse_progress_is_relayed_before_the_answer(db: &TestDb) {
         .header("content-type", "application/json")
         .header("accept", "application/json")
         .header("authorization", format!("Bearer {}", k.key))
-        .body(body.to_string())
+        .body(progress_body().to_string())
         .send()
         .await
         .unwrap();

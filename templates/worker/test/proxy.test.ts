@@ -147,6 +147,22 @@ beforeAll(() => {
   vi.spyOn(console, "error").mockImplementation(() => {});
 });
 
+/** The official MCP client (Streamable HTTP) connected to /mcp/<upstream> of `gateway`, with `key`. */
+async function connectClient(gateway: typeof app, env: AppEnv, key: string): Promise<{ transport: StreamableHTTPClientTransport; client: Client }> {
+  const transport = new StreamableHTTPClientTransport(new URL(BASE + PATH), {
+    requestInit: { headers: { Authorization: `Bearer ${key}` } },
+    fetch: async (url, init) => {
+      const ctx = createExecutionContext();
+      const res = await gateway.fetch(new Request(url, init), env, ctx);
+      void waitOnExecutionContext(ctx);
+      return res;
+    },
+  });
+  const client = new Client({ name: "proxy-test", version: "0" });
+  await client.connect(transport);
+  return { transport, client };
+}
+
 describe("/mcp/<upstream>: paid tools/call", () => {
   for (const mode of ["json", "sse"]) {
     it(`${mode}: a priced tool is charged exactly its price: hold + capture named <NAME>/<tool>, terms in _meta and headers`, async () => {
@@ -388,17 +404,7 @@ describe("/mcp/<upstream>: streaming and discovery", () => {
   it("the official MCP client through the gateway: session id both ways, terms in tools/list, a paid call charged", async () => {
     const { env, tag } = envFor("session");
     const { key } = await seedKey({ balance: 1000 });
-    const transport = new StreamableHTTPClientTransport(new URL(BASE + PATH), {
-      requestInit: { headers: { Authorization: `Bearer ${key}` } },
-      fetch: async (url, init) => {
-        const ctx = createExecutionContext();
-        const res = await app.fetch(new Request(url, init), env, ctx);
-        void waitOnExecutionContext(ctx);
-        return res;
-      },
-    });
-    const client = new Client({ name: "proxy-test", version: "0" });
-    await client.connect(transport);
+    const { transport, client } = await connectClient(app, env, key);
     expect(transport.sessionId).toMatch(/^[0-9a-f-]{36}$/);
     const { tools } = await client.listTools();
     expect(tools.find((t) => t.name === "forecast")?._meta?.["io.mcpay/price_mcents"]).toBe(FORECAST);
@@ -880,17 +886,7 @@ describe("/mcp/<upstream>: a legacy HTTP+SSE upstream (transport \"sse\"), one s
   it("the official MCP client (Streamable HTTP) through the gateway: initialize, tools/list with terms, a paid call charged", async () => {
     const { env, tag } = legacyEnv();
     const { key } = await seedKey({ balance: 1000 });
-    const transport = new StreamableHTTPClientTransport(new URL(BASE + PATH), {
-      requestInit: { headers: { Authorization: `Bearer ${key}` } },
-      fetch: async (url, init) => {
-        const ctx = createExecutionContext();
-        const res = await legacyApp.fetch(new Request(url, init), env, ctx);
-        void waitOnExecutionContext(ctx);
-        return res;
-      },
-    });
-    const client = new Client({ name: "proxy-test", version: "0" });
-    await client.connect(transport);
+    const { transport, client } = await connectClient(legacyApp, env, key);
     expect(transport.sessionId).toBeUndefined();
     const { tools } = await client.listTools();
     expect(tools.find((t) => t.name === "forecast")?._meta?.["io.mcpay/price_mcents"]).toBe(FORECAST);

@@ -206,20 +206,6 @@ pub(crate) struct Checked {
 /// Everything of `/mcp/<name>` before forwarding (contract 3.12): the name, the method, the
 /// switch, the key and its scope; then the transport.
 pub(crate) async fn serve(app: &Arc<AppState>, name: &str, req: Request, request_id: &str) -> Result<Response, ApiError> {
-    let post = req.method() == Method::POST;
-    match checked_serve(app, name, req, request_id).await {
-        // A refusal may come before the body was read: hyper then drops the connection after the
-        // answer, so the client is told not to send another request on it.
-        Err(e) if post => {
-            let mut res = e.into_response(request_id);
-            set_header(res.headers_mut(), "connection", "close");
-            Ok(res)
-        }
-        other => other,
-    }
-}
-
-async fn checked_serve(app: &Arc<AppState>, name: &str, req: Request, request_id: &str) -> Result<Response, ApiError> {
     let upstreams = app.upstreams();
     let Some(u) = upstreams.find(name).copied() else { return Err(ApiError::new(404, "not_found")) };
     let method = req.method().clone();

@@ -21,15 +21,14 @@ use rmcp::model::{
 };
 use rmcp::service::{NotificationContext, Peer, PeerRequestOptions, RequestContext, RoleClient, RunningService, ServiceError};
 use rmcp::transport::streamable_http_server::session::never::NeverSessionManager;
-use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService, TokioChildProcess};
+use rmcp::transport::{StreamableHttpService, TokioChildProcess};
 use rmcp::{ClientHandler, ErrorData, RoleServer, ServerHandler, ServiceExt};
 use serde_json::json;
 
 use super::http::{Paid, failure_result};
 use super::{Checked, UPSTREAM_FAILED, UPSTREAM_TIMEOUT};
 use crate::app::{AppState, HoldSpec, HoldStep, take_hold};
-use crate::body::read_bounded;
-use crate::generated::{GATEWAY, UpstreamConfig};
+use crate::generated::UpstreamConfig;
 use crate::http::{ApiError, set_header};
 use crate::mcp::rpc_error;
 use crate::store::KeyRow;
@@ -146,15 +145,10 @@ pub(crate) async fn serve(
 ) -> Result<Response, ApiError> {
     let (mut parts, body) = req.into_parts();
     let raw = if parts.method == Method::POST {
-        let raw = match read_bounded(&parts.headers, body, GATEWAY.max_body_bytes, false).await {
-            Ok(raw) => raw,
-            Err(e) if e.code == "invalid_json" => return Ok(crate::mcp::parse_error()),
-            Err(e) => return Err(e),
-        };
-        if let Err(answer) = super::check_message(&raw) {
-            return Ok(*answer);
+        match super::read_message(&parts.headers, body).await? {
+            Ok((raw, _)) => raw,
+            Err(answer) => return Ok(*answer),
         }
-        raw
     } else {
         Default::default()
     };
@@ -164,12 +158,7 @@ pub(crate) async fn serve(
     }
     let terms = Arc::new(std::sync::Mutex::new(None));
     parts.extensions.insert(StdioRequest { key: checked.key, request_id: request_id.to_string(), terms: terms.clone() });
-    let config = StreamableHttpServerConfig::default()
-        .with_legacy_session_mode(false)
-        .with_json_response(true)
-        .with_sse_keep_alive(None)
-        .with_max_request_body_bytes(usize::try_from(GATEWAY.max_body_bytes).unwrap_or(usize::MAX))
-        .with_allowed_hosts(app.mcp_allowed_hosts());
+    let config = crate::mcp::server_config(app);
     let handler = Forward { app: app.clone(), u: *u, child };
     let service = StreamableHttpService::new(move || Ok(handler.clone()), Arc::new(NeverSessionManager::default()), config);
     let json_body = crate::body::is_json_content_type(&parts.headers);
