@@ -738,6 +738,15 @@ describe("/mcp/<upstream>: a legacy HTTP+SSE upstream (transport \"sse\"), one s
     expect(s.calls).toEqual({ alerts: 1 });
   });
 
+  it("a free call whose POST answers 500 → 502 upstream_failed (as on axum), nothing charged", async () => {
+    const { env } = legacyEnv("http500");
+    const { key } = await seedKey({ balance: 1000 });
+    const { res, ctx } = await call(env, key, toolsCall("alerts"));
+    const body = await failedBody(res, ctx);
+    expect([res.status, body.error.code]).toEqual([502, "upstream_failed"]);
+    expect((await getLedger(key)).map((e) => e.kind)).toEqual(["mint"]);
+  });
+
   it("a JSON-RPC error → the upstream's answer, released", async () => {
     const { env, tag } = legacyEnv();
     const { key } = await seedKey({ balance: 1000 });

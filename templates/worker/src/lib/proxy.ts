@@ -567,6 +567,12 @@ async function freeForward(fwd: Forward, msg: Json | null): Promise<Response> {
   // A legacy session is timed to its end (timeout_ms from its GET): its answer is still to come.
   if (fwd.u.transport !== "sse") clearTimeout(timer);
   const headers = answerHeaders(res, Date.now() - started);
+  if (fwd.u.transport === "sse" && res.status >= 500) {
+    // A legacy session's failure is the gateway's 502 (contract 3.12), as on axum.
+    clearTimeout(timer);
+    await res.body?.cancel().catch(() => {});
+    throw new HttpError(502, "upstream_failed", { headers: { "X-Upstream-Duration-Ms": headers.get("X-Upstream-Duration-Ms") ?? "0" } });
+  }
   if (fwd.method === "GET" && res.body !== null && mediaType(res) === "text/event-stream") {
     // A GET stream carries the upstream's requests and notifications; a response on it (a replay of
     // some call's answer) is dropped, so no paid result reaches the caller outside its settlement.
