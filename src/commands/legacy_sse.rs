@@ -76,16 +76,15 @@ impl Transport<RoleClient> for LegacySse {
         }
     }
 
-    fn receive(&mut self) -> impl Future<Output = Option<RxJsonRpcMessage<RoleClient>>> + Send {
-        async move {
-            loop {
-                let event = self.events.next().await?.ok()?;
-                if event.event.as_deref().is_some_and(|e| e != "message") {
-                    continue;
-                }
-                if let Some(message) = event.data.as_deref().and_then(|d| serde_json::from_str(d).ok()) {
-                    return Some(message);
-                }
+    async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleClient>> {
+        loop {
+            let event = self.events.next().await?.ok()?;
+            // No event type (or an empty one) is a `message` event.
+            if event.event.as_deref().is_some_and(|e| !e.is_empty() && e != "message") {
+                continue;
+            }
+            if let Some(message) = event.data.as_deref().and_then(|d| serde_json::from_str(d).ok()) {
+                return Some(message);
             }
         }
     }

@@ -94,6 +94,7 @@ pub const SIGNUP_X402_NA: &[&str] = &["signup.disabled", "signup.mpp_offer", "si
 /// its handler fails on and outlives its timeout_ms on); every scenario must pass except those
 /// named in `not_applicable`, which must be reported n/a (and no others).
 /// The whole audit against a served gateway; `extra`: more flags (e.g. the upstream's, for proxy.*).
+#[allow(clippy::too_many_arguments)]
 pub fn audit(port: u16, admin: &str, failing_call: &str, slow_call: &str, bare_port: u16, x402_harness: Option<&str>, extra: &[String], not_applicable: &[&str]) {
     let mut args: Vec<String> = vec!["--failing-call".into(), failing_call.into(), "--slow-call".into(), slow_call.into()];
     args.extend(extra.iter().cloned());
@@ -180,10 +181,10 @@ pub fn wait_ready(port: u16, server: &mut Server) {
         if let Ok(Some(status)) = server.0.try_wait() {
             panic!("the server on port {port} exited ({status}) before answering{}", server.log_tail());
         }
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            if let Ok((200, _, _)) = std::panic::catch_unwind(|| http(port, "GET", "/v1/health", &[], "")) {
-                return;
-            }
+        if TcpStream::connect(("127.0.0.1", port)).is_ok()
+            && let Ok((200, _, _)) = std::panic::catch_unwind(|| http(port, "GET", "/v1/health", &[], ""))
+        {
+            return;
         }
         std::thread::sleep(Duration::from_millis(250));
     }

@@ -78,11 +78,11 @@ impl Upstream {
             let mut lines = BufReader::new(stdout).lines();
             for line in lines.by_ref() {
                 let Ok(line) = line else { return };
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if let Some(url) = v["url"].as_str() {
-                        let _ = tx.send(url.to_string());
-                        break;
-                    }
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && let Some(url) = v["url"].as_str()
+                {
+                    let _ = tx.send(url.to_string());
+                    break;
                 }
             }
             for _ in lines {}

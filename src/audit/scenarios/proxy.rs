@@ -202,6 +202,7 @@ fn rid(r: &Reply) -> Result<String> {
 
 /// The ledger of `key` has, for call `id`, a hold of `price` then `settle`, naming `<upstream>/<tool>`,
 /// and the balance is `expected`.
+#[allow(clippy::too_many_arguments)]
 fn settled(c: &Client, up: &Up, key: &Key, id: &str, tool: &str, price: u64, settle: &str, expected: u64) -> Result<()> {
     settled_as(c, key, id, price, settle)?;
     let rows = ledger_rows(c, key)?;
@@ -552,6 +553,7 @@ fn tool_error(c: &mut Client, o: &Options) -> Result<Outcome> {
 /// hold + release. Once the answer is an event stream (its 200 and headers already sent), the same
 /// body comes as the call's result in the stream, as /mcp answers a failure after the hold (3.11):
 /// `isError: true`, `structuredContent` = that body, `_meta` io.mcpay/refunded true.
+#[allow(clippy::too_many_arguments)]
 fn released_failure(c: &Client, up: &Up, key: &Key, bal: u64, r: &Reply, tool: &str, status: u16, code: &str) -> Result<String> {
     let id = rid(r)?;
     let streamed = r.status == 200 && r.header("content-type").is_some_and(|t| t.starts_with("text/event-stream"));
