@@ -959,8 +959,8 @@ fn both_workers_targets_serve_mcp_with_the_official_sdk() {
 
 /// A generated axum project of any name is accepted by Cargo as shipped: a plain `cargo metadata`
 /// (which, unlike `--locked`, rewrites a Cargo.lock whose text is not Cargo's own, e.g. a package
-/// out of order) leaves it byte for byte, and `--locked` passes. Needs the crates in the local
-/// Cargo cache (the e2e tests fetch them); run with --ignored.
+/// out of order) leaves it byte for byte, and `--locked` passes. Fetches the crates of every
+/// platform first (`cargo fetch --locked`: crates.io must be reachable); run with --ignored.
 #[test]
 #[ignore]
 fn axum_lockfile_is_kept_by_cargo_for_any_name() {
@@ -969,6 +969,8 @@ fn axum_lockfile_is_kept_by_cargo_for_any_name() {
         let dir = t.path().join(name);
         new_project(&dir, &["-t", "axum"]);
         let lock = read(dir.join("Cargo.lock"));
+        let fetched = std::process::Command::new("cargo").args(["fetch", "--locked"]).current_dir(&dir).output().unwrap();
+        assert!(fetched.status.success(), "{name}: cargo fetch --locked: {}", String::from_utf8_lossy(&fetched.stderr));
         for locked in [false, true] {
             let out = std::process::Command::new("cargo")
                 .args(["metadata", "--offline", "--format-version", "1"])
